@@ -1,0 +1,105 @@
+"""eagle_kernels: every GPU op the engine uses, each with a pure-PyTorch reference.
+
+Dispatch, per call, on the first tensor argument:
+- CUDA tensor -> the compiled CUDA op (``eagle_kernels._C``) where one exists, else the Triton kernel;
+- CPU tensor with ``TRITON_INTERPRET=1`` -> the Triton kernel through Triton's interpreter (tests);
+- CPU tensor otherwise -> :mod:`eagle_kernels.reference`.
+``EAGLE_KERNELS_BACKEND=reference`` forces the reference everywhere (debugging, baselines).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference
+from .reference import causal_tree_mask, pack_tree_mask, unpack_tree_mask
+
+__version__ = "0.1.0"
+
+
+def _force_reference() -> bool:
+    return os.environ.get("EAGLE_KERNELS_BACKEND", "") == "reference"
+
+
+def triton_enabled(x: torch.Tensor) -> bool:
+    """Whether Triton kernels should run for tensors like ``x`` (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    if _force_reference():
+        return False
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def tree_attention(q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None, scale=None):
+    """Tree-masked attention over the KV cache. Contract: :func:`eagle_kernels.reference.tree_attention`."""
+    return reference.tree_attention(q, k_cache, v_cache, lengths, tree_mask, tree_len, scale)
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm. Contract: :func:`eagle_kernels.reference.rms_norm`."""
+    return reference.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x, residual, weight, eps):
+    """Residual add + RMSNorm. Contract: :func:`eagle_kernels.reference.add_rms_norm`."""
+    return reference.add_rms_norm(x, residual, weight, eps)
+
+
+def rotary_embedding(q, k, positions, cos_sin):
+    """Rotary embedding. Contract: :func:`eagle_kernels.reference.rotary_embedding`."""
+    return reference.rotary_embedding(q, k, positions, cos_sin)
+
+
+def silu_mul(gate, up):
+    """SwiGLU activation. Contract: :func:`eagle_kernels.reference.silu_mul`."""
+    return reference.silu_mul(gate, up)
+
+
+def store_kv(k_cache, v_cache, k, v, lengths):
+    """Write new K/V rows at ``lengths[b] + t``. Contract: :func:`eagle_kernels.reference.store_kv`."""
+    return reference.store_kv(k_cache, v_cache, k, v, lengths)
+
+
+def kv_compact(cache, lengths, src, counts):
+    """Move accepted tree rows, all layers, in place. Contract: :func:`eagle_kernels.reference.kv_compact`."""
+    return reference.kv_compact(cache, lengths, src, counts)
+
+
+def draft_fc(token_ids, embed_weight, features, fc_weight, fc_bias=None):
+    """EAGLE-1/2 head input projection. Contract: :func:`eagle_kernels.reference.draft_fc`."""
+    return reference.draft_fc(token_ids, embed_weight, features, fc_weight, fc_bias)
+
+
+def lm_head_topk(hidden, weight, k):
+    """Top-k log-probs over the vocabulary. Contract: :func:`eagle_kernels.reference.lm_head_topk`."""
+    return reference.lm_head_topk(hidden, weight, k)
+
+
+def tree_verify_greedy(tokens, parents, target_argmax):
+    """Greedy tree verification. Contract: :func:`eagle_kernels.reference.tree_verify_greedy`."""
+    return reference.tree_verify_greedy(tokens, parents, target_argmax)
+
+
+def tree_verify_sampling(tokens, parents, target_probs, uniforms):
+    """Sampling tree verification. Contract: :func:`eagle_kernels.reference.tree_verify_sampling`."""
+    return reference.tree_verify_sampling(tokens, parents, target_probs, uniforms)
+
+
+__all__ = [
+    "reference",
+    "triton_enabled",
+    "pack_tree_mask",
+    "unpack_tree_mask",
+    "causal_tree_mask",
+    "tree_attention",
+    "rms_norm",
+    "add_rms_norm",
+    "rotary_embedding",
+    "silu_mul",
+    "store_kv",
+    "kv_compact",
+    "draft_fc",
+    "lm_head_topk",
+    "tree_verify_greedy",
+    "tree_verify_sampling",
+]

@@ -1,0 +1,368 @@
+"""Pure-PyTorch reference of every op: the specification, the CPU path and the test oracle.
+
+Conventions shared by all ops (see DESIGN.md):
+- KV cache of one layer: ``k_cache``/``v_cache`` ``[B, Hkv, S, D]`` (a slice ``cache[layer, 0|1]`` of the
+  engine's ``[num_layers, 2, B, Hkv, S, D]`` buffer); ``lengths[b]`` (int32) counts the committed prefix.
+- A round's new ("tree") tokens live at cache rows ``lengths[b] .. lengths[b] + tree_len - 1``.
+- Tree masks are packed bits: ``int32 [B, Tq, ceil(tree_len / 32)]``; bit ``j % 32`` of word ``j // 32`` in
+  row ``i`` says query ``i`` sees tree key ``j``. ``None`` means causal (query ``i`` of the last ``Tq`` tree
+  rows sees tree keys ``<= i + tree_len - Tq``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# ----------------------------------------------------------------------------------------------- masks
+
+
+def pack_tree_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean tree mask into 32-bit words.
+
+    Parameters
+    ----------
+    mask : bool ``[B, Tq, Tk]`` (or ``[Tq, Tk]``, broadcast to batch 1)
+
+    Returns
+    -------
+    int32 ``[B, Tq, ceil(Tk / 32)]``: bit ``j % 32`` of word ``j // 32`` is ``mask[..., j]``.
+    """
+    if mask.dim() == 2:
+        mask = mask.unsqueeze(0)
+    b, tq, tk = mask.shape
+    words = (tk + 31) // 32
+    padded = torch.zeros(b, tq, words * 32, dtype=torch.int64, device=mask.device)
+    padded[..., :tk] = mask.to(torch.int64)
+    weights = torch.bitwise_left_shift(torch.ones(32, dtype=torch.int64, device=mask.device),
+                                       torch.arange(32, device=mask.device))
+    packed = (padded.view(b, tq, words, 32) * weights).sum(-1)
+    # Reinterpret the low 32 bits as signed int32 (two's complement).
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed)
+    return packed.to(torch.int32)
+
+
+def unpack_tree_mask(packed: torch.Tensor, tree_len: int) -> torch.Tensor:
+    """Inverse of :func:`pack_tree_mask`: int32 ``[B, Tq, W]`` -> bool ``[B, Tq, tree_len]``."""
+    bits = torch.arange(32, device=packed.device, dtype=torch.int64)
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    unpacked = ((words.unsqueeze(-1) >> bits) & 1).bool()
+    return unpacked.flatten(-2)[..., :tree_len]
+
+
+def causal_tree_mask(num_queries: int, tree_len: int, device=None) -> torch.Tensor:
+    """Boolean ``[num_queries, tree_len]`` mask of the causal rule used when ``tree_mask is None``."""
+    q = torch.arange(num_queries, device=device).unsqueeze(1) + (tree_len - num_queries)
+    return torch.arange(tree_len, device=device).unsqueeze(0) <= q
+
+
+# ------------------------------------------------------------------------------------------- attention
+
+
+def tree_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    tree_mask: torch.Tensor | None = None,
+    tree_len: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of new queries over a committed prefix plus masked tree keys in the cache.
+
+    Parameters
+    ----------
+    q : ``[B, Tq, Hq, D]``
+    k_cache, v_cache : ``[B, Hkv, S, D]``, ``Hq % Hkv == 0`` (GQA by head grouping)
+    lengths : int32 ``[B]``: prefix rows ``< lengths[b]`` are visible to every query
+    tree_mask : int32 ``[B, Tq, ceil(tree_len / 32)]`` packed bits, or ``None`` for causal
+    tree_len : number of tree rows after the prefix (default ``Tq``); ``lengths[b] + tree_len <= S``
+    scale : softmax scale (default ``D ** -0.5``)
+
+    Returns
+    -------
+    ``[B, Tq, Hq, D]`` in ``q.dtype`` (computed in fp32).
+    """
+    b, tq, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    tree_len = tq if tree_len is None else tree_len
+    scale = d**-0.5 if scale is None else scale
+    group = hq // hkv
+    if tree_mask is None:
+        tree_visible = causal_tree_mask(tq, tree_len, q.device).expand(b, tq, tree_len)
+    else:
+        tree_visible = unpack_tree_mask(tree_mask, tree_len)
+    prefix_len = int(lengths.max()) if b else 0
+    lengths_l = lengths.to(torch.long)
+    # Keys: the first prefix_len rows (masked per sequence) then each sequence's tree rows.
+    tree_rows = lengths_l.view(b, 1) + torch.arange(tree_len, device=q.device).view(1, -1)  # [B, tree_len]
+    gather_idx = tree_rows.view(b, 1, tree_len, 1).expand(b, hkv, tree_len, d)
+    k_tree = torch.gather(k_cache, 2, gather_idx)
+    v_tree = torch.gather(v_cache, 2, gather_idx)
+    k_all = torch.cat([k_cache[:, :, :prefix_len], k_tree], dim=2).float()  # [B, Hkv, P+tree_len, D]
+    v_all = torch.cat([v_cache[:, :, :prefix_len], v_tree], dim=2).float()
+    prefix_visible = torch.arange(prefix_len, device=q.device).view(1, -1) < lengths_l.view(b, 1)
+    visible = torch.cat([prefix_visible.view(b, 1, prefix_len).expand(b, tq, prefix_len), tree_visible], -1)
+    qg = q.float().view(b, tq, hkv, group, d).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, Tq, D]
+    scores = torch.matmul(qg, k_all.unsqueeze(2).transpose(-1, -2)) * scale  # [B, Hkv, G, Tq, K]
+    scores = scores.masked_fill(~visible.view(b, 1, 1, tq, -1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # a query that sees nothing outputs zeros
+    out = torch.matmul(probs, v_all.unsqueeze(2))  # [B, Hkv, G, Tq, D]
+    return out.permute(0, 3, 1, 2, 4).reshape(b, tq, hq, d).to(q.dtype)
+
+
+# ------------------------------------------------------------------------------------ normalisation etc.
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim: ``x / sqrt(mean(x^2) + eps) * weight``, computed in fp32.
+
+    ``x`` ``[..., H]``, ``weight`` ``[H]``; returns ``x.dtype``.
+    """
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * normed.to(x.dtype)).to(x.dtype)  # the order Hugging Face's Llama uses
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add fused with RMSNorm: ``h = x + residual``; returns ``(rms_norm(h), h)``.
+
+    ``x``, ``residual`` ``[..., H]`` of one dtype; ``weight`` ``[H]``.
+    """
+    h = x + residual
+    return rms_norm(h, weight, eps), h
+
+
+def rotary_embedding(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding, rotate-half (GPT-NeoX / Llama) layout.
+
+    Parameters
+    ----------
+    q : ``[B, T, Hq, D]``; k : ``[B, T, Hk, D]``
+    positions : int ``[B, T]``
+    cos_sin : fp32 ``[max_pos, D]``: ``cos`` in the first ``D/2`` columns, ``sin`` in the last ``D/2``
+
+    Returns
+    -------
+    ``(q_rot, k_rot)`` in the inputs' dtypes (rotation computed in fp32).
+    """
+    half = cos_sin.shape[-1] // 2
+    table = cos_sin[positions.long()]  # [B, T, D]
+    cos = table[..., :half].unsqueeze(2)
+    sin = table[..., half:].unsqueeze(2)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        x1, x2 = xf[..., :half], xf[..., half:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU activation ``silu(gate) * up`` (fp32 inside); ``[..., I]`` -> ``[..., I]``."""
+    return (torch.nn.functional.silu(gate.float()) * up.float()).to(gate.dtype)
+
+
+# ------------------------------------------------------------------------------------------- KV cache
+
+
+def store_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor
+) -> None:
+    """Write new keys/values into the cache in place at rows ``lengths[b] + t``.
+
+    ``k_cache``/``v_cache`` ``[B, Hkv, S, D]``; ``k``/``v`` ``[B, T, Hkv, D]``; ``lengths`` int32 ``[B]``.
+    """
+    b, t = k.shape[0], k.shape[1]
+    rows = lengths.to(torch.long).view(b, 1) + torch.arange(t, device=k.device).view(1, t)  # [B, T]
+    batch_idx = torch.arange(b, device=k.device).view(b, 1).expand(b, t)
+    # advanced indexing [b, :, row] -> layout [B, T, Hkv, D]
+    k_cache.permute(0, 2, 1, 3)[batch_idx, rows] = k.to(k_cache.dtype)
+    v_cache.permute(0, 2, 1, 3)[batch_idx, rows] = v.to(v_cache.dtype)
+
+
+def kv_compact(cache: torch.Tensor, lengths: torch.Tensor, src: torch.Tensor, counts: torch.Tensor) -> None:
+    """Move each sequence's accepted tree rows to the front of its tree region, in place, for all layers.
+
+    Parameters
+    ----------
+    cache : ``[num_layers, 2, B, Hkv, S, D]``
+    lengths : int32 ``[B]``: committed prefix; tree rows start at ``lengths[b]`` (not modified here)
+    src : int ``[B, N]``: tree-relative rows; row ``lengths[b] + src[b, i]`` moves to ``lengths[b] + i``
+        for ``i < counts[b]`` (entries past ``counts[b]`` are ignored)
+    counts : int32 ``[B]``, ``0 <= counts[b] <= N``
+
+    Sources and destinations may overlap: all accepted rows are read before any is written.
+    """
+    b, n = src.shape
+    if n == 0:
+        return
+    base = lengths.to(torch.long).view(b, 1)
+    valid = torch.arange(n, device=src.device).view(1, n) < counts.to(torch.long).view(b, 1)
+    src_rows = (base + src.to(torch.long)).clamp(0, cache.shape[4] - 1)
+    dst_rows = base + torch.arange(n, device=src.device).view(1, n)
+    batch_idx = torch.arange(b, device=src.device).view(b, 1).expand(b, n)
+    view = cache.permute(2, 4, 0, 1, 3, 5)  # [B, S, L, 2, Hkv, D]
+    rows = view[batch_idx, src_rows].clone()  # read everything first: overlap-safe
+    view[batch_idx[valid], dst_rows[valid]] = rows[valid]
+
+
+# ---------------------------------------------------------------------------------------- draft head
+
+
+def draft_fc(
+    token_ids: torch.Tensor,
+    embed_weight: torch.Tensor,
+    features: torch.Tensor,
+    fc_weight: torch.Tensor,
+    fc_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """EAGLE-1/2 input projection ``fc(cat([embed[token_ids], features], -1)) (+ bias)``.
+
+    ``token_ids`` int ``[N]``; ``embed_weight`` ``[V, H]``; ``features`` ``[N, H]``; ``fc_weight`` ``[H, 2H]``;
+    ``fc_bias`` ``[H]`` or ``None``. Returns ``[N, H]`` in ``features.dtype``.
+    """
+    x = torch.cat([embed_weight[token_ids.long()], features], dim=-1)
+    return torch.nn.functional.linear(x, fc_weight, fc_bias)
+
+
+def lm_head_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k log-probabilities of ``softmax(hidden @ weight.T)`` without keeping the logits.
+
+    ``hidden`` ``[N, H]``; ``weight`` ``[V, H]``; returns ``(logprobs fp32 [N, k], indices int64 [N, k])``,
+    sorted by decreasing log-probability.
+    """
+    logits = torch.nn.functional.linear(hidden, weight).float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    values, indices = torch.topk(logprobs, k, dim=-1)
+    return values, indices
+
+
+# -------------------------------------------------------------------------------------- verification
+
+
+def tree_verify_greedy(
+    tokens: torch.Tensor, parents: torch.Tensor, target_argmax: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy verification of one draft tree per sequence.
+
+    Parameters
+    ----------
+    tokens : int ``[B, T]``: node tokens; node 0 is the root (already accepted, its token already emitted)
+    parents : int32 ``[B, T]``: ``parents[b, 0] = -1``; ``0 <= parents[b, i] < i`` otherwise
+    target_argmax : int ``[B, T]``: the target's greedy next token after each node
+
+    A node is accepted when its parent is accepted and its token equals ``target_argmax`` at its parent.
+    Siblings carry distinct tokens, so the accepted nodes form one root-to-node path.
+
+    Returns
+    -------
+    num_accepted : int32 ``[B]``: accepted nodes after the root (emitted tokens this round = this + 1)
+    accepted_nodes : int32 ``[B, T]``: the path from the root (``accepted_nodes[b, 0] = 0``), -1 padded
+    bonus : int64 ``[B]``: ``target_argmax`` at the last accepted node
+    """
+    b, t = tokens.shape
+    num_accepted = torch.zeros(b, dtype=torch.int32)
+    accepted_nodes = torch.full((b, t), -1, dtype=torch.int32)
+    bonus = torch.zeros(b, dtype=torch.int64)
+    toks, pars, amax = tokens.cpu().tolist(), parents.cpu().tolist(), target_argmax.cpu().tolist()
+    for s in range(b):
+        path = [0]
+        for i in range(1, t):  # parents precede children, so one pass finds the path
+            if pars[s][i] == path[-1] and toks[s][i] == amax[s][path[-1]]:
+                path.append(i)
+        num_accepted[s] = len(path) - 1
+        accepted_nodes[s, : len(path)] = torch.tensor(path, dtype=torch.int32)
+        bonus[s] = amax[s][path[-1]]
+    dev = tokens.device
+    return num_accepted.to(dev), accepted_nodes.to(dev), bonus.to(dev)
+
+
+def tree_verify_sampling(
+    tokens: torch.Tensor, parents: torch.Tensor, target_probs: torch.Tensor, uniforms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lossless sampling verification of a tree of deterministic (top-k) drafts.
+
+    Walk from the root. At the current node with residual distribution ``p`` (initially
+    ``target_probs[b, node]``), test its children in increasing node order: child ``c`` with token ``x`` is
+    accepted when ``uniforms[b, c] * sum(p) < p[x]``; on acceptance move to ``c`` with a fresh ``p``; on
+    rejection set ``p[x] = 0`` and test the next child. When no child is accepted (or the node is a leaf) the
+    bonus token is drawn from ``p`` by inverse CDF with ``uniforms[b, 0]``: the smallest ``v`` with
+    ``cumsum(p)[v] > uniforms[b, 0] * sum(p)``.
+
+    Parameters
+    ----------
+    tokens, parents : as in :func:`tree_verify_greedy`
+    target_probs : fp32 ``[B, T, V]``: the target's next-token distribution after each node (temperature,
+        top-p and top-k already applied)
+    uniforms : fp32 ``[B, T]`` in ``[0, 1)``: ``uniforms[b, i]`` tests node ``i > 0``; ``uniforms[b, 0]``
+        draws the bonus token
+
+    Returns
+    -------
+    ``(num_accepted, accepted_nodes, bonus)`` as in :func:`tree_verify_greedy`.
+    """
+    b, t = tokens.shape
+    num_accepted = torch.zeros(b, dtype=torch.int32)
+    accepted_nodes = torch.full((b, t), -1, dtype=torch.int32)
+    bonus = torch.zeros(b, dtype=torch.int64)
+    toks, pars = tokens.cpu().tolist(), parents.cpu().tolist()
+    probs, u = target_probs.float().cpu(), uniforms.float().cpu()
+    for s in range(b):
+        children: list[list[int]] = [[] for _ in range(t)]
+        for i in range(1, t):
+            children[pars[s][i]].append(i)
+        node, path = 0, [0]
+        p = probs[s, 0].clone()
+        while True:
+            moved = False
+            for c in children[node]:
+                x = toks[s][c]
+                if float(u[s, c]) * float(p.sum()) < float(p[x]):
+                    node, moved = c, True
+                    path.append(c)
+                    p = probs[s, c].clone()
+                    break
+                p[x] = 0.0
+            if not moved:
+                break
+        num_accepted[s] = len(path) - 1
+        accepted_nodes[s, : len(path)] = torch.tensor(path, dtype=torch.int32)
+        bonus[s] = sample_inverse_cdf(p, float(u[s, 0]))
+    dev = tokens.device
+    return num_accepted.to(dev), accepted_nodes.to(dev), bonus.to(dev)
+
+
+def sample_inverse_cdf(p: torch.Tensor, u: float) -> int:
+    """Index ``v`` of the first ``cumsum(p)[v] > u * sum(p)`` over an unnormalised ``p`` ``[V]``; skips zeros."""
+    cdf = torch.cumsum(p.double(), 0)
+    threshold = u * float(cdf[-1])
+    idx = int(torch.searchsorted(cdf, torch.tensor([threshold], dtype=cdf.dtype), right=True)[0])
+    idx = min(idx, p.numel() - 1)
+    while p[idx] <= 0 and idx > 0:  # rounding at the top end: fall back to the last non-zero entry
+        idx -= 1
+    return idx
+
+
+__all__ = [
+    "pack_tree_mask",
+    "unpack_tree_mask",
+    "causal_tree_mask",
+    "tree_attention",
+    "rms_norm",
+    "add_rms_norm",
+    "rotary_embedding",
+    "silu_mul",
+    "store_kv",
+    "kv_compact",
+    "draft_fc",
+    "lm_head_topk",
+    "tree_verify_greedy",
+    "tree_verify_sampling",
+    "sample_inverse_cdf",
+]
