@@ -1,0 +1,120 @@
+"""Build and install ``eagle_kernels`` (with its optional CUDA extension) and ``eagle_engine``.
+
+The CUDA extension ``eagle_kernels._C`` is built only where it can be: a CUDA build of torch is importable in
+the build environment (``pip install -e . --no-build-isolation``) and a CUDA toolkit with ``nvcc`` is found.
+Everywhere else this script says why it skips the extension and installs the pure-Python packages; the ops
+then run through Triton or the PyTorch reference.
+
+Environment variables
+---------------------
+EAGLE_SKIP_CUDA_BUILD=1 : never build the extension.
+TORCH_CUDA_ARCH_LIST    : GPU architectures to build for (torch's syntax, e.g. ``"9.0a;8.0"``); the default is
+                          ``sm_90a`` (Hopper, for wgmma/TMA-era tuning) and ``sm_80`` (Ampere and later).
+CUDA_HOME / CUDA_PATH   : the CUDA toolkit root; otherwise found from the ``nvcc`` on ``PATH``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+EXTENSION_SOURCES = ["csrc/ops.cc", "csrc/kv_compact.cu", "csrc/tree_verify.cu"]
+DEFAULT_GENCODE = ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"]
+
+
+def read_version() -> str:
+    with open(os.path.join(ROOT, "eagle_kernels", "__init__.py"), encoding="utf-8") as f:
+        match = re.search(r'^__version__\s*=\s*"([^"]+)"', f.read(), re.MULTILINE)
+    return match.group(1) if match else "0.0.0"
+
+
+def find_cuda_home() -> str | None:
+    """Root of the CUDA toolkit: ``CUDA_HOME``/``CUDA_PATH``, else derived from the ``nvcc`` on ``PATH``.
+
+    ``nvcc`` may be a wrapper script outside the toolkit (so ``dirname(dirname(nvcc))`` is not the root);
+    ``nvcc --dryrun`` prints the toolkit's own ``TOP`` directory, which is authoritative.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var) and os.path.isdir(os.environ[var]):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    candidate = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if os.path.exists(os.path.join(candidate, "include", "cuda_runtime.h")):
+        return candidate
+    try:
+        # --dryrun only prints the commands nvcc would run, preceded by its environment (TOP=<root>).
+        command = [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull]
+        dry = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (dry.stdout + dry.stderr).splitlines():
+        match = re.match(r"#\$ TOP=(.+)$", line.strip())
+        if match:
+            return os.path.realpath(match.group(1).strip())
+    return None
+
+
+def skip(reason: str) -> tuple[list, dict]:
+    print(f"eagle_kernels: skipping the CUDA extension eagle_kernels._C: {reason}.", file=sys.stderr)
+    print("eagle_kernels: installing the pure-Python packages (Triton and reference paths).", file=sys.stderr)
+    return [], {}
+
+
+def cuda_extensions() -> tuple[list, dict]:
+    """``(ext_modules, cmdclass)`` for the CUDA extension, or empty ones with a printed reason."""
+    if os.environ.get("EAGLE_SKIP_CUDA_BUILD", "0") == "1":
+        return skip("EAGLE_SKIP_CUDA_BUILD=1")
+    try:
+        import torch
+        import torch.utils.cpp_extension as cpp_extension
+    except ImportError:
+        return skip("torch is not importable here (build with --no-build-isolation after installing torch)")
+    if torch.version.cuda is None:
+        return skip(f"torch {torch.__version__} is not a CUDA build")
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        return skip("no CUDA toolkit found (no nvcc on PATH and CUDA_HOME/CUDA_PATH unset)")
+    # torch guesses the toolkit root as dirname(dirname(which nvcc)); a wrapper script defeats that guess.
+    cpp_extension.CUDA_HOME = cuda_home
+    os.environ["CUDA_HOME"] = cuda_home
+    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        nvcc_flags += DEFAULT_GENCODE  # explicit -gencode flags stop torch from adding its own arch list
+    print(f"eagle_kernels: building eagle_kernels._C with the CUDA toolkit at {cuda_home}", file=sys.stderr)
+    extension = cpp_extension.CUDAExtension(
+        name="eagle_kernels._C",
+        sources=EXTENSION_SOURCES,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
+    )
+    return [extension], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+engine_packages = find_packages(where="python")
+ext_modules, cmdclass = cuda_extensions()
+
+setup(
+    name="eagle-spec",
+    version=read_version(),
+    description="EAGLE speculative decoding: CUDA/Triton kernels and a thin decoding engine",
+    python_requires=">=3.10",
+    packages=find_packages(include=["eagle_kernels", "eagle_kernels.*"]) + engine_packages,
+    # eagle_engine lives under python/; mapping each found package keeps future subpackages included.
+    package_dir={name: os.path.join("python", *name.split(".")) for name in engine_packages},
+    package_data={"eagle_engine": ["data/**/*"]},
+    include_package_data=True,
+    install_requires=["torch", "numpy", "safetensors", "transformers", "tokenizers"],
+    extras_require={"triton": ["triton"], "test": ["pytest"]},
+    entry_points={"console_scripts": ["eagle = eagle_engine.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
