@@ -1,0 +1,25 @@
+"""The engine's own exceptions: one hierarchy, each message names the problem."""
+
+
+class EagleError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+
+class ModelLoadError(EagleError):
+    """A model directory or file is missing or unreadable."""
+
+
+class UnsupportedModelError(EagleError):
+    """The checkpoint's architecture or one of its options is not implemented."""
+
+
+class CheckpointMismatchError(EagleError):
+    """A checkpoint's tensors do not fit its config (missing, unexpected or misshapen weights)."""
+
+
+class DraftMismatchError(EagleError):
+    """A draft head does not fit its target model (hidden size, vocabulary, head dims)."""
+
+
+class InvalidRequestError(EagleError, ValueError):
+    """A generation request is malformed: empty prompt, bad token id, bad sampling parameter, too long."""

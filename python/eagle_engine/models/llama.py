@@ -1,0 +1,166 @@
+"""Llama-family target model (Llama 2/3/3.1, Mistral, Qwen2, Qwen3) running every op through eagle_kernels.
+
+Parameter names mirror Hugging Face's ``*ForCausalLM`` so checkpoints load by name. One forward serves
+prefill (causal), decode (T=1) and tree verification (explicit positions + packed tree mask): new K/V rows are
+written at ``cache.lengths[b] + t`` before attention, and ``cache.lengths`` is left for the caller to advance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import eagle_kernels as ops
+
+from ..kv_cache import KVCache
+from .config import ModelConfig
+
+POSITION_SLACK = 256  # tree positions may run this far past the maximum length (their tokens are never kept)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (cfg.num_attention_heads, cfg.num_key_value_heads,
+                                                            cfg.head_dim)
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=cfg.o_proj_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, lengths: torch.Tensor, tree_mask: torch.Tensor | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = ops.rotary_embedding(q, k, positions, cos_sin)
+        ops.store_kv(k_cache, v_cache, k, v, lengths)
+        out = ops.tree_attention(q, k_cache, v_cache, lengths, tree_mask, t)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int, bias: bool):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h, residual, positions, cos_sin, k_cache, v_cache, lengths, tree_mask):
+        """``h + residual`` is the residual stream entering the layer (``residual`` is None at layer 0)."""
+        norm = self.input_layernorm
+        if residual is None:
+            residual, x = h, norm(h)
+        else:
+            x, residual = ops.add_rms_norm(h, residual, norm.weight, norm.eps)
+        x = self.self_attn(x, positions, cos_sin, k_cache, v_cache, lengths, tree_mask)
+        norm = self.post_attention_layernorm
+        x, residual = ops.add_rms_norm(x, residual, norm.weight, norm.eps)
+        return self.mlp(x), residual
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+@dataclass
+class ForwardOutput:
+    """``hidden``: top-layer features after the final norm ``[B, T, H]``; ``aux``: the residual stream at the
+    input of each requested layer, concatenated in request order ``[B, T, len(aux_layers) * H]`` (or None)."""
+
+    hidden: torch.Tensor
+    aux: torch.Tensor | None = None
+
+
+class LlamaModel(nn.Module):
+    """A Llama-family causal LM over a preallocated :class:`KVCache`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("cos_sin", torch.empty(0), persistent=False)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """``[V, H]``: the output projection (the input embedding when tied)."""
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def init_rotary(self, device: torch.device | str) -> None:
+        """Build the fp32 ``[max_length + POSITION_SLACK, D]`` cos|sin table for
+        :func:`eagle_kernels.rotary_embedding`; the slack covers draft-tree rows past the last kept token."""
+        inv = self.config.rope.inv_freq(self.config.head_dim)
+        positions = torch.arange(self.config.max_length + POSITION_SLACK, dtype=torch.float64)
+        angles = torch.outer(positions, inv)
+        self.cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1).float().to(device)
+
+    def allocate_cache(self, batch: int, capacity: int) -> KVCache:
+        """A zeroed cache for ``batch`` sequences of up to ``capacity`` rows, in the model's dtype/device."""
+        cfg, w = self.config, self.model.embed_tokens.weight
+        return KVCache.allocate(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, capacity, cfg.head_dim,
+                                dtype=w.dtype, device=w.device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                tree_mask: torch.Tensor | None = None, aux_layers: tuple[int, ...] = ()) -> ForwardOutput:
+        """Run ``T`` new tokens per sequence over the cache.
+
+        Parameters
+        ----------
+        input_ids, positions : int ``[B, T]``
+        cache : rows ``cache.lengths[b] + t`` receive the new K/V; ``lengths`` itself is not changed
+        tree_mask : packed int32 ``[B, T, ceil(T / 32)]`` (see :mod:`eagle_kernels.reference`), None = causal
+        aux_layers : layer indices whose input residual stream to return (EAGLE-3 features)
+        """
+        h = self.model.embed_tokens(input_ids)
+        residual, aux = None, {}
+        for i, layer in enumerate(self.model.layers):
+            if i in aux_layers:
+                aux[i] = h if residual is None else h + residual
+            h, residual = layer(h, residual, positions, self.cos_sin, cache.data[i, 0], cache.data[i, 1],
+                                cache.lengths, tree_mask)
+        hidden, stream = ops.add_rms_norm(h, residual, self.model.norm.weight, self.model.norm.eps)
+        aux[len(self.model.layers)] = stream
+        aux_cat = torch.cat([aux[i] for i in aux_layers], -1) if aux_layers else None
+        return ForwardOutput(hidden, aux_cat)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., H]`` features -> fp32 logits ``[..., V]``."""
+        return torch.nn.functional.linear(hidden, self.lm_head_weight).float()

@@ -1,0 +1,72 @@
+"""Sampling parameters and the target distribution they define (temperature, top-k, top-p)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` disable those filters."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution sampling draws from: fp32 ``[..., V]`` logits -> probabilities ``[..., V]``.
+
+    Applied in Hugging Face's order: temperature, then top-k, then top-p (keep the smallest set of most likely
+    tokens whose mass reaches ``top_p``; always at least one).
+    """
+    logits = logits.float() / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        drop_sorted = mass_before >= params.top_p  # the first token always survives (mass_before == 0)
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def make_generators(seed: int | None, batch: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per sequence, each seeded with ``seed`` (a fresh random seed when None), so a sequence
+    samples the same way alone or in a batch."""
+    seed = random.SystemRandom().randrange(2**63) if seed is None else int(seed)
+    gens = []
+    for _ in range(batch):
+        g = torch.Generator(device=device)
+        g.manual_seed(seed)
+        gens.append(g)
+    return gens
+
+
+def sample_tokens(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]) -> torch.Tensor:
+    """Next token per row of fp32 ``[B, V]`` logits: argmax when greedy, else one draw per row's generator."""
+    if params.greedy:
+        return logits.argmax(-1)
+    probs = target_probs(logits, params)
+    return torch.cat([torch.multinomial(probs[b], 1, generator=generators[b]) for b in range(probs.shape[0])])
