@@ -33,8 +33,9 @@ def pack_tree_mask(mask: torch.Tensor) -> torch.Tensor:
     words = (tk + 31) // 32
     padded = torch.zeros(b, tq, words * 32, dtype=torch.int64, device=mask.device)
     padded[..., :tk] = mask.to(torch.int64)
-    weights = torch.bitwise_left_shift(torch.ones(32, dtype=torch.int64, device=mask.device),
-                                       torch.arange(32, device=mask.device))
+    weights = torch.bitwise_left_shift(
+        torch.ones(32, dtype=torch.int64, device=mask.device), torch.arange(32, device=mask.device)
+    )
     packed = (padded.view(b, tq, words, 32) * weights).sum(-1)
     # Reinterpret the low 32 bits as signed int32 (two's complement).
     packed = torch.where(packed >= 2**31, packed - 2**32, packed)
@@ -224,8 +225,8 @@ def draft_fc(
 ) -> torch.Tensor:
     """EAGLE-1/2 input projection ``fc(cat([embed[token_ids], features], -1)) (+ bias)``.
 
-    ``token_ids`` int ``[N]``; ``embed_weight`` ``[V, H]``; ``features`` ``[N, H]``; ``fc_weight`` ``[H, 2H]``;
-    ``fc_bias`` ``[H]`` or ``None``. Returns ``[N, H]`` in ``features.dtype``.
+    ``token_ids`` int ``[N]``; ``embed_weight`` ``[V, H]``; ``features`` ``[N, H]``;
+    ``fc_weight`` ``[H, 2H]``; ``fc_bias`` ``[H]`` or ``None``. Returns ``[N, H]`` in ``features.dtype``.
     """
     x = torch.cat([embed_weight[token_ids.long()], features], dim=-1)
     return torch.nn.functional.linear(x, fc_weight, fc_bias)
@@ -339,7 +340,9 @@ def tree_verify_sampling(
 
 
 def sample_inverse_cdf(p: torch.Tensor, u: float) -> int:
-    """Index ``v`` of the first ``cumsum(p)[v] > u * sum(p)`` over an unnormalised ``p`` ``[V]``; skips zeros."""
+    """Index ``v`` of the first ``cumsum(p)[v] > u * sum(p)`` over an unnormalised ``p`` ``[V]``.
+
+    Zero entries are never returned (rounding at the top end falls back to the last non-zero entry)."""
     cdf = torch.cumsum(p.double(), 0)
     threshold = u * float(cdf[-1])
     idx = int(torch.searchsorted(cdf, torch.tensor([threshold], dtype=cdf.dtype), right=True)[0])

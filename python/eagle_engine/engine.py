@@ -9,7 +9,6 @@ from .kv_cache import KVCache
 from .models import LlamaModel, load_target
 from .models.weights import resolve_dtype
 from .requests import (
-    GenerationResult,
     SequenceState,
     Timer,
     check_max_new_tokens,
@@ -49,8 +48,15 @@ class EagleEngine:
         self.dtype = target.model.embed_tokens.weight.dtype
 
     @classmethod
-    def from_pretrained(cls, base_path: str, draft_path: str | None = None, *, device: str | torch.device = "cpu",
-                        dtype: str | torch.dtype = torch.float32, tree=None) -> "EagleEngine":
+    def from_pretrained(
+        cls,
+        base_path: str,
+        draft_path: str | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = torch.float32,
+        tree=None,
+    ) -> "EagleEngine":
         """Load a Hugging Face target directory and, if given, an EAGLE head directory.
 
         ``dtype``: ``torch.float32``/``float16``/``bfloat16`` or a name (``"fp32"``, ``"bf16"``, ...).
@@ -100,8 +106,16 @@ class EagleEngine:
     # --------------------------------------------------------------------------------------- vanilla
 
     @torch.inference_mode()
-    def generate_vanilla(self, input_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                         top_k: int = 0, seed: int | None = None, stop_token_ids=None):
+    def generate_vanilla(
+        self,
+        input_ids,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop_token_ids=None,
+    ):
         """Plain autoregressive decoding with the target alone: the baseline EAGLE is measured against.
 
         Parameters

@@ -16,8 +16,17 @@ class KVCache:
     lengths: torch.Tensor
 
     @classmethod
-    def allocate(cls, num_layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int, *,
-                 dtype: torch.dtype, device: torch.device | str) -> "KVCache":
+    def allocate(
+        cls,
+        num_layers: int,
+        batch: int,
+        kv_heads: int,
+        capacity: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> "KVCache":
         data = torch.zeros(num_layers, 2, batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
         return cls(data, torch.zeros(batch, dtype=torch.int32, device=device))
 

@@ -51,12 +51,15 @@ def normalize_prompts(input_ids, vocab_size: int, max_length: int) -> tuple[list
     """
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() not in (1, 2) or input_ids.is_floating_point():
-            raise InvalidRequestError(f"input_ids must be a 1-D or 2-D integer tensor, got {input_ids.dtype} "
-                                      f"of shape {tuple(input_ids.shape)}")
+            raise InvalidRequestError(
+                f"input_ids must be a 1-D or 2-D integer tensor, got {input_ids.dtype} "
+                f"of shape {tuple(input_ids.shape)}"
+            )
         input_ids = input_ids.tolist()
     if not isinstance(input_ids, (list, tuple)):
-        raise InvalidRequestError(f"input_ids must be a list of token ids or a list of such lists, "
-                                  f"got {type(input_ids).__name__}")
+        raise InvalidRequestError(
+            f"input_ids must be a list of token ids or a list of such lists, got {type(input_ids).__name__}"
+        )
     is_batch = len(input_ids) > 0 and all(isinstance(p, (list, tuple)) for p in input_ids)
     prompts = [list(p) for p in input_ids] if is_batch else [list(input_ids)]
     if not prompts:
@@ -67,10 +70,14 @@ def normalize_prompts(input_ids, vocab_size: int, max_length: int) -> tuple[list
             raise InvalidRequestError(f"{where} is empty")
         bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
         if bad:
-            raise InvalidRequestError(f"{where} holds token id {bad[0]!r} outside the vocabulary [0, {vocab_size})")
+            raise InvalidRequestError(
+                f"{where} holds token id {bad[0]!r} outside the vocabulary [0, {vocab_size})"
+            )
         if len(prompt) >= max_length:
-            raise InvalidRequestError(f"{where} has {len(prompt)} tokens; the model's maximum length is "
-                                      f"{max_length}, leaving no room to generate")
+            raise InvalidRequestError(
+                f"{where} has {len(prompt)} tokens; the model's maximum length is "
+                f"{max_length}, leaving no room to generate"
+            )
     return prompts, is_batch
 
 
@@ -124,8 +131,14 @@ class SequenceState:
         return kept
 
     def result(self, prefill_seconds: float, decode_seconds: float) -> GenerationResult:
-        return GenerationResult(list(self.tokens), self.stop_reason or self.limit_reason, len(self.prompt),
-                                list(self.accept_lengths), prefill_seconds, decode_seconds)
+        return GenerationResult(
+            list(self.tokens),
+            self.stop_reason or self.limit_reason,
+            len(self.prompt),
+            list(self.accept_lengths),
+            prefill_seconds,
+            decode_seconds,
+        )
 
 
 class Timer:

@@ -64,7 +64,9 @@ def make_generators(seed: int | None, batch: int, device: torch.device) -> list[
     return gens
 
 
-def sample_tokens(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]) -> torch.Tensor:
+def sample_tokens(
+    logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]
+) -> torch.Tensor:
     """Next token per row of fp32 ``[B, V]`` logits: argmax when greedy, else one draw per row's generator."""
     if params.greedy:
         return logits.argmax(-1)

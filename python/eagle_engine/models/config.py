@@ -27,8 +27,9 @@ class RopeConfig:
 
     def __post_init__(self):
         if self.rope_type not in ("default", "linear", "llama3"):
-            raise UnsupportedModelError(f"rope scaling type {self.rope_type!r} is not supported "
-                                        "(supported: default, linear, llama3)")
+            raise UnsupportedModelError(
+                f"rope scaling type {self.rope_type!r} is not supported (supported: default, linear, llama3)"
+            )
 
     def inv_freq(self, head_dim: int) -> torch.Tensor:
         """Per-pair inverse frequencies ``[head_dim // 2]`` (fp64 for an exact table)."""
@@ -39,10 +40,13 @@ class RopeConfig:
             old_len = self.original_max_position_embeddings
             wavelen = 2 * math.pi / inv
             low_wavelen, high_wavelen = old_len / self.low_freq_factor, old_len / self.high_freq_factor
-            smooth = (old_len / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+            smooth = (old_len / wavelen - self.low_freq_factor) / (
+                self.high_freq_factor - self.low_freq_factor
+            )
             blended = (1 - smooth) * inv / self.factor + smooth * inv
-            inv = torch.where(wavelen > low_wavelen, inv / self.factor,
-                              torch.where(wavelen < high_wavelen, inv, blended))
+            inv = torch.where(
+                wavelen > low_wavelen, inv / self.factor, torch.where(wavelen < high_wavelen, inv, blended)
+            )
         return inv
 
 
@@ -70,13 +74,25 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             if getattr(self, name) <= 0:
-                raise UnsupportedModelError(f"config field {name} must be positive, got {getattr(self, name)}")
+                raise UnsupportedModelError(
+                    f"config field {name} must be positive, got {getattr(self, name)}"
+                )
         if self.num_attention_heads % self.num_key_value_heads:
-            raise UnsupportedModelError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
-                                        f"num_key_value_heads {self.num_key_value_heads}")
+            raise UnsupportedModelError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
         if self.head_dim % 2:
             raise UnsupportedModelError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
 
@@ -94,8 +110,10 @@ class ModelConfig:
         model_type = cfg.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             archs = cfg.get("architectures")
-            raise UnsupportedModelError(f"unsupported architecture: model_type={model_type!r} "
-                                        f"architectures={archs!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+            raise UnsupportedModelError(
+                f"unsupported architecture: model_type={model_type!r} "
+                f"architectures={archs!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
         if cfg.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
         try:
@@ -137,8 +155,11 @@ def parse_rope(cfg: dict) -> RopeConfig:
     params = {**scaling, **params}
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
-    kwargs = {k: params[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                     "original_max_position_embeddings") if k in params}
+    kwargs = {
+        k: params[k]
+        for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        if k in params
+    }
     return RopeConfig(theta=float(theta), rope_type=rope_type, **kwargs)
 
 

@@ -33,8 +33,11 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (cfg.num_attention_heads, cfg.num_key_value_heads,
-                                                            cfg.head_dim)
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
         h, d = cfg.hidden_size, cfg.head_dim
         self.q_proj = nn.Linear(h, self.num_heads * d, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.attention_bias)
@@ -45,8 +48,16 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, lengths: torch.Tensor, tree_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        lengths: torch.Tensor,
+        tree_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
@@ -135,11 +146,24 @@ class LlamaModel(nn.Module):
     def allocate_cache(self, batch: int, capacity: int) -> KVCache:
         """A zeroed cache for ``batch`` sequences of up to ``capacity`` rows, in the model's dtype/device."""
         cfg, w = self.config, self.model.embed_tokens.weight
-        return KVCache.allocate(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, capacity, cfg.head_dim,
-                                dtype=w.dtype, device=w.device)
+        return KVCache.allocate(
+            cfg.num_hidden_layers,
+            batch,
+            cfg.num_key_value_heads,
+            capacity,
+            cfg.head_dim,
+            dtype=w.dtype,
+            device=w.device,
+        )
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                tree_mask: torch.Tensor | None = None, aux_layers: tuple[int, ...] = ()) -> ForwardOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        tree_mask: torch.Tensor | None = None,
+        aux_layers: tuple[int, ...] = (),
+    ) -> ForwardOutput:
         """Run ``T`` new tokens per sequence over the cache.
 
         Parameters
@@ -154,8 +178,16 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.model.layers):
             if i in aux_layers:
                 aux[i] = h if residual is None else h + residual
-            h, residual = layer(h, residual, positions, self.cos_sin, cache.data[i, 0], cache.data[i, 1],
-                                cache.lengths, tree_mask)
+            h, residual = layer(
+                h,
+                residual,
+                positions,
+                self.cos_sin,
+                cache.data[i, 0],
+                cache.data[i, 1],
+                cache.lengths,
+                tree_mask,
+            )
         hidden, stream = ops.add_rms_norm(h, residual, self.model.norm.weight, self.model.norm.eps)
         aux[len(self.model.layers)] = stream
         aux_cat = torch.cat([aux[i] for i in aux_layers], -1) if aux_layers else None

@@ -9,8 +9,9 @@ from .llama import LlamaModel
 from .weights import iter_checkpoint, load_into, resolve_dtype
 
 
-def load_target(model_dir: str, *, device: str | torch.device = "cpu",
-                dtype: str | torch.dtype = torch.float32) -> LlamaModel:
+def load_target(
+    model_dir: str, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = torch.float32
+) -> LlamaModel:
     """Load ``config.json`` + weights (safetensors, sharded safetensors or ``pytorch_model.bin``).
 
     Raises :class:`~eagle_engine.errors.ModelLoadError`, ``UnsupportedModelError`` or
@@ -21,9 +22,12 @@ def load_target(model_dir: str, *, device: str | torch.device = "cpu",
     with torch.device("meta"):
         model = LlamaModel(config)
     model = model.to_empty(device=device).to(dtype)
+
     def ignore(name: str) -> bool:
         # Rotary frequencies are computed, not loaded; a tied checkpoint may still carry its lm_head copy.
-        return name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight")
+        return name.endswith("rotary_emb.inv_freq") or (
+            config.tie_word_embeddings and name == "lm_head.weight"
+        )
 
     load_into(model, iter_checkpoint(model_dir), ignore=ignore, optional=("cos_sin",))
     model.init_rotary(device)

@@ -10,12 +10,23 @@ import torch
 from ..errors import CheckpointMismatchError, ModelLoadError
 from .config import read_json
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -30,7 +41,9 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[key]
 
 
-def iter_checkpoint(model_dir: str, order: tuple[str, ...] = WEIGHT_FILES) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_checkpoint(
+    model_dir: str, order: tuple[str, ...] = WEIGHT_FILES
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` on the CPU from the first weight file of ``order`` found in ``model_dir``.
 
     Pickled ``.bin`` files are read with ``weights_only=True``: no code from a checkpoint ever runs.
@@ -73,8 +86,14 @@ def _read_file(path: str) -> Iterator[tuple[str, torch.Tensor]]:
         raise ModelLoadError(f"cannot read weights from {path}: {type(e).__name__}: {e}") from None
 
 
-def load_into(module: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], *,
-              rename=lambda k: k, ignore=lambda k: False, optional=()) -> set[str]:
+def load_into(
+    module: torch.nn.Module,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    *,
+    rename=lambda k: k,
+    ignore=lambda k: False,
+    optional=(),
+) -> set[str]:
     """Copy checkpoint tensors into ``module``'s parameters/buffers (which may be on ``meta``: they are
     materialised on ``device`` of the first real one). Every parameter must be found with its exact shape.
 
@@ -93,8 +112,10 @@ def load_into(module: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor
             continue
         target = own[name]
         if tuple(tensor.shape) != tuple(target.shape):
-            raise CheckpointMismatchError(f"checkpoint tensor {raw_name} has shape {tuple(tensor.shape)}, "
-                                          f"the config implies {tuple(target.shape)}")
+            raise CheckpointMismatchError(
+                f"checkpoint tensor {raw_name} has shape {tuple(tensor.shape)}, "
+                f"the config implies {tuple(target.shape)}"
+            )
         with torch.no_grad():
             target.copy_(tensor.to(target.dtype))
         loaded.add(name)
