@@ -1,0 +1,126 @@
+"""Tiny random Hugging Face checkpoints of every supported architecture, and comparison helpers."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import transformers as tf
+
+VOCAB = 256
+
+# Weights are drawn wide (initializer_range 0.2) so greedy text is varied rather than one repeated token.
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    initializer_range=0.2,
+    max_position_embeddings=1024,
+)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+ARCHS = {
+    "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {}),
+    "llama3": (tf.LlamaConfig, tf.LlamaForCausalLM, dict(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0)),
+    "llama-bias": (tf.LlamaConfig, tf.LlamaForCausalLM, dict(attention_bias=True, mlp_bias=True)),
+    "mistral": (tf.MistralConfig, tf.MistralForCausalLM, dict(sliding_window=4096)),
+    "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+    "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(head_dim=24)),
+}
+
+
+def make_hf_model(arch: str, seed: int = 0, **overrides) -> tf.PreTrainedModel:
+    """A random fp32 model of ``arch`` (a key of :data:`ARCHS`) in eval mode."""
+    config_cls, model_cls, extra = ARCHS[arch]
+    torch.manual_seed(seed)
+    config = config_cls(**{**COMMON, **extra, **overrides})
+    return model_cls(config).eval()
+
+
+def save(model: tf.PreTrainedModel, directory: str, fmt: str = "safetensors") -> str:
+    """Save as ``safetensors``, ``sharded`` (several safetensors + index) or ``bin`` (pytorch_model.bin)."""
+    os.makedirs(directory, exist_ok=True)
+    if fmt == "safetensors":
+        model.save_pretrained(directory)
+    elif fmt == "sharded":
+        model.save_pretrained(directory, max_shard_size="60KB")
+        assert os.path.isfile(os.path.join(directory, "model.safetensors.index.json"))
+    elif fmt == "bin":
+        model.config.save_pretrained(directory)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        torch.save(state, os.path.join(directory, "pytorch_model.bin"))
+    else:
+        raise ValueError(fmt)
+    return directory
+
+
+def random_prompts(lengths, seed: int = 1, vocab: int = VOCAB) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            min_new_tokens=max_new_tokens,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def assert_same_greedy(
+    hf_model, prompt: list[int], ours: list[int], reference: list[int], tie_tol=1e-5
+) -> str:
+    """Token-for-token equality, except a divergence at a near tie (top-2 logits within ``tie_tol`` under
+    the Hugging Face model at that position), which is reported as a warning.
+
+    Returns "equal" or "near-tie"."""
+    assert len(ours) == len(reference), (len(ours), len(reference))
+    for i, (a, b) in enumerate(zip(ours, reference)):
+        if a == b:
+            continue
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([prompt + reference[:i]])).logits[0, -1]
+        top2 = torch.topk(logits, 2).values
+        gap = float(top2[0] - top2[1])
+        assert gap <= tie_tol, f"tokens differ at new token {i}: ours {a}, reference {b}; top-2 gap {gap:.3g}"
+        warnings.warn(f"near tie at new token {i} (top-2 gap {gap:.2g}); sequences diverge from there")
+        return "near-tie"
+    return "equal"
+
+
+def make_tokenizer(directory: str, vocab_size: int = VOCAB) -> None:
+    """Train a tiny byte-level BPE tokenizer on Python's own sources and save it in HF format."""
+    import inspect
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    text = inspect.getsource(json) + inspect.getsource(warnings)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([text], trainer)
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(directory)
