@@ -1,0 +1,377 @@
+"""Tree attention over the KV cache: one Triton flash-attention kernel for decode, trees and prefill.
+
+Queries ``[B, Tq, Hq, D]`` attend to every committed prefix row ``< lengths[b]`` of the cache and to the tree
+rows ``lengths[b] .. lengths[b] + tree_len - 1`` through a packed bit mask (or causally). Contract:
+:func:`eagle_kernels.reference.tree_attention`.
+
+Design
+------
+- GQA by grouping: one program owns one ``(batch, kv head)`` pair and a tile of ``BLOCK_M`` flattened
+  ``(query, head-in-group)`` rows, so K/V are read once per group and never repeated in memory.
+- Online softmax in the log2 domain, fp32 accumulation; the key loop has an unmasked phase over whole prefix
+  blocks and a masked phase over the boundary block and the tree rows.
+- Loop bounds come from ``lengths`` loaded on the device (no host synchronisation); the grid depends only on
+  shapes, and programs whose key range is empty write zeros (or an empty partial).
+- Split-KV (flash-decoding): for small ``Tq * group`` and a long cache, the key range of each program is cut
+  into ``num_splits`` chunks, each written as a normalised partial with its log-sum-exp, then merged by
+  ``_tree_attention_reduce_kernel``. Chosen by :func:`choose_num_splits`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by the number of flattened query rows per kv head.
+ATTN_CONFIGS = {
+    "small": (16, 128, 4, 3),  # Tq * group <= 16: decode, small trees
+    "medium": (64, 64, 4, 3),  # Tq * group <= 64
+    "large": (128, 64, 8, 3),  # prefill, big trees
+}
+BLOCK_D_CHOICES = (64, 128)  # head_dim <= 64 -> 64, <= 128 -> 128 (80 is padded and masked)
+SPLIT_CONFIG_NAMES = ("small", "medium")  # split-KV is only used when Tq * group <= 64
+SPLIT_MIN_KEYS = 1024  # no split below this cache capacity
+SPLIT_MIN_CHUNK = 256  # keys per split at least
+MAX_SPLITS = 32
+DEFAULT_NUM_SMS = 132  # H100 SXM; used when the device cannot be asked (interpreter)
+LOG2E = 1.4426950408889634
+REDUCE_NUM_WARPS = 1
+
+
+@triton.jit
+def _dot(a, b, FP32_DOT: tl.constexpr):
+    """``a @ b`` with fp32 accumulation; ``FP32_DOT`` upcasts the operands (only for Triton's interpreter,
+    whose ``tl.dot`` multiplies the raw bits of bf16 operands)."""
+    if FP32_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _tree_attention_kernel(
+    q_ptr, k_ptr, v_ptr, len_ptr, mask_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+    qk_scale,  # softmax scale * log2(e)
+    Tq, Hq, Hkv, group, tree_len, D, num_splits,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_mb, stride_mt,
+    stride_ob, stride_ot, stride_oh,
+    HAS_MASK: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    prefix = tl.load(len_ptr + b).to(tl.int32)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # flattened (query, head in group)
+    row_ok = rows < Tq * group
+    t = rows // group
+    h = hk * group + rows % group
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    offs_n = tl.arange(0, BLOCK_N)
+
+    b64 = b.to(tl.int64)
+    q_ptrs = q_ptr + b64 * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = k_ptr + b64 * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = v_ptr + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+
+    # Key range [0, kv_end): prefix, then tree rows (causally cut for this tile's last query).
+    if HAS_MASK:
+        tree_end = tree_len
+    else:
+        t_last = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // group, Tq - 1)
+        tree_end = tl.maximum(tl.minimum(tree_len, t_last + tree_len - Tq + 1), 0)
+    kv_end = prefix + tree_end
+    n_blocks = tl.cdiv(kv_end, BLOCK_N)
+    if SPLIT:
+        per_split = tl.cdiv(n_blocks, num_splits)
+        blk_lo = tl.minimum(pid_s * per_split, n_blocks)
+        blk_hi = tl.minimum(blk_lo + per_split, n_blocks)
+    else:
+        blk_lo = 0
+        blk_hi = n_blocks
+    lo = blk_lo * BLOCK_N
+    hi = blk_hi * BLOCK_N
+    mid = tl.minimum(tl.maximum((prefix // BLOCK_N) * BLOCK_N, lo), hi)  # end of whole prefix blocks
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Phase 1: whole prefix blocks, every key visible to every query.
+    for start in range(lo, mid, BLOCK_N):
+        pos = start + offs_n
+        k = tl.load(k_base + pos[:, None] * stride_ks + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_base + pos[:, None] * stride_vs + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        s = _dot(q, tl.trans(k), FP32_DOT) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
+        m_i = m_new
+
+    # Phase 2: the prefix boundary block and the tree rows, masked per query.
+    for start in range(mid, hi, BLOCK_N):
+        pos = start + offs_n
+        key_ok = pos < kv_end
+        k = tl.load(k_base + pos[:, None] * stride_ks + offs_d[None, :],
+                    mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + pos[:, None] * stride_vs + offs_d[None, :],
+                    mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        s = _dot(q, tl.trans(k), FP32_DOT) * qk_scale
+        j = pos - prefix  # tree-relative key index
+        in_tree = (j >= 0) & (j < tree_len)
+        if HAS_MASK:
+            words = tl.load(mask_ptr + b64 * stride_mb + t[:, None] * stride_mt + (j // 32)[None, :],
+                            mask=row_ok[:, None] & in_tree[None, :], other=0)
+            tree_vis = ((words >> (j % 32)[None, :]) & 1) != 0
+        else:
+            tree_vis = j[None, :] <= (t + (tree_len - Tq))[:, None]
+        visible = (pos < prefix)[None, :] | (in_tree[None, :] & tree_vis)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]  # a query that sees nothing has acc == 0
+    if SPLIT:
+        # partials: row r = (b * Tq + t) * Hq + h; part_o [R, num_splits, BLOCK_D], part_lse [R, num_splits]
+        r = (b64 * Tq + t) * Hq + h
+        slot = r * num_splits + pid_s
+        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + slot, lse, mask=row_ok)
+        tl.store(part_o_ptr + slot[:, None] * BLOCK_D + offs_d[None, :], o, mask=row_ok[:, None])
+    else:
+        o_ptrs = out_ptr + b64 * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _tree_attention_reduce_kernel(
+    part_o_ptr, part_lse_ptr, out_ptr,
+    Tq, Hq, D, num_splits,
+    stride_ob, stride_ot, stride_oh,
+    BLOCK_D: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)  # (b * Tq + t) * Hq + h
+    b = r // (Tq * Hq)
+    t = (r // Hq) % Tq
+    h = r % Hq
+    offs_d = tl.arange(0, BLOCK_D)
+    m = tl.full([], float("-inf"), dtype=tl.float32)
+    l_sum = tl.zeros([], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s in range(num_splits):
+        lse = tl.load(part_lse_ptr + r * num_splits + s)
+        o = tl.load(part_o_ptr + (r * num_splits + s) * BLOCK_D + offs_d)
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w_old = tl.exp2(m - m_safe)
+        w = tl.exp2(lse - m_safe)
+        acc = acc * w_old + o * w
+        l_sum = l_sum * w_old + w
+        m = m_new
+    res = acc / tl.where(l_sum > 0.0, l_sum, 1.0)
+    tl.store(out_ptr + b * stride_ob + t * stride_ot + h * stride_oh + offs_d,
+             res.to(out_ptr.dtype.element_ty), mask=offs_d < D)
+
+
+# ------------------------------------------------------------------------------------------ host side
+
+
+def interpreter_needs_fp32_dot(dtype: torch.dtype) -> bool:
+    """Whether ``tl.dot`` operands must be upcast: bf16 under ``TRITON_INTERPRET=1`` (never on a GPU)."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def block_d_for(head_dim: int) -> int:
+    """Padded head-dim tile: 64 for ``D <= 64``, 128 for ``D <= 128``."""
+    for block_d in BLOCK_D_CHOICES:
+        if head_dim <= block_d:
+            return block_d
+    raise ValueError(f"tree_attention supports head_dim <= {BLOCK_D_CHOICES[-1]}, got {head_dim}")
+
+
+def config_name_for(rows_per_kv_head: int) -> str:
+    """Block config for ``Tq * group`` flattened query rows per kv head (see ``ATTN_CONFIGS``)."""
+    if rows_per_kv_head <= 16:
+        return "small"
+    if rows_per_kv_head <= 64:
+        return "medium"
+    return "large"
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (``DEFAULT_NUM_SMS`` off-GPU)."""
+    if device.type == "cuda":
+        return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return DEFAULT_NUM_SMS
+
+
+def choose_num_splits(num_programs: int, cache_len: int, rows_per_kv_head: int, sms: int) -> int:
+    """Split-KV heuristic (host-only arithmetic on shapes, no device values).
+
+    Split only when the un-split grid under-fills the GPU (``num_programs < sms``), the query tile is small
+    (``Tq * group <= 64``) and the cache capacity ``S`` is long (``>= SPLIT_MIN_KEYS``). Then aim for about
+    two waves of programs, ``ceil(2 * sms / num_programs)`` splits, with at least ``SPLIT_MIN_CHUNK`` keys of
+    capacity per split and at most ``MAX_SPLITS``. Splits past a sequence's real length exit at once.
+    """
+    if rows_per_kv_head > 64 or cache_len < SPLIT_MIN_KEYS or num_programs >= sms:
+        return 1
+    want = triton.cdiv(2 * sms, max(num_programs, 1))
+    return max(1, min(want, cache_len // SPLIT_MIN_CHUNK, MAX_SPLITS))
+
+
+def _tree_attention(q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None, scale=None, num_splits=None):
+    """:func:`tree_attention` with ``num_splits`` exposed (``None``: heuristic; 1: no split) for tests."""
+    bsz, tq, hq, d = q.shape
+    _, hkv, cache_len, dk = k_cache.shape
+    if dk != d or v_cache.shape != k_cache.shape or k_cache.shape[0] != bsz:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k_cache.shape)}, "
+                         f"v {tuple(v_cache.shape)}")
+    if hq % hkv != 0:
+        raise ValueError(f"Hq={hq} is not a multiple of Hkv={hkv}")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError("q, k_cache and v_cache must share one dtype")
+    tree_len = tq if tree_len is None else int(tree_len)
+    if tree_len < tq:
+        raise ValueError(f"tree_len={tree_len} < Tq={tq}")
+    scale = d**-0.5 if scale is None else float(scale)
+    group = hq // hkv
+    block_d = block_d_for(d)
+
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k_cache.stride(-1) != 1:
+        k_cache = k_cache.contiguous()
+    if v_cache.stride(-1) != 1:
+        v_cache = v_cache.contiguous()
+    lengths = lengths.to(torch.int32)
+    out = torch.empty((bsz, tq, hq, d), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    has_mask = tree_mask is not None
+    if has_mask:
+        words = triton.cdiv(tree_len, 32)
+        if tuple(tree_mask.shape) != (bsz, tq, words) or tree_mask.dtype != torch.int32:
+            raise ValueError(f"tree_mask must be int32 [{bsz}, {tq}, {words}], got {tree_mask.dtype} "
+                             f"{tuple(tree_mask.shape)}")
+        mask = tree_mask if tree_mask.stride(-1) == 1 else tree_mask.contiguous()
+        stride_mb, stride_mt = mask.stride(0), mask.stride(1)
+    else:
+        mask, stride_mb, stride_mt = lengths, 0, 0  # unused pointer
+
+    rows = tq * group
+    name = config_name_for(rows)
+    block_m, block_n, num_warps, num_stages = ATTN_CONFIGS[name]
+    m_blocks = triton.cdiv(rows, block_m)
+    programs = m_blocks * bsz * hkv
+    if num_splits is None:
+        num_splits = choose_num_splits(programs, cache_len, rows, num_sms(q.device))
+    num_splits = max(1, int(num_splits))
+    split = num_splits > 1
+    if split and name not in SPLIT_CONFIG_NAMES:
+        raise ValueError("split-KV is only supported for Tq * group <= 64")
+    if split:
+        part_o = torch.empty((bsz * tq * hq, num_splits, block_d), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((bsz * tq * hq, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_lse = out  # unused pointers
+
+    _tree_attention_kernel[(m_blocks, bsz * hkv, num_splits)](
+        q, k_cache, v_cache, lengths, mask, out, part_o, part_lse,
+        scale * LOG2E,
+        tq, hq, hkv, group, tree_len, d, num_splits,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        stride_mb, stride_mt,
+        out.stride(0), out.stride(1), out.stride(2),
+        HAS_MASK=has_mask, SPLIT=split,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, FP32_DOT=interpreter_needs_fp32_dot(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if split:
+        _tree_attention_reduce_kernel[(bsz * tq * hq,)](
+            part_o, part_lse, out, tq, hq, d, num_splits,
+            out.stride(0), out.stride(1), out.stride(2),
+            BLOCK_D=block_d, num_warps=REDUCE_NUM_WARPS,
+        )
+    return out
+
+
+
+def tree_attention(q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None, scale=None):
+    """Attention of new queries over a committed prefix plus masked tree keys in the cache (Triton).
+
+    Parameters
+    ----------
+    q : ``[B, Tq, Hq, D]`` fp16, bf16 or fp32, ``D <= 128`` (any stride; last dim made contiguous)
+    k_cache, v_cache : ``[B, Hkv, S, D]`` in ``q.dtype``, ``Hq % Hkv == 0``
+    lengths : int32 ``[B]`` on ``q.device``: prefix rows ``< lengths[b]`` are visible to every query
+    tree_mask : int32 ``[B, Tq, ceil(tree_len / 32)]`` packed bits, or ``None`` for causal
+    tree_len : number of tree rows after the prefix (default ``Tq``, must be ``>= Tq``);
+        ``lengths[b] + tree_len <= S``
+    scale : softmax scale (default ``D ** -0.5``)
+
+    Returns
+    -------
+    ``[B, Tq, Hq, D]`` in ``q.dtype``; a query that sees no key gets zeros. Never synchronises with the host.
+    """
+    return _tree_attention(q, k_cache, v_cache, lengths, tree_mask, tree_len, scale)
+
+
+def _signature(kernel, constexprs: dict, types: dict) -> dict:
+    """Triton signature for AOT compilation: ``types`` by argument name, ``i32`` for other scalars."""
+    return {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
+
+
+def compile_variants(dtype: str):
+    """Every launch variant the dispatch can choose for ``dtype`` (``"fp16"``, ``"bf16"`` or ``"fp32"``).
+
+    Returns dicts ``kernel, signature, constexprs, num_warps, num_stages`` (for the AOT compile test).
+    """
+    types = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "len_ptr": "*i32",
+             "mask_ptr": "*i32", "out_ptr": f"*{dtype}", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32",
+             "qk_scale": "fp32"}
+    out = []
+    for name, (block_m, block_n, num_warps, num_stages) in ATTN_CONFIGS.items():
+        for block_d in BLOCK_D_CHOICES:
+            for has_mask in (False, True):
+                for split in (False, True) if name in SPLIT_CONFIG_NAMES else (False,):
+                    constexprs = dict(HAS_MASK=has_mask, SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n,
+                                      BLOCK_D=block_d, FP32_DOT=False)
+                    out.append(dict(kernel=_tree_attention_kernel, constexprs=constexprs,
+                                    signature=_signature(_tree_attention_kernel, constexprs, types),
+                                    num_warps=num_warps, num_stages=num_stages))
+    for block_d in BLOCK_D_CHOICES:
+        constexprs = dict(BLOCK_D=block_d)
+        out.append(dict(kernel=_tree_attention_reduce_kernel, constexprs=constexprs,
+                        signature=_signature(_tree_attention_reduce_kernel, constexprs, types),
+                        num_warps=REDUCE_NUM_WARPS, num_stages=1))
+    return out
+
+
+__all__ = ["tree_attention", "choose_num_splits", "ATTN_CONFIGS", "compile_variants"]
