@@ -1,0 +1,158 @@
+"""Triton draft-head kernels (draft_fc, rms_norm, add_rms_norm, lm_head_topk) vs the reference, on CPU through
+Triton's interpreter.
+
+Note: the interpreter rounds fp32 -> bf16 by truncation (a GPU rounds to nearest even), so bf16 results may
+differ from torch by one bf16 ulp; bf16 checks use the error-ratio rule or a 2-ulp tolerance.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from eagle_kernels import draft_head, reference  # noqa: E402
+
+BF16_ULP = 2.0**-7
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def max_err(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+# ------------------------------------------------------------------------------------------- draft_fc
+
+
+@pytest.mark.parametrize("n", [1, 5, 37], ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_draft_fc(n, bias, dtype):
+    g = gen(n)
+    vocab, hidden = 111, 80
+    ids = torch.randint(0, vocab, (n,), generator=g)
+    emb = torch.randn(vocab, hidden, generator=g)
+    feat = torch.randn(n, hidden, generator=g)
+    w = torch.randn(hidden, 2 * hidden, generator=g) / hidden**0.5
+    b = torch.randn(hidden, generator=g) if bias else None
+    ref32 = reference.draft_fc(ids, emb, feat, w, b)
+    cast = [t.to(dtype) if t is not None else None for t in (emb, feat, w, b)]
+    out = draft_head.draft_fc(ids, *cast)
+    assert out.shape == (n, hidden) and out.dtype == dtype and not torch.isnan(out).any()
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref32, atol=2e-5, rtol=1e-5)
+    else:
+        err_torch = max_err(reference.draft_fc(ids, *cast), ref32)
+        # + one bf16 ulp of the largest output: the interpreter truncates where a GPU rounds
+        assert max_err(out, ref32) <= 2 * err_torch + BF16_ULP * ref32.abs().max().item()
+
+
+def test_draft_fc_int32_ids_and_distinct_widths():
+    """int32 token ids and an embedding width different from the feature width (general E + F)."""
+    g = gen(3)
+    ids = torch.randint(0, 50, (7,), generator=g, dtype=torch.int32)
+    emb = torch.randn(50, 24, generator=g)
+    feat = torch.randn(7, 40, generator=g)
+    w = torch.randn(33, 64, generator=g)
+    b = torch.randn(33, generator=g)
+    expected = torch.nn.functional.linear(torch.cat([emb[ids.long()], feat], -1), w, b)
+    torch.testing.assert_close(draft_head.draft_fc(ids, emb, feat, w, b), expected, atol=2e-5, rtol=1e-5)
+
+
+# -------------------------------------------------------------------------------------------- RMSNorm
+
+
+@pytest.mark.parametrize("hidden", [80, 4200], ids=lambda h: f"H{h}")  # 4200: the large block, two chunks
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+def test_rms_norm(hidden, dtype):
+    g = gen(hidden)
+    x = (torch.randn(3, 5, hidden, generator=g) * 3).to(dtype)
+    residual = torch.randn(3, 5, hidden, generator=g).to(dtype)
+    weight = (torch.rand(hidden, generator=g) + 0.5).to(dtype)
+    out = draft_head.rms_norm(x, weight, 1e-6)
+    normed, h = draft_head.add_rms_norm(x, residual, weight, 1e-6)
+    ref = reference.rms_norm(x, weight, 1e-6)
+    ref_normed, ref_h = reference.add_rms_norm(x, residual, weight, 1e-6)
+    assert out.shape == x.shape and out.dtype == dtype and normed.dtype == dtype and h.dtype == dtype
+    if dtype == torch.float32:
+        tol = dict(atol=1e-5, rtol=1e-5)
+    elif dtype == torch.float16:
+        tol = dict(atol=1e-3, rtol=1e-3)
+    else:
+        tol = dict(atol=1e-2, rtol=2 * BF16_ULP)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(h, ref_h, **tol)
+    # normalised from the kernel's own h (an ulp off h would compound into the bf16 comparison)
+    torch.testing.assert_close(normed, reference.rms_norm(h, weight, 1e-6), **tol)
+    if dtype != torch.bfloat16:
+        torch.testing.assert_close(normed, ref_normed, **tol)
+
+
+def test_rms_norm_fp32_weight_strided_rows():
+    """bf16 activations with an fp32 weight (the reference promotes before the final cast); a strided view."""
+    g = gen(7)
+    base = torch.randn(4, 2, 64, generator=g).to(torch.bfloat16)
+    x = base[:, 1]  # rows with stride 128
+    weight = torch.rand(64, generator=g) + 0.5
+    torch.testing.assert_close(draft_head.rms_norm(x, weight, 1e-5), reference.rms_norm(x, weight, 1e-5),
+                               atol=1e-2, rtol=2 * BF16_ULP)
+
+
+# -------------------------------------------------------------------------------------------- LM head
+
+
+def check_topk(hidden, weight, k, block_v=None):
+    values, indices = draft_head._lm_head_topk(hidden, weight, k, block_v=block_v)
+    n = hidden.shape[0]
+    assert values.shape == (n, k) and values.dtype == torch.float32
+    assert indices.shape == (n, k) and indices.dtype == torch.int64
+    assert not torch.isnan(values).any()
+    full32 = torch.log_softmax(hidden.float() @ weight.float().T, -1)  # fp32 oracle
+    ref_vals, ref_idx = torch.topk(full32, k, dim=-1)
+    assert (indices >= 0).all() and (indices < weight.shape[0]).all()
+    # Same indices except at exact ties: the true log-prob of every returned index matches the k-th best.
+    torch.testing.assert_close(torch.gather(full32, 1, indices), ref_vals, atol=1e-5, rtol=1e-5)
+    distinct = torch.sort(indices, dim=1).values
+    assert (distinct[:, 1:] != distinct[:, :-1]).all()
+    if hidden.dtype == torch.float32:
+        torch.testing.assert_close(values, ref_vals, atol=1e-5, rtol=1e-5)
+        assert (indices == ref_idx).float().mean() > 0.99
+    else:
+        err_torch = max_err(reference.lm_head_topk(hidden, weight, k)[0], ref_vals)
+        assert max_err(values, ref_vals) <= 2 * err_torch + 1e-4
+
+
+@pytest.mark.parametrize("vocab,k", [(111, 1), (111, 16), (1000, 4), (1000, 10), (5003, 16)])
+@pytest.mark.parametrize("n", [1, 3], ids=lambda n: f"N{n}")
+def test_lm_head_topk_fp32(vocab, k, n):
+    g = gen(vocab + k + n)
+    hidden = torch.randn(n, 40, generator=g)
+    weight = torch.randn(vocab, 40, generator=g)
+    check_topk(hidden, weight, k)
+
+
+def test_lm_head_topk_bf16_many_rows_and_small_tile():
+    """bf16, the 64-row config (N=20), and a 16-wide vocabulary tile so k=16 spans a partial last tile."""
+    g = gen(11)
+    hidden = torch.randn(20, 72, generator=g).to(torch.bfloat16)
+    weight = torch.randn(1000, 72, generator=g).to(torch.bfloat16)
+    check_topk(hidden, weight, 4)
+    check_topk(hidden[:2], weight[:999], 16, block_v=16)  # 999 = 62 * 16 + 7
+
+
+def test_lm_head_topk_ties():
+    """Duplicate weight rows give exactly tied logits: any of the tied indices is right."""
+    g = gen(12)
+    weight = torch.randn(300, 32, generator=g)
+    weight[200] = weight[5]
+    hidden = weight[5:6].clone() * 4  # row 5 (and its twin 200) dominate
+    values, indices = draft_head.lm_head_topk(hidden, weight, 2)
+    assert set(indices[0].tolist()) == {5, 200}
+    torch.testing.assert_close(values[0, 0], values[0, 1])
+    with pytest.raises(ValueError):
+        draft_head.lm_head_topk(hidden, weight, 17)
