@@ -62,6 +62,18 @@ def store_kv(k_cache, v_cache, k, v, lengths):
 
 def kv_compact(cache, lengths, src, counts):
     """Move accepted tree rows, all layers, in place. Contract: :func:`eagle_kernels.reference.kv_compact`."""
+    from . import _C_loader
+
+    if cache.is_cuda and not _force_reference() and _C_loader.available():
+        return _C_loader.kv_compact_cuda(cache, lengths, src, counts)
+    if triton_enabled(cache):
+        import importlib
+
+        this_function = globals()["kv_compact"]
+        triton_module = importlib.import_module(f"{__name__}.kv_compact")
+        # The first import of a submodule binds it as a package attribute, shadowing this function: undo that.
+        globals()["kv_compact"] = this_function
+        return triton_module.kv_compact(cache, lengths, src, counts)
     return reference.kv_compact(cache, lengths, src, counts)
 
 
@@ -77,11 +89,19 @@ def lm_head_topk(hidden, weight, k):
 
 def tree_verify_greedy(tokens, parents, target_argmax):
     """Greedy tree verification. Contract: :func:`eagle_kernels.reference.tree_verify_greedy`."""
+    from . import _C_loader
+
+    if tokens.is_cuda and not _force_reference() and _C_loader.available():
+        return _C_loader.tree_verify_greedy_cuda(tokens, parents, target_argmax)
     return reference.tree_verify_greedy(tokens, parents, target_argmax)
 
 
 def tree_verify_sampling(tokens, parents, target_probs, uniforms):
     """Sampling tree verification. Contract: :func:`eagle_kernels.reference.tree_verify_sampling`."""
+    from . import _C_loader
+
+    if tokens.is_cuda and not _force_reference() and _C_loader.available():
+        return _C_loader.tree_verify_sampling_cuda(tokens, parents, target_probs, uniforms)
     return reference.tree_verify_sampling(tokens, parents, target_probs, uniforms)
 
 

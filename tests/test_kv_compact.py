@@ -1,0 +1,169 @@
+"""kv_compact: the reference against a naive per-layer loop, the Triton kernel (interpreter) and the CUDA op
+against the reference."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the Triton kernel on CPU tensors
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import eagle_kernels  # noqa: E402
+from eagle_kernels import _C_loader, reference  # noqa: E402
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def triton_kv_compact():
+    """The Triton host function, imported without shadowing the package's ``kv_compact`` dispatcher."""
+    dispatcher = eagle_kernels.__dict__["kv_compact"]
+    module = importlib.import_module("eagle_kernels.kv_compact")
+    eagle_kernels.kv_compact = dispatcher  # the submodule import rebinds the package attribute
+    return module.kv_compact
+
+
+def naive_kv_compact(cache, lengths, src, counts):
+    """What the official EAGLE code does: per layer, K and V, per sequence, an index copy (overlap-safe)."""
+    for layer in range(cache.shape[0]):
+        for kv in range(2):
+            for b in range(cache.shape[2]):
+                n = int(counts[b])
+                if n == 0:
+                    continue
+                start = int(lengths[b])
+                rows = cache[layer, kv, b, :, start + src[b, :n].long()].clone()  # [Hkv, n, D]
+                cache[layer, kv, b, :, start : start + n] = rows
+
+
+def make_case(
+    lengths, src_rows, counts, num_layers=2, kv_heads=2, max_len=24, head_dim=8, dtype=torch.float32
+):
+    batch = len(lengths)
+    cache = torch.randn(num_layers, 2, batch, kv_heads, max_len, head_dim).to(dtype)
+    width = max((len(r) for r in src_rows), default=0)
+    src = torch.zeros(batch, width, dtype=torch.int64)
+    for b, rows in enumerate(src_rows):
+        src[b, : len(rows)] = torch.tensor(rows, dtype=torch.int64)
+    return (
+        cache,
+        torch.tensor(lengths, dtype=torch.int32),
+        src,
+        torch.tensor(counts, dtype=torch.int32),
+    )
+
+
+CASES = {
+    # permutation of the first rows: every destination is also a source
+    "overlap_permutation": ([3], [[2, 0, 1]], [3]),
+    # sources beyond the destinations, and a destination that is a later source
+    "overlap_forward": ([5], [[0, 3, 1, 6]], [4]),
+    "count_zero": ([4], [[1, 2]], [0]),
+    "count_one": ([4], [[5]], [1]),
+    "batch3_mixed": ([2, 7, 0], [[1, 4, 5], [0, 2, 1], [3, 1, 0]], [3, 1, 2]),
+    "entries_past_count_ignored": ([1, 3], [[4, 99, -7], [2, 1, 0]], [1, 3]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_reference_matches_naive_loop(name):
+    cache, lengths, src, counts = make_case(*CASES[name])
+    expected = cache.clone()
+    valid_src = torch.where(torch.arange(src.shape[1]) < counts.view(-1, 1).long(), src, 0)
+    naive_kv_compact(expected, lengths, valid_src, counts)
+    reference.kv_compact(cache, lengths, src, counts)
+    torch.testing.assert_close(cache, expected, rtol=0, atol=0)
+
+
+def test_reference_known_answer_overlap():
+    # One layer/head/dim: row values equal their index, so the result is readable.
+    cache = torch.arange(10, dtype=torch.float32).view(1, 1, 1, 1, 10, 1).repeat(1, 2, 1, 1, 1, 1)
+    reference.kv_compact(
+        cache,
+        torch.tensor([3], dtype=torch.int32),
+        torch.tensor([[2, 0, 1]]),
+        torch.tensor([3], dtype=torch.int32),
+    )
+    assert cache[0, 0, 0, 0, :, 0].tolist() == [0, 1, 2, 5, 3, 4, 6, 7, 8, 9]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_triton_matches_reference(name, dtype):
+    kv_compact_triton = triton_kv_compact()
+    cache, lengths, src, counts = make_case(*CASES[name], dtype=dtype)
+    expected = cache.clone()
+    reference.kv_compact(expected, lengths, src, counts)
+    kv_compact_triton(cache, lengths, src, counts)
+    torch.testing.assert_close(cache, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("head_dim", [80, 128])
+def test_triton_odd_head_dim_many_rows(head_dim):
+    kv_compact_triton = triton_kv_compact()
+    gen = torch.Generator().manual_seed(0)
+    lengths = [5, 0, 11]
+    src_rows = [torch.randperm(63, generator=gen)[:9].tolist() for _ in lengths]
+    cache, lengths_t, src, counts = make_case(
+        lengths,
+        src_rows,
+        [9, 4, 7],
+        num_layers=1,
+        kv_heads=1,
+        max_len=80,
+        head_dim=head_dim,
+        dtype=torch.bfloat16,
+    )
+    expected = cache.clone()
+    reference.kv_compact(expected, lengths_t, src, counts)
+    kv_compact_triton(cache, lengths_t, src, counts)
+    torch.testing.assert_close(cache, expected, rtol=0, atol=0)
+
+
+def test_dispatch_under_interpreter_uses_triton_and_matches():
+    cache, lengths, src, counts = make_case(*CASES["batch3_mixed"])
+    expected = cache.clone()
+    reference.kv_compact(expected, lengths, src, counts)
+    eagle_kernels.kv_compact(cache, lengths, src, counts)
+    torch.testing.assert_close(cache, expected, rtol=0, atol=0)
+    assert callable(eagle_kernels.kv_compact) and not isinstance(eagle_kernels.kv_compact, type(os))
+
+
+# ------------------------------------------------------------------------------------------------ CUDA
+
+needs_cuda_op = pytest.mark.skipif(
+    not torch.cuda.is_available() or not _C_loader.available(),
+    reason="needs a GPU and the eagle_kernels._C extension "
+    + ("(no GPU here)" if not torch.cuda.is_available() else f"({_C_loader.status()})"),
+)
+
+
+@needs_cuda_op
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_cuda_matches_reference(name, dtype, index_dtype):
+    cache, lengths, src, counts = make_case(*CASES[name], dtype=dtype)
+    expected = cache.clone()
+    reference.kv_compact(expected, lengths, src, counts)
+    cache = cache.cuda()
+    _C_loader.kv_compact_cuda(cache, lengths.cuda(), src.to(index_dtype).cuda(), counts.cuda())
+    torch.testing.assert_close(cache.cpu(), expected, rtol=0, atol=0)
+
+
+@needs_cuda_op
+@pytest.mark.parametrize("head_dim", [80, 128, 3])  # 3 x 2 bytes: no 16-byte vectors, narrower accesses
+@pytest.mark.parametrize("num_src", [8, 63, 700])  # 700 rows of 256 bytes: staged in column tiles
+def test_cuda_large_random(head_dim, num_src):
+    gen = torch.Generator().manual_seed(head_dim * 1000 + num_src)
+    batch, max_len = 3, 1500
+    lengths = torch.randint(0, max_len - num_src, (batch,), generator=gen, dtype=torch.int32)
+    src = torch.stack([torch.randperm(num_src, generator=gen) for _ in range(batch)])
+    counts = torch.randint(0, num_src + 1, (batch,), generator=gen, dtype=torch.int32)
+    cache = torch.randn(4, 2, batch, 2, max_len, head_dim, generator=gen).to(torch.bfloat16)
+    expected = cache.clone()
+    reference.kv_compact(expected, lengths, src, counts)
+    cache = cache.cuda()
+    eagle_kernels.kv_compact(cache, lengths.cuda(), src.cuda(), counts.cuda())
+    torch.testing.assert_close(cache.cpu(), expected, rtol=0, atol=0)
