@@ -3,7 +3,8 @@
 The whole extension (csrc/ops.cc, csrc/*.cu) is compiled with nvcc and the C++ compiler against the installed
 torch's headers (a CPU build of torch is fine), linked against c10, torch_cpu and cudart only, with
 ``--no-undefined`` (so nothing may need c10_cuda/torch_cuda, which a CPU wheel lacks), then loaded with
-``torch.ops.load_library`` in a fresh interpreter that checks every schema and the CUDA and Meta registrations.
+``torch.ops.load_library`` in a fresh interpreter that checks every schema and the CUDA and Meta
+registrations.
 A second test configures and builds the CMake project (static kernel library + kernel test program).
 """
 
@@ -26,11 +27,12 @@ NVCC = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
 
 pytestmark = pytest.mark.skipif(
     NVCC is None or not os.path.exists(NVCC),
-    reason="nvcc not found (no CUDA toolkit on PATH and CUDA_HOME/CUDA_PATH unset): cannot compile CUDA sources",
+    reason="nvcc not found (no CUDA toolkit on PATH, CUDA_HOME/CUDA_PATH unset): cannot compile CUDA sources",
 )
 
 EXPECTED_SCHEMAS = {
-    "kv_compact": "eagle_kernels::kv_compact(Tensor(a!) cache, Tensor lengths, Tensor src, Tensor counts) -> ()",
+    "kv_compact": "eagle_kernels::kv_compact(Tensor(a!) cache, Tensor lengths, Tensor src, "
+    "Tensor counts) -> ()",
     "tree_verify_greedy": "eagle_kernels::tree_verify_greedy(Tensor tokens, Tensor parents, "
     "Tensor target_argmax, Tensor(a!) num_accepted, Tensor(b!) accepted_nodes, Tensor(c!) bonus) -> ()",
     "tree_verify_sampling": "eagle_kernels::tree_verify_sampling(Tensor tokens, Tensor parents, "
@@ -89,7 +91,8 @@ def run_build(build_dir: str) -> str:
         f.write("\n".join(lines))
     jobs = str(max(1, min(len(compiles), os.cpu_count() or 1)))
     result = subprocess.run([ninja, "-C", build_dir, "-j", jobs], capture_output=True, text=True)
-    assert result.returncode == 0, f"extension build failed:\n{result.stdout[-8000:]}\n{result.stderr[-4000:]}"
+    log = f"{result.stdout[-8000:]}\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, f"extension build failed:\n{log}"
     return library
 
 
@@ -135,6 +138,7 @@ def test_cmake_build_configures_and_compiles(tmp_path):
         configure += ["-G", "Ninja"]
     for command in (configure, ["cmake", "--build", build_dir, "-j", str(os.cpu_count() or 1)]):
         result = subprocess.run(command, capture_output=True, text=True)
-        assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-6000:]}\n{result.stderr}"
+        log = f"{result.stdout[-6000:]}\n{result.stderr[-4000:]}"
+        assert result.returncode == 0, f"{' '.join(command)} failed:\n{log}"
     assert any(name.startswith("libeagle_kernels_cuda") for name in os.listdir(build_dir))
     assert os.path.exists(os.path.join(build_dir, "test_kernels"))
