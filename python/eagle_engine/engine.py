@@ -16,6 +16,22 @@ from .requests import (
     normalize_stop_ids,
 )
 from .sampling import SamplingParams, make_generators, sample_tokens
+from .speculative import eagle_stream
+from .tree import TreeConfig
+
+
+def resolve_tree(tree) -> TreeConfig:
+    """``None`` -> the EAGLE-2 dynamic default; a kind name (``"dynamic"``, ``"static"``, ``"chain"``); a dict of
+    :class:`TreeConfig` fields; or a :class:`TreeConfig`."""
+    if tree is None:
+        return TreeConfig()
+    if isinstance(tree, TreeConfig):
+        return tree
+    if isinstance(tree, str):
+        return TreeConfig(kind=tree)
+    if isinstance(tree, dict):
+        return TreeConfig(**tree)
+    raise EagleError(f"tree must be a TreeConfig, a kind name or a dict, got {type(tree).__name__}")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -43,7 +59,7 @@ class EagleEngine:
     def __init__(self, target: LlamaModel, draft=None, tree=None):
         self.target = target
         self.draft = draft
-        self.tree = tree
+        self.tree = resolve_tree(tree)
         self.device = target.model.embed_tokens.weight.device
         self.dtype = target.model.embed_tokens.weight.dtype
 
@@ -60,7 +76,8 @@ class EagleEngine:
         """Load a Hugging Face target directory and, if given, an EAGLE head directory.
 
         ``dtype``: ``torch.float32``/``float16``/``bfloat16`` or a name (``"fp32"``, ``"bf16"``, ...).
-        ``tree``: draft tree configuration for :meth:`generate` (default: the EAGLE-2 dynamic tree).
+        ``tree``: draft tree for :meth:`generate`: a :class:`~eagle_engine.tree.TreeConfig`, ``"dynamic"``
+        (EAGLE-2, default: 60 nodes, depth 6, top-k 10), ``"static"`` (EAGLE-1 ``mc_sim_7b_63``), ``"chain"``.
         """
         dev, dt = resolve_device(device), resolve_dtype(dtype)
         target = load_target(base_path, device=dev, dtype=dt)
@@ -155,3 +172,85 @@ class EagleEngine:
             next_tokens = sample_tokens(self.target.logits(out.hidden[:, 0]), sampling, gens)
         t2 = timer.now()
         return self._finish(states, is_batch, t1 - t0, t2 - t1)
+
+    # ----------------------------------------------------------------------------------------- EAGLE
+
+    def _eagle(self, input_ids, max_new_tokens, temperature, top_p, top_k, seed, stop_token_ids):
+        if self.draft is None:
+            raise EagleError("generate() needs a draft head: load one with from_pretrained(base, draft_path)")
+        sampling = SamplingParams(temperature, top_p, top_k)
+        states, is_batch = self._start(input_ids, max_new_tokens, sampling, stop_token_ids)
+        longest = max(len(s.prompt) for s in states)
+        ids = torch.zeros(len(states), longest, dtype=torch.long)
+        for b, s in enumerate(states):
+            ids[b, : len(s.prompt)] = torch.tensor(s.prompt)
+        prompt_lens = torch.tensor([len(s.prompt) for s in states], dtype=torch.int32)
+        gens = make_generators(seed, len(states), self.device)
+        timings = {"prefill_seconds": 0.0, "decode_seconds": 0.0}
+        rounds = eagle_stream(
+            self.target,
+            self.draft,
+            self.tree,
+            states,
+            sampling,
+            gens,
+            (ids.to(self.device), prompt_lens.to(self.device)),
+            Timer(self.device),
+            timings,
+        )
+        return states, is_batch, rounds, timings
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | list[int] | None = None,
+        stop_token_ids=None,
+    ):
+        """EAGLE speculative decoding: the target's own output (greedy: identical tokens; sampling: the
+        identical distribution), several tokens per target forward.
+
+        Parameters are those of :meth:`generate_vanilla`; ``seed`` may also be a list with one seed per prompt.
+
+        Returns
+        -------
+        :class:`GenerationResult` (a list for a batch) whose ``accept_lengths[i]`` is the number of tokens the
+        i-th verification forward produced: accepted draft tokens plus the bonus token, so >= 1 (the prefill's
+        first token is not a round and is not counted; a stop may keep fewer tokens of the last round).
+        """
+        states, is_batch, rounds, timings = self._eagle(
+            input_ids, max_new_tokens, temperature, top_p, top_k, seed, stop_token_ids
+        )
+        for _ in rounds:
+            pass
+        return self._finish(states, is_batch, timings["prefill_seconds"], timings["decode_seconds"])
+
+    def stream(
+        self,
+        input_ids,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | list[int] | None = None,
+        stop_token_ids=None,
+    ):
+        """Like :meth:`generate`, but yield tokens as each round finishes: a list of new token ids for one
+        prompt (empty lists are skipped), a list of such lists (one per prompt) for a batch.
+
+        >>> for tokens in engine.stream(ids, 64):  # doctest: +SKIP
+        ...     print(tokenizer.decode(tokens), end="", flush=True)
+        """
+        states, is_batch, rounds, _ = self._eagle(
+            input_ids, max_new_tokens, temperature, top_p, top_k, seed, stop_token_ids
+        )
+        with torch.inference_mode():
+            for kept in rounds:
+                if is_batch:
+                    yield kept
+                elif kept[0]:
+                    yield kept[0]

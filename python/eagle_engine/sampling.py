@@ -52,14 +52,18 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs
 
 
-def make_generators(seed: int | None, batch: int, device: torch.device) -> list[torch.Generator]:
-    """One generator per sequence, each seeded with ``seed`` (a fresh random seed when None), so a sequence
-    samples the same way alone or in a batch."""
-    seed = random.SystemRandom().randrange(2**63) if seed is None else int(seed)
+def make_generators(seed: int | list[int] | None, batch: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per sequence. An int seeds each of them alike, so a sequence samples the same way alone
+    or in a batch; a list gives one seed per sequence; None draws a fresh random seed."""
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**63)
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * batch
+    if len(seeds) != batch or not all(isinstance(s, int) for s in seeds):
+        raise InvalidRequestError(f"seed must be an int or a list of {batch} ints, got {seed!r}")
     gens = []
-    for _ in range(batch):
+    for s in seeds:
         g = torch.Generator(device=device)
-        g.manual_seed(seed)
+        g.manual_seed(s)
         gens.append(g)
     return gens
 

@@ -20,6 +20,15 @@ from .config import ModelConfig
 POSITION_SLACK = 256  # tree positions may run this far past the maximum length (their tokens are never kept)
 
 
+def rotary_table(cfg: ModelConfig, device: torch.device | str) -> torch.Tensor:
+    """fp32 ``[max_length + POSITION_SLACK, D]`` cos|sin table for :func:`eagle_kernels.rotary_embedding`;
+    the slack covers draft-tree rows past the last kept token."""
+    inv = cfg.rope.inv_freq(cfg.head_dim)
+    positions = torch.arange(cfg.max_length + POSITION_SLACK, dtype=torch.float64)
+    angles = torch.outer(positions, inv)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).float().to(device)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -31,7 +40,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Self-attention over the KV cache; ``in_features`` defaults to the hidden size (EAGLE-3 feeds 2H)."""
+
+    def __init__(self, cfg: ModelConfig, in_features: int | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_attention_heads,
@@ -39,9 +50,10 @@ class Attention(nn.Module):
             cfg.head_dim,
         )
         h, d = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(h, self.num_heads * d, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.attention_bias)
+        x = in_features or h
+        self.q_proj = nn.Linear(x, self.num_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(x, self.num_kv_heads * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(x, self.num_kv_heads * d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=cfg.o_proj_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
@@ -57,7 +69,9 @@ class Attention(nn.Module):
         v_cache: torch.Tensor,
         lengths: torch.Tensor,
         tree_mask: torch.Tensor | None,
+        tree_len: int | None = None,
     ) -> torch.Tensor:
+        """``tree_len``: tree rows after the prefix (default ``T``); the ``T`` queries are the last of them."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
@@ -65,8 +79,10 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = ops.rotary_embedding(q, k, positions, cos_sin)
-        ops.store_kv(k_cache, v_cache, k, v, lengths)
-        out = ops.tree_attention(q, k_cache, v_cache, lengths, tree_mask, t)
+        tree_len = t if tree_len is None else tree_len
+        # The new rows are the last T of the tree region: write them at lengths + tree_len - T.
+        ops.store_kv(k_cache, v_cache, k, v, lengths if tree_len == t else lengths + (tree_len - t))
+        out = ops.tree_attention(q, k_cache, v_cache, lengths, tree_mask, tree_len)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -136,12 +152,8 @@ class LlamaModel(nn.Module):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
     def init_rotary(self, device: torch.device | str) -> None:
-        """Build the fp32 ``[max_length + POSITION_SLACK, D]`` cos|sin table for
-        :func:`eagle_kernels.rotary_embedding`; the slack covers draft-tree rows past the last kept token."""
-        inv = self.config.rope.inv_freq(self.config.head_dim)
-        positions = torch.arange(self.config.max_length + POSITION_SLACK, dtype=torch.float64)
-        angles = torch.outer(positions, inv)
-        self.cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1).float().to(device)
+        """Build the rotary table (see :func:`rotary_table`)."""
+        self.cos_sin = rotary_table(self.config, device)
 
     def allocate_cache(self, batch: int, capacity: int) -> KVCache:
         """A zeroed cache for ``batch`` sequences of up to ``capacity`` rows, in the model's dtype/device."""

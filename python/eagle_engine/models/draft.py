@@ -1,0 +1,348 @@
+"""EAGLE draft heads in the official checkpoint format: EAGLE-1/2 (``fc`` + ``layers.0``) and EAGLE-3
+(``fc`` + ``midlayer`` + own ``norm``/``lm_head`` over a draft vocabulary with ``d2t``/``t2d``).
+
+Both heads expose one interface to the engine:
+- ``target_features(out)``: the H-wide features a head consumes, from a target :class:`ForwardOutput`;
+- ``step(tokens, features, positions, cache, tree_mask, tree_len)``: one draft forward over the head's own
+  :class:`KVCache`; row ``i`` pairs the feature of position ``p`` with the token at ``p + 1``;
+- ``topk(hidden, k)``: top-k log-probabilities and *target* token ids of the next token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+import eagle_kernels as ops
+
+from ..errors import DraftMismatchError, ModelLoadError
+from ..kv_cache import KVCache
+from .config import ModelConfig, read_json
+from .llama import MLP, Attention, LlamaModel, RMSNorm, rotary_table
+from .weights import iter_checkpoint, load_into
+
+# The official loader tries pytorch_model.bin first.
+HEAD_WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
+
+
+def head_config(raw: dict, target: ModelConfig) -> ModelConfig:
+    """The head's attention/MLP shapes as a one-layer Llama config (fields absent fall back to the target's)."""
+    fields = dict(raw)
+    fields["model_type"] = "llama"
+    fields["num_hidden_layers"] = 1
+    fields.setdefault("vocab_size", target.vocab_size)
+    fields.setdefault("max_position_embeddings", target.max_position_embeddings)
+    if "rope_theta" not in fields and "rope_parameters" not in fields:
+        fields["rope_parameters"] = {"rope_type": "default", "rope_theta": target.rope.theta}
+    cfg = ModelConfig.from_dict(fields)
+    cfg.attention_bias = bool(raw.get("qkv_bias", False))
+    cfg.o_proj_bias = cfg.mlp_bias = False
+    # The draft must reach as far as the target does.
+    cfg.max_position_embeddings = max(cfg.max_position_embeddings, target.max_length)
+    cfg.sliding_window = None
+    return cfg
+
+
+class _DraftHead(nn.Module):
+    kind = ""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(vocab_size, cfg.hidden_size)
+        self.owns_embedding = True  # False when taken from the target: then it is not saved
+        self.register_buffer("cos_sin", torch.empty(0), persistent=False)
+
+    def allocate_cache(self, batch: int, capacity: int) -> KVCache:
+        w = self.embed_tokens.weight
+        return KVCache.allocate(
+            1,
+            batch,
+            self.config.num_key_value_heads,
+            capacity,
+            self.config.head_dim,
+            dtype=w.dtype,
+            device=w.device,
+        )
+
+    def aux_layers(self, num_target_layers: int) -> tuple[int, ...]:
+        return ()
+
+    def _attend(self, attn: Attention, x, positions, cache: KVCache, tree_mask, tree_len):
+        return attn(
+            x, positions, self.cos_sin, cache.data[0, 0], cache.data[0, 1], cache.lengths, tree_mask, tree_len
+        )
+
+
+class Eagle1Head(_DraftHead):
+    """EAGLE-1/2: ``fc(cat(embed, feature))`` -> decoder layer without input norm; logits by the target's
+    ``lm_head`` (handed in at load time as ``lm_head_weight``)."""
+
+    kind = "eagle1"
+
+    def __init__(self, cfg: ModelConfig, fc_bias: bool = True):
+        super().__init__(cfg, cfg.vocab_size)
+        h = cfg.hidden_size
+        self.fc = nn.Linear(2 * h, h, bias=fc_bias)
+        layer = nn.Module()
+        layer.self_attn = Attention(cfg)
+        layer.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        layer.mlp = MLP(h, cfg.intermediate_size, False)
+        self.layers = nn.ModuleList([layer])
+        self.lm_head_weight: torch.Tensor | None = None
+
+    def target_features(self, out) -> torch.Tensor:
+        return out.hidden
+
+    def step(self, tokens, features, positions, cache, tree_mask=None, tree_len=None) -> torch.Tensor:
+        b, t = tokens.shape
+        h = self.config.hidden_size
+        x = ops.draft_fc(
+            tokens.reshape(-1),
+            self.embed_tokens.weight,
+            features.reshape(b * t, h),
+            self.fc.weight,
+            self.fc.bias,
+        ).view(b, t, h)
+        layer = self.layers[0]
+        attn = self._attend(layer.self_attn, x, positions, cache, tree_mask, tree_len)
+        norm = layer.post_attention_layernorm
+        y, residual = ops.add_rms_norm(attn, x, norm.weight, norm.eps)
+        return layer.mlp(y) + residual
+
+    def topk(self, hidden: torch.Tensor, k: int):
+        return ops.lm_head_topk(hidden, self.lm_head_weight, k)
+
+
+class Eagle3Head(_DraftHead):
+    """EAGLE-3: ``fc`` maps three target layers' features to H; the mid layer attends over
+    ``cat(input_layernorm(embed), hidden_norm(h))``; logits ``lm_head(norm(h))`` over a draft vocabulary."""
+
+    kind = "eagle3"
+
+    def __init__(self, cfg: ModelConfig, target_vocab: int, draft_vocab: int, target_hidden: int):
+        super().__init__(cfg, target_vocab)
+        h = cfg.hidden_size
+        self.fc = nn.Linear(3 * target_hidden, h, bias=False)
+        mid = nn.Module()
+        mid.input_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        mid.hidden_norm = RMSNorm(h, cfg.rms_norm_eps)
+        mid.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        mid.self_attn = Attention(cfg, in_features=2 * h)
+        mid.mlp = MLP(h, cfg.intermediate_size, False)
+        self.midlayer = mid
+        self.norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(h, draft_vocab, bias=False)
+        self.register_buffer("d2t", torch.zeros(draft_vocab, dtype=torch.long))
+        self.register_buffer("t2d", torch.zeros(target_vocab, dtype=torch.bool))
+
+    def aux_layers(self, num_target_layers: int) -> tuple[int, ...]:
+        return (2, num_target_layers // 2, num_target_layers - 3)
+
+    def target_features(self, out) -> torch.Tensor:
+        return self.fc(out.aux)
+
+    def step(self, tokens, features, positions, cache, tree_mask=None, tree_len=None) -> torch.Tensor:
+        mid = self.midlayer
+        x = torch.cat([mid.input_layernorm(self.embed_tokens(tokens)), mid.hidden_norm(features)], -1)
+        attn = self._attend(mid.self_attn, x, positions, cache, tree_mask, tree_len)
+        norm = mid.post_attention_layernorm
+        y, residual = ops.add_rms_norm(attn, features, norm.weight, norm.eps)
+        return mid.mlp(y) + residual
+
+    def topk(self, hidden: torch.Tensor, k: int):
+        logprobs, draft_ids = ops.lm_head_topk(self.norm(hidden), self.lm_head.weight, k)
+        return logprobs, draft_ids + self.d2t[draft_ids]
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def detect_kind(keys: set[str], raw: dict) -> str:
+    """``"eagle3"`` when the checkpoint has ``midlayer.*`` keys (or a draft vocabulary), else ``"eagle1"``."""
+    if any(k.startswith("midlayer.") for k in keys) or "draft_vocab_size" in raw:
+        return "eagle3"
+    if any(k.startswith("layers.0.") for k in keys):
+        return "eagle1"
+    raise ModelLoadError("not an EAGLE head: no layers.0.* (EAGLE-1/2) or midlayer.* (EAGLE-3) weights")
+
+
+def build_head(kind: str, raw: dict, target: LlamaModel, state_keys: set[str] | None = None) -> _DraftHead:
+    """An empty head of ``kind`` shaped by the head config ``raw`` and checked against ``target``."""
+    tcfg = target.config
+    cfg = head_config(raw, tcfg)
+    has_embedding = state_keys is not None and "embed_tokens.weight" in state_keys
+    if cfg.hidden_size != tcfg.hidden_size and not (kind == "eagle3" and has_embedding):
+        raise DraftMismatchError(
+            f"draft head hidden_size {cfg.hidden_size} does not fit the target's "
+            f"hidden_size {tcfg.hidden_size}"
+        )
+    if kind == "eagle1":
+        if cfg.vocab_size != tcfg.vocab_size:
+            raise DraftMismatchError(
+                f"draft head vocab_size {cfg.vocab_size} does not fit the target's "
+                f"vocab_size {tcfg.vocab_size}"
+            )
+        return Eagle1Head(cfg, fc_bias=bool(raw.get("bias", True)))
+    if tcfg.num_hidden_layers < 3:
+        raise DraftMismatchError(
+            f"an EAGLE-3 head needs a target of >= 3 layers, got {tcfg.num_hidden_layers}"
+        )
+    target_hidden = int(raw.get("target_hidden_size") or tcfg.hidden_size)
+    if target_hidden != tcfg.hidden_size:
+        raise DraftMismatchError(
+            f"EAGLE-3 head target_hidden_size {target_hidden} does not fit the target's "
+            f"hidden_size {tcfg.hidden_size}"
+        )
+    draft_vocab = int(raw.get("draft_vocab_size") or raw.get("vocab_size") or tcfg.vocab_size)
+    return Eagle3Head(cfg, tcfg.vocab_size, draft_vocab, target_hidden)
+
+
+def load_draft(draft_dir: str, target: LlamaModel, *, device=None, dtype=None) -> _DraftHead:
+    """Load an official-format EAGLE head (``config.json`` + ``pytorch_model.bin`` or ``model.safetensors``).
+
+    The kind is told apart by keys; the embedding (and for EAGLE-1/2 the lm_head) come from the target when
+    the head has none. Raises :class:`DraftMismatchError` naming both sizes when it does not fit the target.
+    """
+    if not os.path.isdir(draft_dir):
+        raise ModelLoadError(f"draft head directory not found: {draft_dir}")
+    raw = read_json(os.path.join(draft_dir, "config.json"), "draft head config")
+    tensors = dict(iter_checkpoint(draft_dir, HEAD_WEIGHT_FILES))
+    kind = detect_kind(set(tensors), raw)
+    emb = target.model.embed_tokens.weight
+    device = emb.device if device is None else device
+    dtype = emb.dtype if dtype is None else dtype
+    with torch.device("meta"):
+        head = build_head(kind, raw, target, set(tensors))
+    head = head.to_empty(device=device).to(dtype)
+    for name in ("d2t", "t2d"):  # integer/bool buffers keep their dtypes
+        if hasattr(head, name):
+            setattr(head, name, getattr(head, name).to(torch.long if name == "d2t" else torch.bool))
+    optional = {"cos_sin"}
+    if "embed_tokens.weight" not in tensors:
+        if emb.shape != head.embed_tokens.weight.shape:
+            raise DraftMismatchError(
+                f"draft head embedding {tuple(head.embed_tokens.weight.shape)} does not fit "
+                f"the target's {tuple(emb.shape)}"
+            )
+        head.embed_tokens.weight.data = emb.data
+        head.owns_embedding = False
+        optional.add("embed_tokens.weight")
+    load_into(
+        head, iter(tensors.items()), ignore=lambda k: k.endswith("rotary_emb.inv_freq"), optional=optional
+    )
+    if kind == "eagle1":
+        head.lm_head_weight = target.lm_head_weight.detach()  # shared, not owned
+    else:
+        check_vocab_maps(head, target.config.vocab_size)
+    head.cos_sin = rotary_table(head.config, device)
+    return head.eval().requires_grad_(False)
+
+
+def check_vocab_maps(head: Eagle3Head, target_vocab: int) -> None:
+    mapped = torch.arange(head.d2t.numel(), device=head.d2t.device) + head.d2t
+    if bool((mapped < 0).any() or (mapped >= target_vocab).any()):
+        raise DraftMismatchError(
+            f"EAGLE-3 d2t maps draft ids outside the target vocabulary of {target_vocab}"
+        )
+
+
+def save_draft(head: _DraftHead, directory: str, fmt: str = "safetensors") -> str:
+    """Write ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``) in the official format."""
+    os.makedirs(directory, exist_ok=True)
+    cfg = head.config
+    raw = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": 1,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope.theta,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "vocab_size": head.embed_tokens.num_embeddings,
+        "qkv_bias": cfg.attention_bias,
+    }
+    if cfg.rope.rope_type != "default":
+        raw["rope_scaling"] = {
+            "rope_type": cfg.rope.rope_type,
+            "factor": cfg.rope.factor,
+            "low_freq_factor": cfg.rope.low_freq_factor,
+            "high_freq_factor": cfg.rope.high_freq_factor,
+            "original_max_position_embeddings": cfg.rope.original_max_position_embeddings,
+        }
+    if isinstance(head, Eagle1Head):
+        raw["bias"] = head.fc.bias is not None
+    else:
+        raw["draft_vocab_size"] = head.lm_head.out_features
+        raw["target_hidden_size"] = head.fc.in_features // 3
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    if not head.owns_embedding:
+        state.pop("embed_tokens.weight")
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(raw, f, indent=2)
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, os.path.join(directory, "model.safetensors"))
+    elif fmt == "bin":
+        torch.save(state, os.path.join(directory, "pytorch_model.bin"))
+    else:
+        raise ValueError(f"unknown format {fmt!r}: use 'safetensors' or 'bin'")
+    return directory
+
+
+def init_random_head(
+    kind: str,
+    target: LlamaModel,
+    *,
+    seed: int = 0,
+    std: float = 0.02,
+    draft_vocab: int | None = None,
+    intermediate_size: int | None = None,
+) -> _DraftHead:
+    """A randomly initialised head shaped for ``target`` (tests, benchmarks, the start of training).
+
+    EAGLE-3 heads get an identity-like vocabulary map over the ``draft_vocab`` most frequent... here simply
+    the first ``draft_vocab`` target ids (``d2t = 0``), unless ``draft_vocab`` equals the target's vocab.
+    """
+    tcfg = target.config
+    raw = {
+        "hidden_size": tcfg.hidden_size,
+        "intermediate_size": intermediate_size or tcfg.intermediate_size,
+        "num_attention_heads": tcfg.num_attention_heads,
+        "num_key_value_heads": tcfg.num_key_value_heads,
+        "head_dim": tcfg.hidden_size // tcfg.num_attention_heads,
+        "rms_norm_eps": tcfg.rms_norm_eps,
+        "rope_theta": tcfg.rope.theta,
+        "max_position_embeddings": tcfg.max_position_embeddings,
+        "vocab_size": tcfg.vocab_size,
+        "bias": True,
+    }
+    if kind == "eagle3":
+        raw["draft_vocab_size"] = draft_vocab or tcfg.vocab_size
+    emb = target.model.embed_tokens.weight
+    gen = torch.Generator().manual_seed(seed)
+    head = build_head(kind, raw, target)
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name != "embed_tokens.weight":
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    head = head.to(device=emb.device, dtype=emb.dtype)
+    head.embed_tokens.weight.data = emb.data
+    head.owns_embedding = False
+    if kind == "eagle1":
+        head.lm_head_weight = target.lm_head_weight.detach()  # shared, not owned
+    else:
+        head.t2d[: head.d2t.numel()] = True
+    head.cos_sin = rotary_table(head.config, emb.device)
+    return head.eval()
