@@ -21,8 +21,8 @@ from .tree import TreeConfig
 
 
 def resolve_tree(tree) -> TreeConfig:
-    """``None`` -> the EAGLE-2 dynamic default; a kind name (``"dynamic"``, ``"static"``, ``"chain"``); a dict of
-    :class:`TreeConfig` fields; or a :class:`TreeConfig`."""
+    """``None`` -> the EAGLE-2 dynamic default; a kind name (``"dynamic"``, ``"static"``, ``"chain"``);
+    a dict of :class:`TreeConfig` fields; or a :class:`TreeConfig`."""
     if tree is None:
         return TreeConfig()
     if isinstance(tree, TreeConfig):
@@ -214,7 +214,7 @@ class EagleEngine:
         """EAGLE speculative decoding: the target's own output (greedy: identical tokens; sampling: the
         identical distribution), several tokens per target forward.
 
-        Parameters are those of :meth:`generate_vanilla`; ``seed`` may also be a list with one seed per prompt.
+        Parameters are those of :meth:`generate_vanilla`; ``seed`` may also be a list, one seed per prompt.
 
         Returns
         -------

@@ -55,7 +55,7 @@ class EagleRun:
         self.dcache = head.allocate_cache(len(states), committed + max(tree.num_nodes, tree.draft_rows))
 
     def prefill(self, ids: torch.Tensor, prompt_lens: torch.Tensor) -> list[list[int]]:
-        """Target prefill, the first token, and the draft over the prompt. ``ids`` long ``[B, P]`` right-padded."""
+        """Target prefill, first token, draft over the prompt. ``ids`` long ``[B, P]``, right-padded."""
         b, p = ids.shape
         positions = torch.arange(p, device=self.device).expand(b, p)
         out = self.target(ids, positions, self.tcache, None, self.aux_layers)

@@ -29,7 +29,7 @@ HEAD_WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
 
 
 def head_config(raw: dict, target: ModelConfig) -> ModelConfig:
-    """The head's attention/MLP shapes as a one-layer Llama config (fields absent fall back to the target's)."""
+    """The head's attention/MLP shapes as a one-layer Llama config (absent fields: the target's)."""
     fields = dict(raw)
     fields["model_type"] = "llama"
     fields["num_hidden_layers"] = 1

@@ -71,7 +71,7 @@ class Attention(nn.Module):
         tree_mask: torch.Tensor | None,
         tree_len: int | None = None,
     ) -> torch.Tensor:
-        """``tree_len``: tree rows after the prefix (default ``T``); the ``T`` queries are the last of them."""
+        """``tree_len``: tree rows after the prefix (default ``T``); the ``T`` queries are the last ones."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
