@@ -9,18 +9,41 @@ Dispatch, per call, on the first tensor argument:
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import torch
 
 from . import reference
 from .reference import causal_tree_mask, pack_tree_mask, unpack_tree_mask
 
+try:  # Triton kernels, loaded before the public functions below so that their names rebind to the functions
+    from . import draft_head as _draft_head_triton
+    from . import tree_attention as _tree_attention_triton
+except ImportError:  # no triton: these ops run the reference
+    _draft_head_triton = _tree_attention_triton = None
+
 __version__ = "0.1.0"
 
 
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def reference_backend():
+    """Run every op through :mod:`eagle_kernels.reference` inside the block, e.g. for autograd (training):
+    the kernels have no backward."""
+    depth = getattr(_state, "reference_depth", 0)
+    _state.reference_depth = depth + 1
+    try:
+        yield
+    finally:
+        _state.reference_depth = depth
+
+
 def _force_reference() -> bool:
-    return os.environ.get("EAGLE_KERNELS_BACKEND", "") == "reference"
+    return getattr(_state, "reference_depth", 0) > 0 or os.environ.get("EAGLE_KERNELS_BACKEND", "") == "reference"
 
 
 def triton_enabled(x: torch.Tensor) -> bool:
@@ -32,16 +55,23 @@ def triton_enabled(x: torch.Tensor) -> bool:
 
 def tree_attention(q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None, scale=None):
     """Tree-masked attention over the KV cache. Contract: :func:`eagle_kernels.reference.tree_attention`."""
+    if (_tree_attention_triton is not None and triton_enabled(q) and q.shape[-1] <= 128
+            and k_cache.dtype == q.dtype == v_cache.dtype):
+        return _tree_attention_triton.tree_attention(q, k_cache, v_cache, lengths, tree_mask, tree_len, scale)
     return reference.tree_attention(q, k_cache, v_cache, lengths, tree_mask, tree_len, scale)
 
 
 def rms_norm(x, weight, eps):
     """RMSNorm. Contract: :func:`eagle_kernels.reference.rms_norm`."""
+    if _draft_head_triton is not None and triton_enabled(x):
+        return _draft_head_triton.rms_norm(x, weight, eps)
     return reference.rms_norm(x, weight, eps)
 
 
 def add_rms_norm(x, residual, weight, eps):
     """Residual add + RMSNorm. Contract: :func:`eagle_kernels.reference.add_rms_norm`."""
+    if _draft_head_triton is not None and triton_enabled(x) and residual.dtype == x.dtype:
+        return _draft_head_triton.add_rms_norm(x, residual, weight, eps)
     return reference.add_rms_norm(x, residual, weight, eps)
 
 
@@ -79,11 +109,17 @@ def kv_compact(cache, lengths, src, counts):
 
 def draft_fc(token_ids, embed_weight, features, fc_weight, fc_bias=None):
     """EAGLE-1/2 head input projection. Contract: :func:`eagle_kernels.reference.draft_fc`."""
+    if (_draft_head_triton is not None and triton_enabled(features)
+            and embed_weight.dtype == features.dtype == fc_weight.dtype):
+        return _draft_head_triton.draft_fc(token_ids, embed_weight, features, fc_weight, fc_bias)
     return reference.draft_fc(token_ids, embed_weight, features, fc_weight, fc_bias)
 
 
 def lm_head_topk(hidden, weight, k):
     """Top-k log-probs over the vocabulary. Contract: :func:`eagle_kernels.reference.lm_head_topk`."""
+    if (_draft_head_triton is not None and triton_enabled(hidden) and k <= _draft_head_triton.MAX_TOPK
+            and weight.dtype == hidden.dtype):
+        return _draft_head_triton.lm_head_topk(hidden, weight, k)
     return reference.lm_head_topk(hidden, weight, k)
 
 
@@ -108,6 +144,7 @@ def tree_verify_sampling(tokens, parents, target_probs, uniforms):
 __all__ = [
     "reference",
     "triton_enabled",
+    "reference_backend",
     "pack_tree_mask",
     "unpack_tree_mask",
     "causal_tree_mask",
