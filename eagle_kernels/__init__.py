@@ -43,7 +43,8 @@ def reference_backend():
 
 
 def _force_reference() -> bool:
-    return getattr(_state, "reference_depth", 0) > 0 or os.environ.get("EAGLE_KERNELS_BACKEND", "") == "reference"
+    forced = getattr(_state, "reference_depth", 0) > 0
+    return forced or os.environ.get("EAGLE_KERNELS_BACKEND", "") == "reference"
 
 
 def triton_enabled(x: torch.Tensor) -> bool:

@@ -1,7 +1,7 @@
 """Training EAGLE draft heads on a target's own features.
 
-EAGLE-1/2 (eagle-facts.md): the head reads ``(feature_i, token_{i+1})`` and predicts ``feature_{i+1}``; loss
-``feature_weight * SmoothL1(pred, feature_{i+1}) + ce_weight * CE(lm_head(pred), softmax(lm_head(feature_{i+1})))``
+EAGLE-1/2 (eagle-facts.md): the head reads ``(feature_i, token_{i+1})`` and predicts ``feature_{i+1}``;
+loss ``feature_weight * SmoothL1(pred, f_{i+1}) + ce_weight * CE(lm_head(pred), softmax(lm_head(f_{i+1})))``
 with uniform noise on the input features, AdamW(0.9, 0.95), warm-up then constant, gradient clipping.
 EAGLE-3: the head reads ``(fc(aux_i), token_{i+1})`` and is trained by cross-entropy against the target's
 next-token distribution, unrolled over ``unroll`` steps that feed back its own output (training-time test),
