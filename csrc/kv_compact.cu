@@ -41,13 +41,13 @@ void kv_compact_cuda(const at::Tensor& cache, const at::Tensor& lengths, const a
   const int64_t head_dim = cache.size(5), elem_bytes = cache.element_size(), num_src = src.size(1);
   cudaError_t status;
   if (src.scalar_type() == at::kLong) {
-    status = launch_kv_compact<int64_t>(cache.data_ptr(), lengths.data_ptr<int32_t>(), src.data_ptr<int64_t>(),
-                                        counts.data_ptr<int32_t>(), num_layers, batch, kv_heads, max_len,
-                                        head_dim, elem_bytes, num_src, stream);
+    status = launch_kv_compact<int64_t>(cache.data_ptr(), lengths.data_ptr<int32_t>(),
+                                        src.data_ptr<int64_t>(), counts.data_ptr<int32_t>(), num_layers,
+                                        batch, kv_heads, max_len, head_dim, elem_bytes, num_src, stream);
   } else {
-    status = launch_kv_compact<int32_t>(cache.data_ptr(), lengths.data_ptr<int32_t>(), src.data_ptr<int32_t>(),
-                                        counts.data_ptr<int32_t>(), num_layers, batch, kv_heads, max_len,
-                                        head_dim, elem_bytes, num_src, stream);
+    status = launch_kv_compact<int32_t>(cache.data_ptr(), lengths.data_ptr<int32_t>(),
+                                        src.data_ptr<int32_t>(), counts.data_ptr<int32_t>(), num_layers,
+                                        batch, kv_heads, max_len, head_dim, elem_bytes, num_src, stream);
   }
   check_launch(status, "kv_compact");
 }

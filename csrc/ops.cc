@@ -25,6 +25,7 @@ TORCH_LIBRARY_IMPL(eagle_kernels, Meta, m) {
   m.impl("kv_compact", [](const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&) {});
   m.impl("tree_verify_greedy", [](const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                   const at::Tensor&, const at::Tensor&) {});
-  m.impl("tree_verify_sampling", [](const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                    const at::Tensor&, const at::Tensor&, const at::Tensor&) {});
+  m.impl("tree_verify_sampling",
+         [](const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+            const at::Tensor&, const at::Tensor&) {});
 }

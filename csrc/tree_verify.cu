@@ -14,7 +14,8 @@ IntView int_view(const at::Tensor& t, const char* op, const char* name, const at
   TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on ", like.device());
   TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", name,
               " must be int32 or int64, got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == like.sizes(), op, ": ", name, " must have shape ", like.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.sizes() == like.sizes(), op, ": ", name, " must have shape ", like.sizes(), ", got ",
+              t.sizes());
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
   return IntView{t.data_ptr(), t.scalar_type() == at::kLong};
 }
@@ -39,9 +40,9 @@ void check_outputs(const char* op, const at::Tensor& tokens, const at::Tensor& n
   }
 }
 
-void tree_verify_greedy_cuda(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& target_argmax,
-                             const at::Tensor& num_accepted, const at::Tensor& accepted_nodes,
-                             const at::Tensor& bonus) {
+void tree_verify_greedy_cuda(const at::Tensor& tokens, const at::Tensor& parents,
+                             const at::Tensor& target_argmax, const at::Tensor& num_accepted,
+                             const at::Tensor& accepted_nodes, const at::Tensor& bonus) {
   const char* op = "tree_verify_greedy";
   TORCH_CHECK(tokens.is_cuda() && tokens.dim() == 2, op, ": tokens must be a CUDA [B, T] tensor");
   const IntView tokens_view = int_view(tokens, op, "tokens", tokens);
@@ -51,15 +52,17 @@ void tree_verify_greedy_cuda(const at::Tensor& tokens, const at::Tensor& parents
 
   c10::DeviceGuard device_guard(tokens.device());
   const cudaStream_t stream = current_cuda_stream(tokens.device());
-  check_launch(launch_tree_verify_greedy(tokens_view, parents_view, argmax_view, tokens.size(0), tokens.size(1),
-                                         num_accepted.data_ptr<int32_t>(), accepted_nodes.data_ptr<int32_t>(),
-                                         bonus.data_ptr<int64_t>(), stream),
-               op);
+  check_launch(
+      launch_tree_verify_greedy(tokens_view, parents_view, argmax_view, tokens.size(0), tokens.size(1),
+                                num_accepted.data_ptr<int32_t>(), accepted_nodes.data_ptr<int32_t>(),
+                                bonus.data_ptr<int64_t>(), stream),
+      op);
 }
 
-void tree_verify_sampling_cuda(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& target_probs,
-                               const at::Tensor& uniforms, const at::Tensor& num_accepted,
-                               const at::Tensor& accepted_nodes, const at::Tensor& bonus) {
+void tree_verify_sampling_cuda(const at::Tensor& tokens, const at::Tensor& parents,
+                               const at::Tensor& target_probs, const at::Tensor& uniforms,
+                               const at::Tensor& num_accepted, const at::Tensor& accepted_nodes,
+                               const at::Tensor& bonus) {
   const char* op = "tree_verify_sampling";
   TORCH_CHECK(tokens.is_cuda() && tokens.dim() == 2, op, ": tokens must be a CUDA [B, T] tensor");
   const IntView tokens_view = int_view(tokens, op, "tokens", tokens);
@@ -69,8 +72,8 @@ void tree_verify_sampling_cuda(const at::Tensor& tokens, const at::Tensor& paren
               ": target_probs and uniforms must be on ", tokens.device());
   TORCH_CHECK(target_probs.scalar_type() == at::kFloat && uniforms.scalar_type() == at::kFloat, op,
               ": target_probs and uniforms must be float32");
-  TORCH_CHECK(target_probs.dim() == 3 && target_probs.size(0) == batch && target_probs.size(1) == num_nodes, op,
-              ": target_probs must be [B, T, V], got ", target_probs.sizes());
+  TORCH_CHECK(target_probs.dim() == 3 && target_probs.size(0) == batch && target_probs.size(1) == num_nodes,
+              op, ": target_probs must be [B, T, V], got ", target_probs.sizes());
   TORCH_CHECK(uniforms.sizes() == tokens.sizes(), op, ": uniforms must be [B, T], got ", uniforms.sizes());
   TORCH_CHECK(target_probs.is_contiguous() && uniforms.is_contiguous(), op,
               ": target_probs and uniforms must be contiguous");
@@ -78,10 +81,10 @@ void tree_verify_sampling_cuda(const at::Tensor& tokens, const at::Tensor& paren
 
   c10::DeviceGuard device_guard(tokens.device());
   const cudaStream_t stream = current_cuda_stream(tokens.device());
-  check_launch(launch_tree_verify_sampling(tokens_view, parents_view, target_probs.data_ptr<float>(),
-                                           uniforms.data_ptr<float>(), batch, num_nodes, target_probs.size(2),
-                                           num_accepted.data_ptr<int32_t>(), accepted_nodes.data_ptr<int32_t>(),
-                                           bonus.data_ptr<int64_t>(), stream),
+  check_launch(launch_tree_verify_sampling(
+                   tokens_view, parents_view, target_probs.data_ptr<float>(), uniforms.data_ptr<float>(),
+                   batch, num_nodes, target_probs.size(2), num_accepted.data_ptr<int32_t>(),
+                   accepted_nodes.data_ptr<int32_t>(), bonus.data_ptr<int64_t>(), stream),
                op);
 }
 

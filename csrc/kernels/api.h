@@ -18,15 +18,16 @@ cudaError_t eagle_kv_compact(void* cache, const int32_t* lengths, const int64_t*
 
 // tokens, target_argmax: int64 [batch, num_nodes]; parents: int32 [batch, num_nodes];
 // outputs num_accepted int32 [batch], accepted_nodes int32 [batch, num_nodes], bonus int64 [batch].
-cudaError_t eagle_tree_verify_greedy(const int64_t* tokens, const int32_t* parents, const int64_t* target_argmax,
-                                     int64_t batch, int64_t num_nodes, int32_t* num_accepted,
-                                     int32_t* accepted_nodes, int64_t* bonus, cudaStream_t stream);
+cudaError_t eagle_tree_verify_greedy(const int64_t* tokens, const int32_t* parents,
+                                     const int64_t* target_argmax, int64_t batch, int64_t num_nodes,
+                                     int32_t* num_accepted, int32_t* accepted_nodes, int64_t* bonus,
+                                     cudaStream_t stream);
 
 // target_probs: fp32 [batch, num_nodes, vocab]; uniforms: fp32 [batch, num_nodes]; the rest as greedy.
-cudaError_t eagle_tree_verify_sampling(const int64_t* tokens, const int32_t* parents, const float* target_probs,
-                                       const float* uniforms, int64_t batch, int64_t num_nodes, int64_t vocab,
-                                       int32_t* num_accepted, int32_t* accepted_nodes, int64_t* bonus,
-                                       cudaStream_t stream);
+cudaError_t eagle_tree_verify_sampling(const int64_t* tokens, const int32_t* parents,
+                                       const float* target_probs, const float* uniforms, int64_t batch,
+                                       int64_t num_nodes, int64_t vocab, int32_t* num_accepted,
+                                       int32_t* accepted_nodes, int64_t* bonus, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -38,7 +38,8 @@ struct VectorOf<1> {
 
 constexpr int kKvCompactThreads = 128;
 // Shared-memory staging budget per block. Rows are staged in column tiles so that any number of accepted rows
-// fits: columns are independent, so reading all rows of one tile before writing it is enough for overlap safety.
+// fits: columns are independent, so reading all rows of one tile before writing it is enough for overlap
+// safety.
 constexpr int kKvCompactSmemBytes = 32 * 1024;
 
 // One block per (layer, K/V, batch, kv head) slab of S rows.
@@ -81,16 +82,17 @@ __global__ void kv_compact_kernel(uint8_t* __restrict__ cache, const int32_t* __
 }
 
 template <int kVecBytes, typename IndexT>
-cudaError_t launch_kv_compact_vec(void* cache, const int32_t* lengths, const IndexT* src, const int32_t* counts,
-                                  int64_t num_slabs, int64_t batch, int64_t kv_heads, int64_t max_len,
-                                  int64_t row_bytes, int64_t num_src, cudaStream_t stream) {
+cudaError_t launch_kv_compact_vec(void* cache, const int32_t* lengths, const IndexT* src,
+                                  const int32_t* counts, int64_t num_slabs, int64_t batch, int64_t kv_heads,
+                                  int64_t max_len, int64_t row_bytes, int64_t num_src, cudaStream_t stream) {
   const int64_t row_vecs = row_bytes / kVecBytes;
   int64_t tile_vecs = kKvCompactSmemBytes / (kVecBytes * num_src);
   tile_vecs = tile_vecs < 1 ? 1 : (tile_vecs > row_vecs ? row_vecs : tile_vecs);
   const size_t smem = static_cast<size_t>(num_src * tile_vecs * kVecBytes);
   if (smem > 48 * 1024) {  // beyond the default dynamic limit: opt in (up to the device maximum)
-    cudaError_t err = cudaFuncSetAttribute(kv_compact_kernel<kVecBytes, IndexT>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    cudaError_t err =
+        cudaFuncSetAttribute(kv_compact_kernel<kVecBytes, IndexT>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
   kv_compact_kernel<kVecBytes, IndexT><<<static_cast<unsigned>(num_slabs), kKvCompactThreads, smem, stream>>>(
@@ -112,8 +114,8 @@ cudaError_t launch_kv_compact(void* cache, const int32_t* lengths, const IndexT*
   const int64_t row_bytes = head_dim * elem_bytes;
   // 16-byte accesses when every row starts 16-byte aligned, else the widest width that divides both.
   const uint64_t alignment = static_cast<uint64_t>(row_bytes) | reinterpret_cast<uintptr_t>(cache);
-#define EAGLE_KV_COMPACT_CASE(BYTES)                                                                        \
-  if (alignment % BYTES == 0)                                                                               \
+#define EAGLE_KV_COMPACT_CASE(BYTES)                                                                     \
+  if (alignment % BYTES == 0)                                                                            \
     return launch_kv_compact_vec<BYTES, IndexT>(cache, lengths, src, counts, num_slabs, batch, kv_heads, \
                                                 max_len, row_bytes, num_src, stream);
   EAGLE_KV_COMPACT_CASE(16)

@@ -1,6 +1,6 @@
 // Verification of one draft tree per sequence: greedy (token == target argmax at the parent) and lossless
-// sampling (rejection sampling over the children of each accepted node, then a bonus token from the residual).
-// Torch-free; one block per sequence; no host synchronisation.
+// sampling (rejection sampling over the children of each accepted node, then a bonus token from the
+// residual). Torch-free; one block per sequence; no host synchronisation.
 //
 // Semantics: eagle_kernels.reference.tree_verify_greedy / tree_verify_sampling. Outputs per sequence b:
 // num_accepted[b] (int32, accepted nodes after the root), accepted_nodes[b, :] (int32 path from the root,
@@ -15,30 +15,32 @@
 
 namespace eagle_kernels {
 
-// Integer inputs may be int32 or int64 (token ids usually int64, parents int32): read either through one path.
+// Integer inputs may be int32 or int64 (token ids usually int64, parents int32): one reader for both.
 struct IntView {
   const void* data;
   bool is_int64;
   __device__ __forceinline__ int64_t operator[](int64_t i) const {
-    return is_int64 ? static_cast<const int64_t*>(data)[i] : static_cast<int64_t>(static_cast<const int32_t*>(data)[i]);
+    return is_int64 ? static_cast<const int64_t*>(data)[i]
+                    : static_cast<int64_t>(static_cast<const int32_t*>(data)[i]);
   }
 };
 
 constexpr int kGreedyThreads = 128;
 
-// Shared layout of both kernels: parents [T] (int32), then the path [T] (int32).
+// accepted_nodes row: the path, then -1 padding.
 __device__ __forceinline__ void write_path(int32_t* accepted_nodes_row, const int32_t* path, int path_len,
                                            int64_t num_nodes) {
-  for (int64_t i = threadIdx.x; i < num_nodes; i += blockDim.x) accepted_nodes_row[i] = i < path_len ? path[i] : -1;
+  for (int64_t i = threadIdx.x; i < num_nodes; i += blockDim.x)
+    accepted_nodes_row[i] = i < path_len ? path[i] : -1;
 }
 
-__global__ void tree_verify_greedy_kernel(IntView tokens, IntView parents, IntView target_argmax, int64_t num_nodes,
-                                          int32_t* __restrict__ num_accepted, int32_t* __restrict__ accepted_nodes,
-                                          int64_t* __restrict__ bonus) {
+__global__ void tree_verify_greedy_kernel(IntView tokens, IntView parents, IntView target_argmax,
+                                          int64_t num_nodes, int32_t* __restrict__ num_accepted,
+                                          int32_t* __restrict__ accepted_nodes, int64_t* __restrict__ bonus) {
   extern __shared__ int32_t greedy_smem[];
-  int32_t* parent_of = greedy_smem;                     // [T]
-  int32_t* matches = greedy_smem + num_nodes;           // [T]: token equals the target's argmax at the parent
-  int32_t* path = greedy_smem + 2 * num_nodes;          // [T]
+  int32_t* parent_of = greedy_smem;             // [T]
+  int32_t* matches = greedy_smem + num_nodes;   // [T]: token equals the target's argmax at the parent
+  int32_t* path = greedy_smem + 2 * num_nodes;  // [T]
   __shared__ int path_len;
   const int64_t b = blockIdx.x;
   const int64_t row = b * num_nodes;
@@ -46,7 +48,7 @@ __global__ void tree_verify_greedy_kernel(IntView tokens, IntView parents, IntVi
   for (int64_t i = threadIdx.x; i < num_nodes; i += blockDim.x) {
     const int64_t parent = i == 0 ? -1 : parents[row + i];
     parent_of[i] = static_cast<int32_t>(parent);
-    matches[i] = parent >= 0 && tokens[row + i] == target_argmax[row + parent];
+    matches[i] = parent >= 0 && parent < i && tokens[row + i] == target_argmax[row + parent];
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -69,11 +71,11 @@ constexpr int kScanItems = 8;  // consecutive vocabulary entries per thread in t
 
 // Block state of the sampling walk, in shared memory.
 struct SamplingState {
-  double residual_sum;   // sum of the current node's distribution minus the rejected tokens' mass
-  int next_node;         // -1 when the walk stops
+  double residual_sum;  // sum of the current node's distribution minus the rejected tokens' mass
+  int next_node;        // -1 when the walk stops
   int num_rejected;
-  int found_index;       // inverse CDF result of the current chunk (INT32_MAX: not in this chunk)
-  int last_positive;     // last index with positive residual mass seen so far (rounding fallback)
+  int found_index;    // inverse CDF result of the current chunk (INT32_MAX: not in this chunk)
+  int last_positive;  // last index with positive residual mass seen so far (rounding fallback)
 };
 
 template <int kThreads>
@@ -99,8 +101,8 @@ __device__ __forceinline__ bool is_rejected(int64_t v, const int64_t* rejected, 
 }
 
 // Smallest v with cumsum(p)[v] > threshold, where p is `row` with the rejected tokens zeroed. Block-parallel:
-// chunks of kThreads * kScanItems entries, an exclusive scan of per-thread sums, then each thread finds its own
-// first crossing and the smallest one wins (cumsum is monotone, so that is the global first crossing).
+// chunks of kThreads * kScanItems entries, an exclusive scan of per-thread sums, then each thread finds its
+// own first crossing and the smallest one wins (cumsum is monotone, so that is the global first crossing).
 template <int kThreads>
 __device__ int64_t block_inverse_cdf(const float* __restrict__ row, int64_t vocab, const int64_t* rejected,
                                      int num_rejected, double threshold, SamplingState& state) {
@@ -164,9 +166,9 @@ __global__ void __launch_bounds__(kThreads)
                                 int32_t* __restrict__ num_accepted, int32_t* __restrict__ accepted_nodes,
                                 int64_t* __restrict__ bonus) {
   extern __shared__ __align__(8) uint8_t sampling_smem[];
-  int64_t* rejected = reinterpret_cast<int64_t*>(sampling_smem);           // [T]
+  int64_t* rejected = reinterpret_cast<int64_t*>(sampling_smem);          // [T]
   int32_t* parent_of = reinterpret_cast<int32_t*>(rejected + num_nodes);  // [T]
-  int32_t* path = parent_of + num_nodes;                                   // [T]
+  int32_t* path = parent_of + num_nodes;                                  // [T]
   __shared__ SamplingState state;
   __shared__ int path_len;
 
@@ -231,14 +233,14 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Greedy launcher. tokens, target_argmax: int32/int64 [B, T]; parents: int32/int64 [B, T]; outputs as above.
-inline cudaError_t launch_tree_verify_greedy(IntView tokens, IntView parents, IntView target_argmax, int64_t batch,
-                                             int64_t num_nodes, int32_t* num_accepted, int32_t* accepted_nodes,
-                                             int64_t* bonus, cudaStream_t stream) {
+inline cudaError_t launch_tree_verify_greedy(IntView tokens, IntView parents, IntView target_argmax,
+                                             int64_t batch, int64_t num_nodes, int32_t* num_accepted,
+                                             int32_t* accepted_nodes, int64_t* bonus, cudaStream_t stream) {
   if (batch == 0 || num_nodes == 0) return cudaSuccess;
   const size_t smem = static_cast<size_t>(3 * num_nodes) * sizeof(int32_t);
   if (smem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(tree_verify_greedy_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(smem));
+    cudaError_t err = cudaFuncSetAttribute(
+        tree_verify_greedy_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
   tree_verify_greedy_kernel<<<static_cast<unsigned>(batch), kGreedyThreads, smem, stream>>>(

@@ -1,5 +1,5 @@
-// Runs each eagle_kernels CUDA kernel on a tiny case through the C API (api.h) and checks the result against a
-// host computation. Exit status: 0 passed, 1 failed, 77 no CUDA device (ctest reports that as skipped).
+// Runs each eagle_kernels CUDA kernel on a tiny case through the C API (api.h) and checks the result against
+// a host computation. Exit status: 0 passed, 1 failed, 77 no CUDA device (ctest reports that as skipped).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -14,13 +14,13 @@ namespace {
 
 int failures = 0;
 
-#define CHECK_CUDA(call)                                                                           \
-  do {                                                                                             \
-    cudaError_t status_ = (call);                                                                  \
-    if (status_ != cudaSuccess) {                                                                  \
+#define CHECK_CUDA(call)                                                                               \
+  do {                                                                                                 \
+    cudaError_t status_ = (call);                                                                      \
+    if (status_ != cudaSuccess) {                                                                      \
       std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(status_)); \
-      std::exit(1);                                                                                \
-    }                                                                                              \
+      std::exit(1);                                                                                    \
+    }                                                                                                  \
   } while (0)
 
 void expect(bool ok, const char* what) {
@@ -45,7 +45,8 @@ std::vector<T> to_host(const T* device, size_t count) {
   return host;
 }
 
-// kv_compact on a [L, 2, B, H, S, D] cache of `elem_bytes`-byte elements (filled with distinct byte patterns).
+// kv_compact on a [L, 2, B, H, S, D] cache of `elem_bytes`-byte elements (filled with distinct byte
+// patterns).
 void test_kv_compact(int64_t head_dim, int64_t elem_bytes) {
   const int64_t layers = 2, batch = 2, heads = 2, max_len = 16, num_src = 3;
   const std::vector<int32_t> lengths = {3, 0}, counts = {3, 2};
@@ -95,7 +96,8 @@ void test_tree_verify_greedy() {
       cudaFree(d_bonus);
 }
 
-// The hand-built case of tests/test_tree_verify.py: node 1 rejected, node 2 accepted, node 3 rejected, bonus 2.
+// The hand-built case of tests/test_tree_verify.py: node 1 rejected, node 2 accepted, node 3 rejected,
+// bonus 2.
 void test_tree_verify_sampling() {
   const std::vector<int64_t> tokens = {3, 2, 1, 0};
   const std::vector<int32_t> parents = {-1, 0, 0, 2};
@@ -113,8 +115,8 @@ void test_tree_verify_sampling() {
   CHECK_CUDA(cudaMalloc(&d_num, sizeof(int32_t)));
   CHECK_CUDA(cudaMalloc(&d_nodes, 4 * sizeof(int32_t)));
   CHECK_CUDA(cudaMalloc(&d_bonus, sizeof(int64_t)));
-  CHECK_CUDA(eagle_tree_verify_sampling(d_tokens, d_parents, d_probs, d_uniforms, 1, 4, 4, d_num, d_nodes, d_bonus,
-                                        nullptr));
+  CHECK_CUDA(eagle_tree_verify_sampling(d_tokens, d_parents, d_probs, d_uniforms, 1, 4, 4, d_num, d_nodes,
+                                        d_bonus, nullptr));
   expect(to_host(d_num, 1) == std::vector<int32_t>({1}), "sampling num_accepted");
   expect(to_host(d_nodes, 4) == std::vector<int32_t>({0, 2, -1, -1}), "sampling accepted_nodes");
   expect(to_host(d_bonus, 1) == std::vector<int64_t>({2}), "sampling bonus");
@@ -126,7 +128,8 @@ void test_tree_verify_sampling() {
 void test_sampling_inverse_cdf_large_vocab() {
   const int64_t vocab = 50000, draws = 64;
   std::vector<float> row(vocab);
-  for (int64_t v = 0; v < vocab; ++v) row[v] = (v % 3 == 0) ? 0.0f : static_cast<float>((v * 7919) % 1000 + 1);
+  for (int64_t v = 0; v < vocab; ++v)
+    row[v] = (v % 3 == 0) ? 0.0f : static_cast<float>((v * 7919) % 1000 + 1);
   std::vector<float> probs, uniforms;
   for (int64_t d = 0; d < draws; ++d) {
     probs.insert(probs.end(), row.begin(), row.end());
@@ -156,8 +159,8 @@ void test_sampling_inverse_cdf_large_vocab() {
   CHECK_CUDA(cudaMalloc(&d_num, draws * sizeof(int32_t)));
   CHECK_CUDA(cudaMalloc(&d_nodes, draws * sizeof(int32_t)));
   CHECK_CUDA(cudaMalloc(&d_bonus, draws * sizeof(int64_t)));
-  CHECK_CUDA(eagle_tree_verify_sampling(d_tokens, d_parents, d_probs, d_uniforms, draws, 1, vocab, d_num, d_nodes,
-                                        d_bonus, nullptr));
+  CHECK_CUDA(eagle_tree_verify_sampling(d_tokens, d_parents, d_probs, d_uniforms, draws, 1, vocab, d_num,
+                                        d_nodes, d_bonus, nullptr));
   expect(to_host(d_bonus, draws) == expected, "sampling inverse CDF over 50000 entries");
   cudaFree(d_tokens), cudaFree(d_parents), cudaFree(d_probs), cudaFree(d_uniforms), cudaFree(d_num),
       cudaFree(d_nodes), cudaFree(d_bonus);
