@@ -50,6 +50,37 @@ def _kv_compact_kernel(
         tl.store(slab_ptr + dst_rows[:, None] * head_dim + cols[None, :], values, mask=mask)
 
 
+def launch_config(num_src: int, head_dim: int) -> tuple[int, int]:
+    """``(MAX_ROWS, BLOCK_D)`` for ``num_src`` candidate rows of ``head_dim`` elements."""
+    max_rows = triton.next_power_of_2(num_src)
+    return max_rows, min(triton.next_power_of_2(head_dim), max(16, _MAX_TILE_ELEMENTS // max_rows))
+
+
+def compile_variants(dtype: str, num_srcs=(1, 8, 64, 700), head_dims=(64, 80, 128, 256)) -> list[dict]:
+    """Launch variants for ahead-of-time compilation checks (``dtype`` ``"bf16"``, ``"fp16"`` or ``"fp32"``).
+
+    Returns dicts ``kernel, signature, constexprs, num_warps, num_stages``.
+    """
+    variants = {}
+    for num_src in num_srcs:
+        for head_dim in head_dims:
+            max_rows, block_d = launch_config(num_src, head_dim)
+            constexprs = {"MAX_ROWS": max_rows, "BLOCK_D": block_d}
+            types = {"cache_ptr": f"*{dtype}", "lengths_ptr": "*i32", "src_ptr": "*i64", "counts_ptr": "*i32"}
+            signature = {
+                name: "constexpr" if name in constexprs else types.get(name, "i32")
+                for name in _kv_compact_kernel.arg_names
+            }
+            variants[(max_rows, block_d)] = dict(
+                kernel=_kv_compact_kernel,
+                signature=signature,
+                constexprs=constexprs,
+                num_warps=4,
+                num_stages=1,
+            )
+    return list(variants.values())
+
+
 def kv_compact(cache: torch.Tensor, lengths: torch.Tensor, src: torch.Tensor, counts: torch.Tensor) -> None:
     """Move each sequence's accepted tree rows to the front of its tree region, in place, for all layers.
 
@@ -76,8 +107,7 @@ def kv_compact(cache: torch.Tensor, lengths: torch.Tensor, src: torch.Tensor, co
     num_slabs = num_layers * 2 * batch * kv_heads
     if num_src == 0 or num_slabs == 0 or head_dim == 0:
         return
-    max_rows = triton.next_power_of_2(num_src)
-    block_d = min(triton.next_power_of_2(head_dim), max(16, _MAX_TILE_ELEMENTS // max_rows))
+    max_rows, block_d = launch_config(num_src, head_dim)
     _kv_compact_kernel[(num_slabs,)](
         cache,
         lengths.to(torch.int32).contiguous(),
@@ -93,4 +123,4 @@ def kv_compact(cache: torch.Tensor, lengths: torch.Tensor, src: torch.Tensor, co
     )
 
 
-__all__ = ["kv_compact"]
+__all__ = ["kv_compact", "launch_config", "compile_variants"]
