@@ -89,7 +89,7 @@ cudaError_t launch_kv_compact_vec(void* cache, const int32_t* lengths, const Ind
   int64_t tile_vecs = kKvCompactSmemBytes / (kVecBytes * num_src);
   tile_vecs = tile_vecs < 1 ? 1 : (tile_vecs > row_vecs ? row_vecs : tile_vecs);
   const size_t smem = static_cast<size_t>(num_src * tile_vecs * kVecBytes);
-  if (smem > 48 * 1024) {  // beyond the default dynamic limit: opt in (up to the device maximum)
+  if (smem > 32 * 1024) {  // past the staging budget (one row tile per row): opt in up to the device maximum
     cudaError_t err =
         cudaFuncSetAttribute(kv_compact_kernel<kVecBytes, IndexT>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));

@@ -238,7 +238,7 @@ inline cudaError_t launch_tree_verify_greedy(IntView tokens, IntView parents, In
                                              int32_t* accepted_nodes, int64_t* bonus, cudaStream_t stream) {
   if (batch == 0 || num_nodes == 0) return cudaSuccess;
   const size_t smem = static_cast<size_t>(3 * num_nodes) * sizeof(int32_t);
-  if (smem > 48 * 1024) {
+  if (smem > 32 * 1024) {  // opt in well before the default 48 KiB (static + dynamic) limit
     cudaError_t err = cudaFuncSetAttribute(
         tree_verify_greedy_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
