@@ -15,8 +15,6 @@ Contracts: :mod:`eagle_kernels.reference`. No host synchronisation anywhere.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -40,9 +38,14 @@ K_PAD_CHOICES = (1, 4, 16)  # tile-local top-K_PAD, K_PAD the smallest choice >=
 MAX_TOPK = K_PAD_CHOICES[-1]
 
 
-def interpreter_needs_fp32_dot(dtype: torch.dtype) -> bool:
-    """Whether ``tl.dot`` operands must be upcast: bf16 under ``TRITON_INTERPRET=1`` (never on a GPU)."""
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+def interpreted(kernel) -> bool:
+    """Whether ``kernel`` was built for Triton's interpreter (``TRITON_INTERPRET=1`` at import time)."""
+    return not isinstance(kernel, triton.runtime.JITFunction)
+
+
+def interpreter_needs_fp32_dot(kernel, dtype: torch.dtype) -> bool:
+    """Whether ``tl.dot`` operands must be upcast: bf16 in the interpreter (never on a GPU)."""
+    return dtype == torch.bfloat16 and interpreted(kernel)
 
 
 @triton.jit
@@ -141,7 +144,8 @@ def draft_fc(token_ids, embed_weight, features, fc_weight, fc_bias=None):
         n, e, f, h_out,
         embed_weight.stride(0), features.stride(0), fc_weight.stride(0), out.stride(0),
         HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        FP32_DOT=interpreter_needs_fp32_dot(dtype), num_warps=num_warps, num_stages=num_stages,
+        FP32_DOT=interpreter_needs_fp32_dot(_draft_fc_kernel, dtype),
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
@@ -330,7 +334,8 @@ def _lm_head_topk(hidden, weight, k, block_v=None):
         hidden, weight, cand_val, cand_idx, tile_max, tile_sum,
         n, v, h, num_tiles, hidden.stride(0), weight.stride(0),
         K_PAD=k_pad, BLOCK_R=block_r, BLOCK_V=block_v, BLOCK_H=block_h,
-        FP32_DOT=interpreter_needs_fp32_dot(hidden.dtype), num_warps=num_warps, num_stages=num_stages,
+        FP32_DOT=interpreter_needs_fp32_dot(_lm_head_topk_kernel, hidden.dtype),
+        num_warps=num_warps, num_stages=num_stages,
     )
     # Merge (small torch ops on [N, num_tiles * K_PAD]): global log-sum-exp and the top-k of the candidates.
     m = tile_max.max(dim=1, keepdim=True).values

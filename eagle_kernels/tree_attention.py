@@ -20,7 +20,6 @@ Design
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -196,9 +195,14 @@ def _tree_attention_reduce_kernel(
 # ------------------------------------------------------------------------------------------ host side
 
 
-def interpreter_needs_fp32_dot(dtype: torch.dtype) -> bool:
-    """Whether ``tl.dot`` operands must be upcast: bf16 under ``TRITON_INTERPRET=1`` (never on a GPU)."""
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+def interpreted(kernel) -> bool:
+    """Whether ``kernel`` was built for Triton's interpreter (``TRITON_INTERPRET=1`` at import time)."""
+    return not isinstance(kernel, triton.runtime.JITFunction)
+
+
+def interpreter_needs_fp32_dot(kernel, dtype: torch.dtype) -> bool:
+    """Whether ``tl.dot`` operands must be upcast: bf16 in the interpreter (never on a GPU)."""
+    return dtype == torch.bfloat16 and interpreted(kernel)
 
 
 def block_d_for(head_dim: int) -> int:
@@ -310,7 +314,8 @@ def _tree_attention(q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None,
         stride_mb, stride_mt,
         out.stride(0), out.stride(1), out.stride(2),
         HAS_MASK=has_mask, SPLIT=split,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, FP32_DOT=interpreter_needs_fp32_dot(q.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        FP32_DOT=interpreter_needs_fp32_dot(_tree_attention_kernel, q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     if split:

@@ -1,5 +1,5 @@
-"""Triton draft-head kernels (draft_fc, rms_norm, add_rms_norm, lm_head_topk) vs the reference, on CPU through
-Triton's interpreter.
+"""Triton draft-head kernels (draft_fc, rms_norm, add_rms_norm, lm_head_topk) vs the reference: on CPU through
+Triton's interpreter, or on a GPU where there is one.
 
 Note: the interpreter rounds fp32 -> bf16 by truncation (a GPU rounds to nearest even), so bf16 results may
 differ from torch by one bf16 ulp; bf16 checks use the error-ratio rule or a 2-ulp tolerance.
@@ -7,18 +7,36 @@ differ from torch by one bf16 ulp; bf16 checks use the error-ratio rule or a 2-u
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernels on CPU tensors
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from eagle_kernels import draft_head, reference  # noqa: E402
+
+DEVICE = "cpu" if draft_head.interpreted(draft_head._rms_norm_kernel) else "cuda"
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("triton was imported without TRITON_INTERPRET=1 and there is no GPU", allow_module_level=True)
 
 BF16_ULP = 2.0**-7
 
 
 def gen(seed):
     return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, generator):
+    return torch.randn(*shape, generator=generator).to(DEVICE)
+
+
+def rand(*shape, generator):
+    return torch.rand(*shape, generator=generator).to(DEVICE)
+
+
+def randint(low, high, shape, generator, dtype=torch.int64):
+    return torch.randint(low, high, shape, generator=generator, dtype=dtype).to(DEVICE)
 
 
 def max_err(a, b):
@@ -34,11 +52,11 @@ def max_err(a, b):
 def test_draft_fc(n, bias, dtype):
     g = gen(n)
     vocab, hidden = 111, 80
-    ids = torch.randint(0, vocab, (n,), generator=g)
-    emb = torch.randn(vocab, hidden, generator=g)
-    feat = torch.randn(n, hidden, generator=g)
-    w = torch.randn(hidden, 2 * hidden, generator=g) / hidden**0.5
-    b = torch.randn(hidden, generator=g) if bias else None
+    ids = randint(0, vocab, (n,), generator=g)
+    emb = randn(vocab, hidden, generator=g)
+    feat = randn(n, hidden, generator=g)
+    w = randn(hidden, 2 * hidden, generator=g) / hidden**0.5
+    b = randn(hidden, generator=g) if bias else None
     ref32 = reference.draft_fc(ids, emb, feat, w, b)
     cast = [t.to(dtype) if t is not None else None for t in (emb, feat, w, b)]
     out = draft_head.draft_fc(ids, *cast)
@@ -54,11 +72,11 @@ def test_draft_fc(n, bias, dtype):
 def test_draft_fc_int32_ids_and_distinct_widths():
     """int32 token ids and an embedding width different from the feature width (general E + F)."""
     g = gen(3)
-    ids = torch.randint(0, 50, (7,), generator=g, dtype=torch.int32)
-    emb = torch.randn(50, 24, generator=g)
-    feat = torch.randn(7, 40, generator=g)
-    w = torch.randn(33, 64, generator=g)
-    b = torch.randn(33, generator=g)
+    ids = randint(0, 50, (7,), generator=g, dtype=torch.int32)
+    emb = randn(50, 24, generator=g)
+    feat = randn(7, 40, generator=g)
+    w = randn(33, 64, generator=g)
+    b = randn(33, generator=g)
     expected = torch.nn.functional.linear(torch.cat([emb[ids.long()], feat], -1), w, b)
     torch.testing.assert_close(draft_head.draft_fc(ids, emb, feat, w, b), expected, atol=2e-5, rtol=1e-5)
 
@@ -71,9 +89,9 @@ def test_draft_fc_int32_ids_and_distinct_widths():
                          ids=["fp32", "bf16", "fp16"])
 def test_rms_norm(hidden, dtype):
     g = gen(hidden)
-    x = (torch.randn(3, 5, hidden, generator=g) * 3).to(dtype)
-    residual = torch.randn(3, 5, hidden, generator=g).to(dtype)
-    weight = (torch.rand(hidden, generator=g) + 0.5).to(dtype)
+    x = (randn(3, 5, hidden, generator=g) * 3).to(dtype)
+    residual = randn(3, 5, hidden, generator=g).to(dtype)
+    weight = (rand(hidden, generator=g) + 0.5).to(dtype)
     out = draft_head.rms_norm(x, weight, 1e-6)
     normed, h = draft_head.add_rms_norm(x, residual, weight, 1e-6)
     ref = reference.rms_norm(x, weight, 1e-6)
@@ -96,9 +114,9 @@ def test_rms_norm(hidden, dtype):
 def test_rms_norm_fp32_weight_strided_rows():
     """bf16 activations with an fp32 weight (the reference promotes before the final cast); a strided view."""
     g = gen(7)
-    base = torch.randn(4, 2, 64, generator=g).to(torch.bfloat16)
+    base = randn(4, 2, 64, generator=g).to(torch.bfloat16)
     x = base[:, 1]  # rows with stride 128
-    weight = torch.rand(64, generator=g) + 0.5
+    weight = rand(64, generator=g) + 0.5
     torch.testing.assert_close(draft_head.rms_norm(x, weight, 1e-5), reference.rms_norm(x, weight, 1e-5),
                                atol=1e-2, rtol=2 * BF16_ULP)
 
@@ -131,16 +149,16 @@ def check_topk(hidden, weight, k, block_v=None):
 @pytest.mark.parametrize("n", [1, 3], ids=lambda n: f"N{n}")
 def test_lm_head_topk_fp32(vocab, k, n):
     g = gen(vocab + k + n)
-    hidden = torch.randn(n, 40, generator=g)
-    weight = torch.randn(vocab, 40, generator=g)
+    hidden = randn(n, 40, generator=g)
+    weight = randn(vocab, 40, generator=g)
     check_topk(hidden, weight, k)
 
 
 def test_lm_head_topk_bf16_many_rows_and_small_tile():
     """bf16, the 64-row config (N=20), and a 16-wide vocabulary tile so k=16 spans a partial last tile."""
     g = gen(11)
-    hidden = torch.randn(20, 72, generator=g).to(torch.bfloat16)
-    weight = torch.randn(1000, 72, generator=g).to(torch.bfloat16)
+    hidden = randn(20, 72, generator=g).to(torch.bfloat16)
+    weight = randn(1000, 72, generator=g).to(torch.bfloat16)
     check_topk(hidden, weight, 4)
     check_topk(hidden[:2], weight[:999], 16, block_v=16)  # 999 = 62 * 16 + 7
 
@@ -148,7 +166,7 @@ def test_lm_head_topk_bf16_many_rows_and_small_tile():
 def test_lm_head_topk_ties():
     """Duplicate weight rows give exactly tied logits: any of the tied indices is right."""
     g = gen(12)
-    weight = torch.randn(300, 32, generator=g)
+    weight = randn(300, 32, generator=g)
     weight[200] = weight[5]
     hidden = weight[5:6].clone() * 4  # row 5 (and its twin 200) dominate
     values, indices = draft_head.lm_head_topk(hidden, weight, 2)
@@ -156,3 +174,24 @@ def test_lm_head_topk_ties():
     torch.testing.assert_close(values[0, 0], values[0, 1])
     with pytest.raises(ValueError):
         draft_head.lm_head_topk(hidden, weight, 17)
+
+
+def test_dispatch_runs_the_kernels(monkeypatch):
+    """The public ops of ``eagle_kernels`` run the Triton kernels under TRITON_INTERPRET=1."""
+    import eagle_kernels
+
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    calls = []
+    for name in ("draft_fc", "rms_norm", "add_rms_norm", "lm_head_topk"):
+        spy = (lambda f, n: lambda *a, **kw: calls.append(n) or f(*a, **kw))(getattr(draft_head, name), name)
+        monkeypatch.setattr(draft_head, name, spy)
+    g = gen(13)
+    x = randn(3, 32, generator=g)
+    w = rand(32, generator=g)
+    eagle_kernels.rms_norm(x, w, 1e-6)
+    eagle_kernels.add_rms_norm(x, x, w, 1e-6)
+    eagle_kernels.draft_fc(torch.tensor([1, 2, 0], device=DEVICE), randn(5, 32, generator=g), x,
+                           randn(32, 64, generator=g))
+    eagle_kernels.lm_head_topk(x, randn(50, 32, generator=g), 3)
+    assert calls == ["rms_norm", "add_rms_norm", "draft_fc", "lm_head_topk"]

@@ -1,14 +1,26 @@
-"""Triton tree attention vs the reference, on CPU through Triton's interpreter."""
+"""Triton tree attention vs the reference: on CPU through Triton's interpreter, or on a GPU if present."""
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernels on CPU tensors
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from eagle_kernels import reference  # noqa: E402
-from eagle_kernels.tree_attention import _tree_attention, choose_num_splits, tree_attention  # noqa: E402
+from eagle_kernels.tree_attention import (  # noqa: E402
+    _tree_attention,
+    _tree_attention_kernel,
+    choose_num_splits,
+    interpreted,
+    tree_attention,
+)
+
+DEVICE = "cpu" if interpreted(_tree_attention_kernel) else "cuda"
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("triton was imported without TRITON_INTERPRET=1 and there is no GPU", allow_module_level=True)
 
 
 def random_tree_masks(batch: int, tree_len: int, num_queries: int, gen: torch.Generator) -> torch.Tensor:
@@ -20,16 +32,16 @@ def random_tree_masks(batch: int, tree_len: int, num_queries: int, gen: torch.Ge
             if i:
                 parent = int(torch.randint(0, i, (1,), generator=gen))
                 full[b, i] |= full[b, parent]
-    return reference.pack_tree_mask(full[:, tree_len - num_queries:])
+    return reference.pack_tree_mask(full[:, tree_len - num_queries:]).to(DEVICE)
 
 
 def make_inputs(batch, tq, hq, hkv, d, lens, tree_len, dtype, masked, seed=0):
     gen = torch.Generator().manual_seed(seed)
     cache_len = max(lens) + tree_len + 5  # S exceeds every length + tree_len
-    q = torch.randn(batch, tq, hq, d, generator=gen).to(dtype)
-    k = torch.randn(batch, hkv, cache_len, d, generator=gen).to(dtype)
-    v = torch.randn(batch, hkv, cache_len, d, generator=gen).to(dtype)
-    lengths = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(batch, tq, hq, d, generator=gen).to(DEVICE, dtype)
+    k = torch.randn(batch, hkv, cache_len, d, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(batch, hkv, cache_len, d, generator=gen).to(DEVICE, dtype)
+    lengths = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     mask = random_tree_masks(batch, tree_len, tq, gen) if masked else None
     return q, k, v, lengths, mask
 
@@ -38,9 +50,9 @@ def attention_at_dtype(q, k, v, lengths, mask, tree_len):
     """The reference computation carried out in q's dtype throughout (the error yardstick for bf16)."""
     b, tq, hq, d = q.shape
     hkv, cache_len = k.shape[1], k.shape[2]
-    vis_tree = (reference.causal_tree_mask(tq, tree_len).expand(b, tq, tree_len) if mask is None
+    vis_tree = (reference.causal_tree_mask(tq, tree_len, q.device).expand(b, tq, tree_len) if mask is None
                 else reference.unpack_tree_mask(mask, tree_len))
-    pos = torch.arange(cache_len).view(1, 1, -1)
+    pos = torch.arange(cache_len, device=q.device).view(1, 1, -1)
     rel = pos - lengths.long().view(b, 1, 1)
     in_tree = (rel >= 0) & (rel < tree_len)
     tree_bits = torch.gather(vis_tree, 2, rel.clamp(0, tree_len - 1).expand(b, tq, cache_len))
@@ -121,7 +133,7 @@ def test_query_seeing_nothing_is_zero():
     q, k, v, lengths, _ = make_inputs(2, 3, 2, 1, 64, [0, 5], 3, torch.float32, False, seed=5)
     full = torch.tril(torch.ones(3, 3, dtype=torch.bool)).expand(2, 3, 3).clone()
     full[:, 1] = False  # query 1 sees no tree key
-    mask = reference.pack_tree_mask(full)
+    mask = reference.pack_tree_mask(full).to(DEVICE)
     for splits in (1, 2):
         out = _tree_attention(q, k, v, lengths, mask, 3, num_splits=splits)
         ref = reference.tree_attention(q, k, v, lengths, mask, 3)
@@ -133,11 +145,11 @@ def test_query_seeing_nothing_is_zero():
 def test_strided_query_and_scale():
     """q as a view of a fused qkv tensor (non-contiguous heads) and an explicit scale."""
     gen = torch.Generator().manual_seed(6)
-    qkv = torch.randn(2, 5, 12, 64, generator=gen)
+    qkv = torch.randn(2, 5, 12, 64, generator=gen).to(DEVICE)
     q = qkv[:, :, :8]
-    k = torch.randn(2, 2, 40, 64, generator=gen)
-    v = torch.randn(2, 2, 40, 64, generator=gen)
-    lengths = torch.tensor([17, 3], dtype=torch.int32)
+    k = torch.randn(2, 2, 40, 64, generator=gen).to(DEVICE)
+    v = torch.randn(2, 2, 40, 64, generator=gen).to(DEVICE)
+    lengths = torch.tensor([17, 3], dtype=torch.int32, device=DEVICE)
     out = tree_attention(q, k, v, lengths, None, 5, 0.3)
     ref = reference.tree_attention(q, k, v, lengths, None, 5, 0.3)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
@@ -149,3 +161,26 @@ def test_split_heuristic():
     assert choose_num_splits(8, 32768, 128, 132) == 1  # large query tile
     n = choose_num_splits(8, 32768, 4, 132)
     assert 1 < n <= 32
+
+
+def test_dispatch_runs_the_kernel(monkeypatch):
+    """``eagle_kernels.tree_attention`` (the function, not the submodule) runs Triton when interpreting."""
+    import sys
+
+    import eagle_kernels
+
+    kernels = sys.modules["eagle_kernels.tree_attention"]
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert callable(eagle_kernels.tree_attention) and eagle_kernels._tree_attention_triton is kernels
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return _tree_attention(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "_tree_attention", spy)
+    q, k, v, lengths, mask = make_inputs(2, 3, 2, 1, 64, [4, 0], 3, torch.float32, True, seed=8)
+    out = eagle_kernels.tree_attention(q, k, v, lengths, mask, 3)
+    assert calls == [1]
+    torch.testing.assert_close(out, reference.tree_attention(q, k, v, lengths, mask, 3), atol=2e-5, rtol=1e-5)
