@@ -24,12 +24,6 @@ try:  # Triton kernels, loaded before the public functions below so that their n
 except ImportError:  # no triton: these ops run the reference
     _draft_head_triton = _tree_attention_triton = None
 
-try:  # Triton kernels, loaded before the public functions below so that their names rebind to the functions
-    from . import draft_head as _draft_head_triton
-    from . import tree_attention as _tree_attention_triton
-except ImportError:  # no triton: these ops run the reference
-    _draft_head_triton = _tree_attention_triton = None
-
 __version__ = "0.1.0"
 
 
@@ -65,9 +59,6 @@ def tree_attention(q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None, 
     if (_tree_attention_triton is not None and triton_enabled(q) and q.shape[-1] <= 128
             and k_cache.dtype == q.dtype == v_cache.dtype):
         return _tree_attention_triton.tree_attention(q, k_cache, v_cache, lengths, tree_mask, tree_len, scale)
-    if (_tree_attention_triton is not None and triton_enabled(q) and q.shape[-1] <= 128
-            and k_cache.dtype == q.dtype == v_cache.dtype):
-        return _tree_attention_triton.tree_attention(q, k_cache, v_cache, lengths, tree_mask, tree_len, scale)
     return reference.tree_attention(q, k_cache, v_cache, lengths, tree_mask, tree_len, scale)
 
 
@@ -75,15 +66,11 @@ def rms_norm(x, weight, eps):
     """RMSNorm. Contract: :func:`eagle_kernels.reference.rms_norm`."""
     if _draft_head_triton is not None and triton_enabled(x):
         return _draft_head_triton.rms_norm(x, weight, eps)
-    if _draft_head_triton is not None and triton_enabled(x):
-        return _draft_head_triton.rms_norm(x, weight, eps)
     return reference.rms_norm(x, weight, eps)
 
 
 def add_rms_norm(x, residual, weight, eps):
     """Residual add + RMSNorm. Contract: :func:`eagle_kernels.reference.add_rms_norm`."""
-    if _draft_head_triton is not None and triton_enabled(x) and residual.dtype == x.dtype:
-        return _draft_head_triton.add_rms_norm(x, residual, weight, eps)
     if _draft_head_triton is not None and triton_enabled(x) and residual.dtype == x.dtype:
         return _draft_head_triton.add_rms_norm(x, residual, weight, eps)
     return reference.add_rms_norm(x, residual, weight, eps)
@@ -126,17 +113,11 @@ def draft_fc(token_ids, embed_weight, features, fc_weight, fc_bias=None):
     if (_draft_head_triton is not None and triton_enabled(features)
             and embed_weight.dtype == features.dtype == fc_weight.dtype):
         return _draft_head_triton.draft_fc(token_ids, embed_weight, features, fc_weight, fc_bias)
-    if (_draft_head_triton is not None and triton_enabled(features)
-            and embed_weight.dtype == features.dtype == fc_weight.dtype):
-        return _draft_head_triton.draft_fc(token_ids, embed_weight, features, fc_weight, fc_bias)
     return reference.draft_fc(token_ids, embed_weight, features, fc_weight, fc_bias)
 
 
 def lm_head_topk(hidden, weight, k):
     """Top-k log-probs over the vocabulary. Contract: :func:`eagle_kernels.reference.lm_head_topk`."""
-    if (_draft_head_triton is not None and triton_enabled(hidden) and k <= _draft_head_triton.MAX_TOPK
-            and weight.dtype == hidden.dtype):
-        return _draft_head_triton.lm_head_topk(hidden, weight, k)
     if (_draft_head_triton is not None and triton_enabled(hidden) and k <= _draft_head_triton.MAX_TOPK
             and weight.dtype == hidden.dtype):
         return _draft_head_triton.lm_head_topk(hidden, weight, k)
