@@ -20,9 +20,10 @@ from .reference import causal_tree_mask, pack_tree_mask, unpack_tree_mask
 
 try:  # Triton kernels, loaded before the public functions below so that their names rebind to the functions
     from . import draft_head as _draft_head_triton
+    from . import kv_compact as _kv_compact_triton
     from . import tree_attention as _tree_attention_triton
 except ImportError:  # no triton: these ops run the reference
-    _draft_head_triton = _tree_attention_triton = None
+    _draft_head_triton = _kv_compact_triton = _tree_attention_triton = None
 
 __version__ = "0.1.0"
 
@@ -97,14 +98,8 @@ def kv_compact(cache, lengths, src, counts):
 
     if cache.is_cuda and not _force_reference() and _C_loader.available():
         return _C_loader.kv_compact_cuda(cache, lengths, src, counts)
-    if triton_enabled(cache):
-        import importlib
-
-        this_function = globals()["kv_compact"]
-        triton_module = importlib.import_module(f"{__name__}.kv_compact")
-        # The first import of a submodule binds it as a package attribute, shadowing this function: undo that.
-        globals()["kv_compact"] = this_function
-        return triton_module.kv_compact(cache, lengths, src, counts)
+    if _kv_compact_triton is not None and triton_enabled(cache):
+        return _kv_compact_triton.kv_compact(cache, lengths, src, counts)
     return reference.kv_compact(cache, lengths, src, counts)
 
 

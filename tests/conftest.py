@@ -1,14 +1,35 @@
-"""Shared pytest setup: make the packages importable from a plain checkout too."""
+"""Shared pytest setup.
+
+- The packages import from a plain checkout too.
+- Without a GPU, Triton kernels run through Triton's interpreter (``TRITON_INTERPRET=1``). Triton reads the
+  variable when kernels are defined, so it is set here, once, before anything imports Triton.
+- Engine tests run the reference ops (fast) via the ``reference_ops`` fixture; kernel tests and
+  ``test_engine_with_kernels.py`` run the kernels.
+"""
 
 import os
 import sys
+
+import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for path in (ROOT, os.path.join(ROOT, "python")):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The test models are tiny: threading overhead dominates their ops, and CI has two cores.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def reference_ops():
+    """Run every eagle_kernels op through its PyTorch reference for a test module (module-scoped so that
+    module fixtures which generate or train run on it too: they request it explicitly)."""
+    import eagle_kernels
+
+    with eagle_kernels.reference_backend():
+        yield

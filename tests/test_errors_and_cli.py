@@ -18,6 +18,8 @@ from eagle_engine import (
 )
 from eagle_engine.cli import main
 
+pytestmark = pytest.mark.usefixtures("reference_ops")  # the engine on the reference ops (fast)
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
@@ -25,7 +27,7 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engine(model_dir):
+def engine(model_dir, reference_ops):
     return EagleEngine.from_pretrained(model_dir)
 
 

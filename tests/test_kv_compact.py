@@ -1,29 +1,23 @@
 """kv_compact: the reference against a naive per-layer loop, the Triton kernel (interpreter) and the CUDA op
 against the reference."""
 
+import importlib
 import os
+import subprocess
+import sys
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the Triton kernel on CPU tensors
+import pytest
+import torch
 
-import importlib  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import eagle_kernels  # noqa: E402
-from eagle_kernels import _C_loader, reference  # noqa: E402
+import eagle_kernels
+from eagle_kernels import _C_loader, reference
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
 def triton_kv_compact():
-    """The Triton host function, imported without shadowing the package's ``kv_compact`` dispatcher."""
-    dispatcher = eagle_kernels.__dict__["kv_compact"]
-    module = importlib.import_module("eagle_kernels.kv_compact")
-    eagle_kernels.kv_compact = dispatcher  # the submodule import rebinds the package attribute
-    return module.kv_compact
+    """The Triton host function (the package attribute ``kv_compact`` is the dispatcher)."""
+    return importlib.import_module("eagle_kernels.kv_compact").kv_compact
 
 
 def naive_kv_compact(cache, lengths, src, counts):

@@ -10,9 +10,11 @@ from tiny import ARCHS, assert_same_greedy, hf_greedy, make_hf_model, random_pro
 from eagle_engine import EagleEngine
 from eagle_engine.models import load_target
 
+pytestmark = pytest.mark.usefixtures("reference_ops")  # the engine on the reference ops (fast)
+
 
 @pytest.fixture(scope="module", params=sorted(ARCHS))
-def pair(request, tmp_path_factory):
+def pair(request, tmp_path_factory, reference_ops):
     """(hf_model, our engine) for one architecture."""
     hf = make_hf_model(request.param)
     path = save(hf, str(tmp_path_factory.mktemp(request.param)))

@@ -39,12 +39,21 @@ ARCHS = {
 }
 
 
-def make_hf_model(arch: str, seed: int = 0, **overrides) -> tf.PreTrainedModel:
-    """A random fp32 model of ``arch`` (a key of :data:`ARCHS`) in eval mode."""
+def make_hf_model(arch: str, seed: int = 0, logit_scale: float = 1.0, **overrides) -> tf.PreTrainedModel:
+    """A random fp32 model of ``arch`` (a key of :data:`ARCHS`) in eval mode.
+
+    ``logit_scale`` multiplies an untied lm_head: greedy text is unchanged, next-token distributions get
+    as peaked as a trained model's (random ones are nearly flat).
+    """
     config_cls, model_cls, extra = ARCHS[arch]
     torch.manual_seed(seed)
     config = config_cls(**{**COMMON, **extra, **overrides})
-    return model_cls(config).eval()
+    model = model_cls(config).eval()
+    if logit_scale != 1.0:
+        assert not config.tie_word_embeddings
+        with torch.no_grad():
+            model.lm_head.weight.mul_(logit_scale)
+    return model
 
 
 def save(model: tf.PreTrainedModel, directory: str, fmt: str = "safetensors") -> str:
@@ -72,9 +81,11 @@ def random_prompts(lengths, seed: int = 1, vocab: int = VOCAB) -> list[list[int]
 
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
-    with torch.no_grad():
+    ids = torch.tensor([prompt])
+    with torch.no_grad():  # an explicit mask: a prompt may contain the pad id, which generate would mask
         out = model.generate(
-            torch.tensor([prompt]),
+            ids,
+            attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=None,
@@ -124,3 +135,32 @@ def make_tokenizer(directory: str, vocab_size: int = VOCAB) -> None:
     tok.train_from_iterator([text], trainer)
     fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(directory)
+
+
+def make_head_dir(
+    engine, kind: str, directory: str, fmt: str = "safetensors", seed: int = 0, std: float = 0.1
+) -> str:
+    """A random EAGLE head of ``kind`` for ``engine``'s target, saved in the official format."""
+    from eagle_engine.models.draft import init_random_head, save_draft
+
+    return save_draft(init_random_head(kind, engine.target, seed=seed, std=std), directory, fmt)
+
+
+def train_agreeing_head(
+    engine, kind: str, num_prompts: int = 32, length: int = 96, steps: int = 300, seed: int = 7
+):
+    """Train a head on the target's own greedy text so that it agrees often; returns (head, prompts)."""
+    from eagle_engine.models.draft import init_random_head
+    from eagle_engine.train import TrainConfig, train_head
+
+    prompts = random_prompts([4] * num_prompts, seed=seed, vocab=engine.target.config.vocab_size)
+    outs = engine.generate_vanilla(prompts, length, stop_token_ids=[])
+    sequences = torch.tensor([p + o.tokens for p, o in zip(prompts, outs)])
+    head = init_random_head(kind, engine.target, std=0.05)
+    train_head(
+        head,
+        engine.target,
+        sequences,
+        TrainConfig(steps=steps, lr=3e-3, batch_size=8, warmup_steps=20, seed=seed),
+    )
+    return head, prompts

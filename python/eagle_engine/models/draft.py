@@ -114,7 +114,9 @@ class Eagle1Head(_DraftHead):
         return layer.mlp(y) + residual
 
     def topk(self, hidden: torch.Tensor, k: int):
-        return ops.lm_head_topk(hidden, self.lm_head_weight, k)
+        """``[..., H]`` -> top-k ``(logprobs [..., k], target token ids [..., k])``."""
+        logprobs, ids = ops.lm_head_topk(hidden.reshape(-1, hidden.shape[-1]), self.lm_head_weight, k)
+        return logprobs.view(*hidden.shape[:-1], k), ids.view(*hidden.shape[:-1], k)
 
 
 class Eagle3Head(_DraftHead):
@@ -154,8 +156,11 @@ class Eagle3Head(_DraftHead):
         return mid.mlp(y) + residual
 
     def topk(self, hidden: torch.Tensor, k: int):
-        logprobs, draft_ids = ops.lm_head_topk(self.norm(hidden), self.lm_head.weight, k)
-        return logprobs, draft_ids + self.d2t[draft_ids]
+        """``[..., H]`` -> top-k ``(logprobs [..., k], target token ids [..., k])`` over the draft vocab."""
+        flat = self.norm(hidden).reshape(-1, hidden.shape[-1])
+        logprobs, draft_ids = ops.lm_head_topk(flat, self.lm_head.weight, k)
+        target_ids = draft_ids + self.d2t[draft_ids]
+        return logprobs.view(*hidden.shape[:-1], k), target_ids.view(*hidden.shape[:-1], k)
 
 
 # ------------------------------------------------------------------------------------------ loading
