@@ -64,9 +64,9 @@ def _dot(a, b, FP32_DOT: tl.constexpr):
 @triton.jit
 def _draft_fc_kernel(
     tok_ptr, emb_ptr, feat_ptr, w_ptr, bias_ptr, out_ptr,
-    N, E, F, H_out,
+    N, E, F, H_out, has_bias,
     stride_emb, stride_feat, stride_w, stride_out,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -95,7 +95,7 @@ def _draft_fc_kernel(
         a = tl.load(feat_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_rows + E + kk[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc += _dot(a, w, FP32_DOT)
-    if HAS_BIAS:
+    if has_bias != 0:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -141,9 +141,9 @@ def draft_fc(token_ids, embed_weight, features, fc_weight, fc_bias=None):
     grid = (triton.cdiv(n, block_m), triton.cdiv(h_out, block_n))
     _draft_fc_kernel[grid](
         token_ids, embed_weight, features, fc_weight, bias, out,
-        n, e, f, h_out,
+        n, e, f, h_out, int(has_bias),
         embed_weight.stride(0), features.stride(0), fc_weight.stride(0), out.stride(0),
-        HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         FP32_DOT=interpreter_needs_fp32_dot(_draft_fc_kernel, dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -206,7 +206,7 @@ def _launch_rms(x2, r2, weight, out, h_out, eps):
     _rms_norm_kernel[(rows,)](
         x2, r2, weight.contiguous(), out, h_out, hidden, float(eps),
         x2.stride(0), r2.stride(0), out.stride(0), h_out.stride(0),
-        HAS_RESIDUAL=has_res, BLOCK_H=block_h, num_warps=num_warps,
+        HAS_RESIDUAL=has_res, BLOCK_H=block_h, num_warps=num_warps, num_stages=1,
     )
 
 
@@ -382,9 +382,8 @@ def compile_variants(dtype: str):
     out = []
     fc_types = {"tok_ptr": "*i64", "emb_ptr": p, "feat_ptr": p, "w_ptr": p, "bias_ptr": p, "out_ptr": p}
     for block_m, block_n, block_k, num_warps, num_stages in FC_CONFIGS.values():
-        for has_bias in (False, True):
-            cx = dict(HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FP32_DOT=False)
-            out.append(_variant(_draft_fc_kernel, cx, fc_types, num_warps, num_stages))
+        cx = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FP32_DOT=False)
+        out.append(_variant(_draft_fc_kernel, cx, fc_types, num_warps, num_stages))
     rms_types = {"x_ptr": p, "res_ptr": p, "w_ptr": p, "out_ptr": p, "sum_ptr": p, "eps": "fp32"}
     for block_h, num_warps in RMS_CONFIGS.values():
         for has_res in (False, True):

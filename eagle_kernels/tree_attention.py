@@ -15,6 +15,8 @@ Design
 - Split-KV (flash-decoding): for small ``Tq * group`` and a long cache, the key range of each program is cut
   into ``num_splits`` chunks, each written as a normalised partial with its log-sum-exp, then merged by
   ``_tree_attention_reduce_kernel``. Chosen by :func:`choose_num_splits`.
+- The mask mode (packed bits or causal) and split/no-split are runtime scalars (uniform branches; Triton's JIT
+  specialises the value 1), so each dtype compiles to 3 block configs x 2 head-dim tiles, plus the reduction.
 """
 
 from __future__ import annotations
@@ -25,14 +27,19 @@ import torch
 import triton
 import triton.language as tl
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) by the number of flattened query rows per kv head.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by the number of flattened query rows per kv head, for 16-bit
+# inputs; fp32 inputs take half the key tile and two stages so that K/V buffers fit Hopper's 227 KiB of smem.
 ATTN_CONFIGS = {
     "small": (16, 128, 4, 3),  # Tq * group <= 16: decode, small trees
     "medium": (64, 64, 4, 3),  # Tq * group <= 64
     "large": (128, 64, 8, 3),  # prefill, big trees
 }
+ATTN_CONFIGS_FP32 = {
+    "small": (16, 64, 4, 2),
+    "medium": (64, 32, 4, 2),
+    "large": (128, 32, 8, 2),
+}
 BLOCK_D_CHOICES = (64, 128)  # head_dim <= 64 -> 64, <= 128 -> 128 (80 is padded and masked)
-SPLIT_CONFIG_NAMES = ("small", "medium")  # split-KV is only used when Tq * group <= 64
 SPLIT_MIN_KEYS = 1024  # no split below this cache capacity
 SPLIT_MIN_CHUNK = 256  # keys per split at least
 MAX_SPLITS = 32
@@ -55,13 +62,12 @@ def _dot(a, b, FP32_DOT: tl.constexpr):
 def _tree_attention_kernel(
     q_ptr, k_ptr, v_ptr, len_ptr, mask_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     qk_scale,  # softmax scale * log2(e)
-    Tq, Hq, Hkv, group, tree_len, D, num_splits,
+    Tq, Hq, Hkv, group, tree_len, D, num_splits, has_mask,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_mb, stride_mt,
     stride_ob, stride_ot, stride_oh,
-    HAS_MASK: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -86,20 +92,16 @@ def _tree_attention_kernel(
     v_base = v_ptr + b64 * stride_vb + hk.to(tl.int64) * stride_vh
 
     # Key range [0, kv_end): prefix, then tree rows (causally cut for this tile's last query).
-    if HAS_MASK:
+    if has_mask != 0:
         tree_end = tree_len
     else:
         t_last = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // group, Tq - 1)
         tree_end = tl.maximum(tl.minimum(tree_len, t_last + tree_len - Tq + 1), 0)
     kv_end = prefix + tree_end
     n_blocks = tl.cdiv(kv_end, BLOCK_N)
-    if SPLIT:
-        per_split = tl.cdiv(n_blocks, num_splits)
-        blk_lo = tl.minimum(pid_s * per_split, n_blocks)
-        blk_hi = tl.minimum(blk_lo + per_split, n_blocks)
-    else:
-        blk_lo = 0
-        blk_hi = n_blocks
+    per_split = tl.cdiv(n_blocks, num_splits)
+    blk_lo = tl.minimum(pid_s * per_split, n_blocks)
+    blk_hi = tl.minimum(blk_lo + per_split, n_blocks)
     lo = blk_lo * BLOCK_N
     hi = blk_hi * BLOCK_N
     mid = tl.minimum(tl.maximum((prefix // BLOCK_N) * BLOCK_N, lo), hi)  # end of whole prefix blocks
@@ -132,7 +134,7 @@ def _tree_attention_kernel(
         s = _dot(q, tl.trans(k), FP32_DOT) * qk_scale
         j = pos - prefix  # tree-relative key index
         in_tree = (j >= 0) & (j < tree_len)
-        if HAS_MASK:
+        if has_mask != 0:
             words = tl.load(mask_ptr + b64 * stride_mb + t[:, None] * stride_mt + (j // 32)[None, :],
                             mask=row_ok[:, None] & in_tree[None, :], other=0)
             tree_vis = ((words >> (j % 32)[None, :]) & 1) != 0
@@ -150,7 +152,7 @@ def _tree_attention_kernel(
 
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]  # a query that sees nothing has acc == 0
-    if SPLIT:
+    if num_splits > 1:
         # partials: row r = (b * Tq + t) * Hq + h; part_o [R, num_splits, BLOCK_D], part_lse [R, num_splits]
         r = (b64 * Tq + t) * Hq + h
         slot = r * num_splits + pid_s
@@ -211,6 +213,11 @@ def block_d_for(head_dim: int) -> int:
         if head_dim <= block_d:
             return block_d
     raise ValueError(f"tree_attention supports head_dim <= {BLOCK_D_CHOICES[-1]}, got {head_dim}")
+
+
+def attn_configs(fp32: bool) -> dict:
+    """The block-config table for fp32 or 16-bit inputs."""
+    return ATTN_CONFIGS_FP32 if fp32 else ATTN_CONFIGS
 
 
 def config_name_for(rows_per_kv_head: int) -> str:
@@ -289,15 +296,13 @@ def _tree_attention(q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None,
 
     rows = tq * group
     name = config_name_for(rows)
-    block_m, block_n, num_warps, num_stages = ATTN_CONFIGS[name]
+    block_m, block_n, num_warps, num_stages = attn_configs(q.dtype == torch.float32)[name]
     m_blocks = triton.cdiv(rows, block_m)
     programs = m_blocks * bsz * hkv
     if num_splits is None:
         num_splits = choose_num_splits(programs, cache_len, rows, num_sms(q.device))
     num_splits = max(1, int(num_splits))
     split = num_splits > 1
-    if split and name not in SPLIT_CONFIG_NAMES:
-        raise ValueError("split-KV is only supported for Tq * group <= 64")
     if split:
         part_o = torch.empty((bsz * tq * hq, num_splits, block_d), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((bsz * tq * hq, num_splits), dtype=torch.float32, device=q.device)
@@ -307,13 +312,12 @@ def _tree_attention(q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None,
     _tree_attention_kernel[(m_blocks, bsz * hkv, num_splits)](
         q, k_cache, v_cache, lengths, mask, out, part_o, part_lse,
         scale * LOG2E,
-        tq, hq, hkv, group, tree_len, d, num_splits,
+        tq, hq, hkv, group, tree_len, d, num_splits, int(has_mask),
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         stride_mb, stride_mt,
         out.stride(0), out.stride(1), out.stride(2),
-        HAS_MASK=has_mask, SPLIT=split,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         FP32_DOT=interpreter_needs_fp32_dot(_tree_attention_kernel, q.dtype),
         num_warps=num_warps, num_stages=num_stages,
@@ -322,7 +326,7 @@ def _tree_attention(q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None,
         _tree_attention_reduce_kernel[(bsz * tq * hq,)](
             part_o, part_lse, out, tq, hq, d, num_splits,
             out.stride(0), out.stride(1), out.stride(2),
-            BLOCK_D=block_d, num_warps=REDUCE_NUM_WARPS,
+            BLOCK_D=block_d, num_warps=REDUCE_NUM_WARPS, num_stages=1,
         )
     return out
 
@@ -362,15 +366,12 @@ def compile_variants(dtype: str):
              "mask_ptr": "*i32", "out_ptr": f"*{dtype}", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32",
              "qk_scale": "fp32"}
     out = []
-    for name, (block_m, block_n, num_warps, num_stages) in ATTN_CONFIGS.items():
+    for name, (block_m, block_n, num_warps, num_stages) in attn_configs(dtype == "fp32").items():
         for block_d in BLOCK_D_CHOICES:
-            for has_mask in (False, True):
-                for split in (False, True) if name in SPLIT_CONFIG_NAMES else (False,):
-                    constexprs = dict(HAS_MASK=has_mask, SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n,
-                                      BLOCK_D=block_d, FP32_DOT=False)
-                    out.append(dict(kernel=_tree_attention_kernel, constexprs=constexprs,
-                                    signature=_signature(_tree_attention_kernel, constexprs, types),
-                                    num_warps=num_warps, num_stages=num_stages))
+            constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, FP32_DOT=False)
+            out.append(dict(kernel=_tree_attention_kernel, constexprs=constexprs,
+                            signature=_signature(_tree_attention_kernel, constexprs, types),
+                            num_warps=num_warps, num_stages=num_stages))
     for block_d in BLOCK_D_CHOICES:
         constexprs = dict(BLOCK_D=block_d)
         out.append(dict(kernel=_tree_attention_reduce_kernel, constexprs=constexprs,

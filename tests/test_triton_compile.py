@@ -1,0 +1,145 @@
+"""Ahead-of-time compilation for Hopper (sm_90) of every Triton launch variant the dispatch can choose.
+
+No GPU is needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` runs the whole pipeline
+down to a cubin. Each module lists its variants in ``compile_variants(dtype)``; a second test sweeps shapes
+through the host functions (kernels replaced by recorders, tensors on the ``meta`` device) and checks that
+every launch they make is one of those variants, so the list cannot drift from the dispatch.
+"""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+MODULES = ["eagle_kernels.tree_attention", "eagle_kernels.draft_head"]
+DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+HOPPER_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
+WORKERS = 2
+
+AOT_COMPILE = """
+import importlib, json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)  # a compiled (not interpreted) Triton
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+module, shard, shards = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+mod = importlib.import_module(module)
+variants = [(dtype, v) for dtype in ("fp16", "bf16", "fp32") for v in mod.compile_variants(dtype)]
+results = []
+for i, (dtype, v) in enumerate(variants):
+    if i % shards != shard:
+        continue
+    source = ASTSource(fn=v["kernel"], signature=v["signature"], constexprs=v["constexprs"])
+    options = {"num_warps": v["num_warps"], "num_stages": v["num_stages"]}
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    results.append({"dtype": dtype, "kernel": v["kernel"].__name__, "constexprs": repr(v["constexprs"]),
+                    "cubin_bytes": len(kernel.asm["cubin"]), "shared": kernel.metadata.shared,
+                    "sm90": "sm_90" in kernel.asm["ptx"]})
+print(json.dumps({"total": len(variants), "results": results}))
+"""
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_variant_compiles_for_hopper(module, tmp_path):
+    # Fresh interpreters (this process may run Triton in interpreter mode, which cannot compile) and a fresh
+    # cache directory, so that every cubin is really built.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TRITON_CACHE_DIR": str(tmp_path)}
+    env.pop("TRITON_INTERPRET", None)
+
+    def run(shard):
+        cmd = [sys.executable, "-c", AOT_COMPILE, module, str(shard), str(WORKERS)]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env)
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        runs = list(pool.map(run, range(WORKERS)))
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-4000:]
+    payloads = [json.loads(r.stdout.strip().splitlines()[-1]) for r in runs]
+    results = [x for p in payloads for x in p["results"]]
+    assert len(results) == payloads[0]["total"] > 0
+    for x in results:
+        assert x["cubin_bytes"] > 0 and x["sm90"], x
+        assert x["shared"] <= HOPPER_MAX_SHARED, f"needs more shared memory than an H100 block has: {x}"
+
+
+# ------------------------------------------------------------------------------ dispatch stays in the list
+
+
+class Recorder:
+    """Stands in for a Triton kernel: ``kernel[grid](*args, **kwargs)`` records the launch, runs nothing."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def __getitem__(self, grid):
+        def launch(*args, num_warps=4, num_stages=3, **constexprs):
+            constexprs.pop("FP32_DOT", None)  # interpreter-only switch, always False on a GPU
+            self.log.append((self.name, tuple(sorted(constexprs.items())), num_warps, num_stages))
+
+        return launch
+
+
+def allowed_launches(module):
+    allowed = {}
+    for dtype in DTYPES.values():
+        allowed[dtype] = set()
+        for v in module.compile_variants(dtype):
+            cx = {k: x for k, x in v["constexprs"].items() if k != "FP32_DOT"}
+            key = (v["kernel"].__name__, tuple(sorted(cx.items())), v["num_warps"], v["num_stages"])
+            allowed[dtype].add(key)
+    return allowed
+
+
+def record(monkeypatch, module):
+    log = []
+    for name in dir(module):
+        if name.startswith("_") and name.endswith("_kernel"):
+            monkeypatch.setattr(module, name, Recorder(name, log))
+    return log
+
+
+def test_tree_attention_dispatch_uses_listed_variants(monkeypatch):
+    ta = importlib.import_module("eagle_kernels.tree_attention")
+    allowed = allowed_launches(ta)
+    log = record(monkeypatch, ta)
+    meta = dict(device="meta")
+    for dtype, name in DTYPES.items():
+        for tq in (1, 3, 16, 17, 64, 65, 200, 4096):
+            for group in (1, 2, 4, 8):
+                for d in (64, 80, 128):
+                    for cache_len, batch in ((tq + 40, 1), (tq + 2048, 1), (tq + 32768, 8)):
+                        for masked in (False, True):
+                            q = torch.empty(batch, tq, 8 * group, d, dtype=dtype, **meta)
+                            k = torch.empty(batch, 8, cache_len, d, dtype=dtype, **meta)
+                            lengths = torch.empty(batch, dtype=torch.int32, **meta)
+                            mask = torch.empty(batch, tq, (tq + 31) // 32, dtype=torch.int32, **meta)
+                            log.clear()
+                            ta.tree_attention(q, k, k, lengths, mask if masked else None)
+                            assert log and set(log) <= allowed[name], (name, tq, group, d, cache_len, log)
+
+
+def test_draft_head_dispatch_uses_listed_variants(monkeypatch):
+    dh = importlib.import_module("eagle_kernels.draft_head")
+    allowed = allowed_launches(dh)
+    log = record(monkeypatch, dh)
+    meta = dict(device="meta")
+    for dtype, name in DTYPES.items():
+        for n in (1, 16, 17, 60, 300):
+            for h in (64, 1024, 1025, 4096, 8192):
+                ids = torch.empty(n, dtype=torch.int64, **meta)
+                x = torch.empty(n, h, dtype=dtype, **meta)
+                w = torch.empty(h, dtype=dtype, **meta)
+                log.clear()
+                dh.draft_fc(ids, torch.empty(100, h, dtype=dtype, **meta), x,
+                            torch.empty(h, 2 * h, dtype=dtype, **meta), w if n % 2 else None)
+                dh.rms_norm(x, w, 1e-6)
+                dh.add_rms_norm(x, x, w, 1e-6)
+                for k in range(1, dh.MAX_TOPK + 1):
+                    dh.lm_head_topk(x, torch.empty(1000, h, dtype=dtype, **meta), k)
+                assert log and set(log) <= allowed[name], (name, n, h, log)
