@@ -95,9 +95,7 @@ def run_case(args, batch: int, prefix: int, t: int, copy_gbs: float) -> list[dic
         return F.scaled_dot_product_attention(q_sdpa, k_sdpa, v_sdpa, attn_mask=dense, enable_gqa=True)
 
     impls = {"triton": lambda: ta.tree_attention(q, k, v, lengths, packed, t)}
-    rows = t * args.heads // args.kv_heads
-    programs = batch * args.kv_heads * -(-rows // ta.ATTN_CONFIGS[ta.config_name_for(rows)][0])
-    splits = ta.choose_num_splits(programs, k.shape[2], rows, ta.num_sms(q.device))
+    splits = ta.launch_plan(batch, t, args.heads, args.kv_heads, k.shape[2], q.dtype, q.device)[-1]
     if splits > 1:
         impls["triton_nosplit"] = lambda: ta._tree_attention(q, k, v, lengths, packed, t, num_splits=1)
     impls["sdpa"] = sdpa

@@ -12,9 +12,9 @@ Design
   blocks and a masked phase over the boundary block and the tree rows.
 - Loop bounds come from ``lengths`` loaded on the device (no host synchronisation); the grid depends only on
   shapes, and programs whose key range is empty write zeros (or an empty partial).
-- Split-KV (flash-decoding): for small ``Tq * group`` and a long cache, the key range of each program is cut
-  into ``num_splits`` chunks, each written as a normalised partial with its log-sum-exp, then merged by
-  ``_tree_attention_reduce_kernel``. Chosen by :func:`choose_num_splits`.
+- Split-KV (flash-decoding): when the grid under-fills the GPU and the cache is long, the key range of each
+  program is cut into ``num_splits`` chunks, each written as a normalised partial with its log-sum-exp, then
+  merged by ``_tree_attention_reduce_kernel``. Chosen by :func:`choose_num_splits`.
 - The mask mode (packed bits or causal) and split/no-split are runtime scalars (uniform branches; Triton's JIT
   specialises the value 1), so each dtype compiles to 3 block configs x 2 head-dim tiles, plus the reduction.
 """
@@ -241,18 +241,28 @@ def num_sms(device: torch.device) -> int:
     return DEFAULT_NUM_SMS
 
 
-def choose_num_splits(num_programs: int, cache_len: int, rows_per_kv_head: int, sms: int) -> int:
+def choose_num_splits(num_programs: int, cache_len: int, sms: int) -> int:
     """Split-KV heuristic (host-only arithmetic on shapes, no device values).
 
-    Split only when the un-split grid under-fills the GPU (``num_programs < sms``), the query tile is small
-    (``Tq * group <= 64``) and the cache capacity ``S`` is long (``>= SPLIT_MIN_KEYS``). Then aim for about
+    Split only when the un-split grid (``B * Hkv * ceil(Tq * group / BLOCK_M)`` programs) under-fills the GPU
+    (``num_programs < sms``) and the cache capacity ``S`` is long (``>= SPLIT_MIN_KEYS``). Then aim for about
     two waves of programs, ``ceil(2 * sms / num_programs)`` splits, with at least ``SPLIT_MIN_CHUNK`` keys of
-    capacity per split and at most ``MAX_SPLITS``. Splits past a sequence's real length exit at once.
+    capacity per split and at most ``MAX_SPLITS``. Each split takes an equal share of its sequence's real key
+    range (``lengths[b] + tree_len``, read on the device), so short sequences in a long cache still balance.
     """
-    if rows_per_kv_head > 64 or cache_len < SPLIT_MIN_KEYS or num_programs >= sms:
+    if cache_len < SPLIT_MIN_KEYS or num_programs >= sms:
         return 1
     want = triton.cdiv(2 * sms, max(num_programs, 1))
     return max(1, min(want, cache_len // SPLIT_MIN_CHUNK, MAX_SPLITS))
+
+
+def launch_plan(bsz: int, tq: int, hq: int, hkv: int, cache_len: int, dtype: torch.dtype, device):
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages, m_blocks, num_splits)`` the dispatch picks for a shape."""
+    rows = tq * (hq // hkv)
+    block_m, block_n, num_warps, num_stages = attn_configs(dtype == torch.float32)[config_name_for(rows)]
+    m_blocks = triton.cdiv(rows, block_m)
+    num_splits = choose_num_splits(m_blocks * bsz * hkv, cache_len, num_sms(torch.device(device)))
+    return block_m, block_n, num_warps, num_stages, m_blocks, num_splits
 
 
 def _tree_attention(q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None, scale=None, num_splits=None):
@@ -294,14 +304,9 @@ def _tree_attention(q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None,
     else:
         mask, stride_mb, stride_mt = lengths, 0, 0  # unused pointer
 
-    rows = tq * group
-    name = config_name_for(rows)
-    block_m, block_n, num_warps, num_stages = attn_configs(q.dtype == torch.float32)[name]
-    m_blocks = triton.cdiv(rows, block_m)
-    programs = m_blocks * bsz * hkv
-    if num_splits is None:
-        num_splits = choose_num_splits(programs, cache_len, rows, num_sms(q.device))
-    num_splits = max(1, int(num_splits))
+    block_m, block_n, num_warps, num_stages, m_blocks, heuristic_splits = launch_plan(
+        bsz, tq, hq, hkv, cache_len, q.dtype, q.device)
+    num_splits = heuristic_splits if num_splits is None else max(1, int(num_splits))
     split = num_splits > 1
     if split:
         part_o = torch.empty((bsz * tq * hq, num_splits, block_d), dtype=torch.float32, device=q.device)

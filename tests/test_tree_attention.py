@@ -117,7 +117,7 @@ def test_prefill_like(dtype):
 def test_fp16_and_heuristic_split():
     """fp16 through the public function; the heuristic picks a split for a long cache and few programs."""
     q, k, v, lengths, mask = make_inputs(1, 1, 8, 1, 64, [1100], 1, torch.float16, True, seed=4)
-    assert choose_num_splits(1, k.shape[2], 8, 132) > 1
+    assert choose_num_splits(1, k.shape[2], 132) > 1
     out = tree_attention(q, k, v, lengths, mask, 1)
     ref32 = reference.tree_attention(q.float(), k.float(), v.float(), lengths, mask, 1)
     err_torch = (attention_at_dtype(q, k, v, lengths, mask, 1).float() - ref32).abs().max().item()
@@ -152,11 +152,11 @@ def test_strided_query_and_scale():
 
 
 def test_split_heuristic():
-    assert choose_num_splits(256, 32768, 4, 132) == 1  # grid already fills the GPU
-    assert choose_num_splits(8, 512, 4, 132) == 1  # short cache
-    assert choose_num_splits(8, 32768, 128, 132) == 1  # large query tile
-    n = choose_num_splits(8, 32768, 4, 132)
-    assert 1 < n <= 32
+    assert choose_num_splits(256, 32768, 132) == 1  # the grid already fills the GPU (prefill)
+    assert choose_num_splits(8, 512, 132) == 1  # short cache
+    assert choose_num_splits(8, 32768, 132) == 32  # decode, 8 kv heads: capped at MAX_SPLITS
+    assert choose_num_splits(16, 32768, 132) == 17  # ceil(2 * 132 / 16): about two waves
+    assert choose_num_splits(8, 1024, 132) == 4  # at least 256 keys of capacity per split
 
 
 def test_dispatch_runs_the_kernel(monkeypatch):
