@@ -85,6 +85,7 @@ CASES = [
     (3, 3, 7, 8, 2, 64, [0, 1, 17]),  # draft step: the last 3 of 7 tree rows
     (2, 63, 63, 4, 1, 80, [0, 17]),  # big tree
     (2, 63, 70, 2, 2, 64, [1, 0]),  # tree_len > Tq past a word boundary
+    (1, 2, 2, 8, 2, 128, [300]),  # head_dim 128
 ]
 
 
