@@ -128,7 +128,7 @@ class DraftTree:
         return ops.pack_tree_mask(self.mask)
 
     def paths(self, b: int = 0) -> list[list[int]]:
-        """Root-to-leaf node paths of sequence ``b`` (the official ``retrieve_indices``, unpadded)."""
+        """Root-to-leaf node paths of sequence ``b``, by leaf index (the official ``retrieve_indices``)."""
         parents = self.parents[b].tolist()
         has_child = {p for p in parents[1:]}
         leaves = [i for i in range(len(parents)) if i not in has_child]
