@@ -25,6 +25,8 @@ try:  # Triton kernels, loaded before the public functions below so that their n
 except ImportError:  # no triton: these ops run the reference
     _draft_head_triton = _kv_compact_triton = _tree_attention_triton = None
 
+HAS_TRITON = _tree_attention_triton is not None
+
 __version__ = "0.1.0"
 
 
@@ -139,6 +141,7 @@ def tree_verify_sampling(tokens, parents, target_probs, uniforms):
 
 __all__ = [
     "reference",
+    "HAS_TRITON",
     "triton_enabled",
     "reference_backend",
     "pack_tree_mask",
