@@ -121,17 +121,45 @@ def test_bad_requests(engine, kwargs, match):
         engine.generate_vanilla(**request)
 
 
-def test_cli_generate(tmp_path, capsys):
-    directory = str(tmp_path / "model")
-    os.makedirs(directory)
-    make_tokenizer(directory, vocab_size=300)
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory, reference_ops):
+    """A tiny model directory with its own tokenizer, and a random EAGLE head for it."""
+    from tiny import make_head_dir
     from transformers import AutoTokenizer
 
-    vocab = len(AutoTokenizer.from_pretrained(directory))
-    save(make_hf_model("qwen2", vocab_size=vocab), directory)
+    directory = str(tmp_path_factory.mktemp("cli"))
+    make_tokenizer(directory, vocab_size=300)
+    save(make_hf_model("qwen2", vocab_size=len(AutoTokenizer.from_pretrained(directory))), directory)
+    head = make_head_dir(
+        EagleEngine.from_pretrained(directory), "eagle1", str(tmp_path_factory.mktemp("head"))
+    )
+    return directory, head
+
+
+def test_cli_generate(cli_model, capsys):
+    directory, _ = cli_model
     assert main(["generate", "--base", directory, "--prompt", "def main(", "--max-new-tokens", "12"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("def main(") and "tokens/s" in out and "[vanilla] 12 tokens" in out
+
+
+def test_cli_generate_eagle_compare(cli_model, capsys):
+    directory, head = cli_model
+    args = [
+        "generate",
+        "--base",
+        directory,
+        "--draft",
+        head,
+        "--prompt",
+        "import os",
+        "--max-new-tokens",
+        "12",
+    ]
+    assert main(args + ["--compare"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("import os") and "[eagle] 12 tokens" in out and "[vanilla] 12 tokens" in out
+    assert "mean acceptance length: " in out
 
 
 def test_cli_reports_errors(tmp_path, capsys):
