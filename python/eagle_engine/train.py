@@ -10,15 +10,20 @@ the i-th step weighted ``0.8 ** i``.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
-from dataclasses import dataclass
+import shutil
+import sys
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
 import eagle_kernels as ops
 
+from .errors import EagleError
 from .models.draft import Eagle1Head, Eagle3Head
 from .models.llama import LlamaModel
 
@@ -37,10 +42,21 @@ class TrainConfig:
     grad_clip: float = 0.5
     unroll: int = 3  # EAGLE-3 training-time-test steps
     seed: int = 0
+    schedule: str = "constant"  # after warm-up: "constant" (published) or "cosine" (decay to 10% of lr)
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"bad training config: {self}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"unknown lr schedule {self.schedule!r}: use 'constant' or 'cosine'")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of 0-based ``step``: linear warm-up, then constant or cosine decay to 10%."""
+        warm = min(1.0, (step + 1) / max(1, self.warmup_steps))
+        if self.schedule == "constant" or step < self.warmup_steps:
+            return self.lr * warm
+        t = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return self.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
 @dataclass
@@ -107,6 +123,16 @@ def _to_draft_vocab(head: Eagle3Head, logp: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logp[..., draft_ids], -1)
 
 
+def trainable_parameters(head) -> list[torch.nn.Parameter]:
+    """The head's trained parameters, in a fixed order (a borrowed target embedding stays frozen)."""
+    return [p for n, p in head.named_parameters() if n != "embed_tokens.weight" or head.owns_embedding]
+
+
+def make_optimizer(head, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW(0.9, 0.95) over :func:`trainable_parameters` (the published EAGLE setting)."""
+    return torch.optim.AdamW(trainable_parameters(head), lr=cfg.lr, betas=(0.9, 0.95))
+
+
 def train_head(
     head,
     target: LlamaModel,
@@ -123,18 +149,18 @@ def train_head(
     are computed per batch under no_grad; the head runs the reference ops so that autograd flows.
     """
     rng = random.Random(cfg.seed + start_step)
-    params = [p for n, p in head.named_parameters() if n != "embed_tokens.weight" or head.owns_embedding]
+    params = trainable_parameters(head)
     for p in params:
         p.requires_grad_(True)
     if optimizer is None:
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95))
+        optimizer = make_optimizer(head, cfg)
     aux_layers = head.aux_layers(target.config.num_hidden_layers)
     head.train()
     losses = []
     with ops.reference_backend():
         for step in range(start_step, cfg.steps):
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+                group["lr"] = cfg.lr_at(step)
             rows = [rng.randrange(sequences.shape[0]) for _ in range(cfg.batch_size)]
             batch = collect_features(target, sequences[rows], aux_layers)
             loss = head_loss(head, target, batch, cfg)
@@ -151,3 +177,183 @@ def train_head(
     if not all(math.isfinite(x) for x in losses):
         raise FloatingPointError("training diverged: non-finite loss")
     return losses, optimizer
+
+
+# ------------------------------------------------------------------------------------- the workflow
+
+
+class TrainingInputError(EagleError, ValueError):
+    """Bad input to ``eagle train-draft``: a missing or empty corpus, bad sizes or steps."""
+
+
+@dataclass
+class DraftTrainJob:
+    """One ``eagle train-draft`` run: train a head for ``base`` on the text files ``corpus``; write it to
+    ``out``.
+
+    ``out`` receives the final head (official format) and ``eval.json``; ``out/checkpoint`` the head, the
+    optimizer state and the step every ``checkpoint_every`` steps (``resume`` continues from there).
+    ``eval_corpus``: text files the held-out acceptance is measured on (None: the training corpus itself).
+    """
+
+    base: str
+    corpus: list[str]
+    out: str
+    kind: str = "eagle1"
+    steps: int = 1000
+    seq_len: int = 256
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup_steps: int | None = None  # None: min(100, steps // 10)
+    resume: bool = False
+    eval_corpus: list[str] | None = None
+    eval_prompts: int = 8
+    eval_prompt_chars: int = 400
+    eval_new_tokens: int = 64
+    checkpoint_every: int = 100
+    device: str = "cpu"
+    seed: int = 0
+    show_progress: bool = True
+
+    def __post_init__(self):
+        if self.kind not in ("eagle1", "eagle3"):
+            raise TrainingInputError(f"unknown head kind {self.kind!r}: use eagle1 or eagle3")
+        for name, low in (("steps", 1), ("seq_len", 2), ("batch_size", 1), ("checkpoint_every", 1)):
+            if getattr(self, name) < low:
+                raise TrainingInputError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.eval_prompts < 0 or self.eval_new_tokens < 1 or not self.lr > 0:
+            raise TrainingInputError(f"bad evaluation settings or lr: {self}")
+        if not self.corpus:
+            raise TrainingInputError("no corpus files given")
+        for path in list(self.corpus) + list(self.eval_corpus or []):
+            if not os.path.isfile(path):
+                raise TrainingInputError(f"corpus file not found: {path}")
+
+    def train_config(self) -> TrainConfig:
+        warm = min(100, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
+        return TrainConfig(
+            steps=self.steps, lr=self.lr, batch_size=self.batch_size, warmup_steps=warm,
+            seed=self.seed, schedule="cosine",
+        )  # fmt: skip
+
+
+def read_corpus(paths: list[str]) -> list[str]:
+    """The non-empty texts of ``paths`` (UTF-8, undecodable bytes replaced)."""
+    texts = []
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        if text.strip():
+            texts.append(text)
+    if not texts:
+        raise TrainingInputError(f"the corpus is empty ({len(paths)} file(s), no text)")
+    return texts
+
+
+def make_sequences(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
+    """Tokenize ``texts`` (each preceded by bos when the tokenizer has one) into one stream and cut it into
+    non-overlapping rows: long ``[N, seq_len]``."""
+    stream = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        if tokenizer.bos_token_id is not None:
+            stream.append(tokenizer.bos_token_id)
+        stream.extend(ids)
+    n = len(stream) // seq_len
+    if n == 0:
+        raise TrainingInputError(f"the corpus has {len(stream)} tokens: fewer than one sequence of {seq_len}")
+    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def save_checkpoint(head, optimizer, step: int, losses: list[float], directory: str) -> None:
+    """Head (official format) + ``trainer_state.pt`` (step, optimizer state, losses), replaced atomically."""
+    from .models.draft import save_draft
+
+    tmp = directory + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_draft(head, tmp)
+    torch.save(
+        {"step": step, "optimizer": optimizer.state_dict(), "losses": losses}, f"{tmp}/trainer_state.pt"
+    )
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+
+
+def load_checkpoint(directory: str, target: LlamaModel, cfg: TrainConfig):
+    """``(head, optimizer, step, losses)`` from :func:`save_checkpoint`'s directory."""
+    from .models.draft import load_draft
+
+    head = load_draft(directory, target, dtype=torch.float32)
+    state = torch.load(f"{directory}/trainer_state.pt", map_location=target.lm_head_weight.device)
+    optimizer = make_optimizer(head, cfg)
+    optimizer.load_state_dict(state["optimizer"])
+    return head, optimizer, int(state["step"]), list(state["losses"])
+
+
+def evaluate_acceptance(engine, tokenizer, texts: list[str], job: DraftTrainJob) -> dict:
+    """Greedy EAGLE on ``job.eval_prompts`` prompts cut from ``texts``: the mean acceptance length."""
+    from .demo import code_prompts
+
+    prompts = code_prompts(texts, job.eval_prompts, job.eval_prompt_chars, seed=job.seed)
+    rounds, new_tokens, seconds = [], 0, 0.0
+    for text in prompts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        result = engine.generate(ids, job.eval_new_tokens)
+        rounds.extend(result.accept_lengths)
+        new_tokens += len(result.tokens)
+        seconds += result.total_seconds
+    return {
+        "mean_accept_length": sum(rounds) / max(1, len(rounds)),
+        "prompts": len(prompts),
+        "rounds": len(rounds),
+        "new_tokens": new_tokens,
+        "tokens_per_second": new_tokens / max(seconds, 1e-9),
+        "tree": {k: v for k, v in asdict(engine.tree).items() if k != "choices"},
+    }
+
+
+def train_draft(job: DraftTrainJob) -> dict:
+    """The ``eagle train-draft`` workflow (see :class:`DraftTrainJob`); returns what ``eval.json`` holds."""
+    from tqdm import tqdm
+
+    from .cli import load_tokenizer
+    from .engine import EagleEngine, resolve_device
+    from .models import load_target
+    from .models.draft import init_random_head, load_draft, save_draft
+
+    device = resolve_device(job.device)
+    tokenizer = load_tokenizer(job.base)
+    sequences = make_sequences(tokenizer, read_corpus(job.corpus), job.seq_len)
+    target = load_target(job.base, device=device, dtype=torch.float32)
+    cfg = job.train_config()
+    ckpt = os.path.join(job.out, "checkpoint")
+    if job.resume and os.path.isfile(os.path.join(ckpt, "trainer_state.pt")):
+        head, optimizer, start, losses = load_checkpoint(ckpt, target, cfg)
+    else:
+        head = init_random_head(job.kind, target, seed=job.seed, std=0.02).float()
+        optimizer, start, losses = make_optimizer(head, cfg), 0, []
+    torch.manual_seed(job.seed + start)  # feature noise
+    bar = tqdm(total=job.steps, initial=start, desc="train-draft", file=sys.stderr,
+               disable=not job.show_progress, mininterval=2)  # fmt: skip
+
+    def progress(step: int, loss: float) -> None:
+        losses.append(loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if (step + 1) % job.checkpoint_every == 0 or step + 1 == job.steps:
+            save_checkpoint(head, optimizer, step + 1, losses, ckpt)
+
+    if start < job.steps:
+        train_head(head, target, sequences.to(device), cfg, progress=progress, start_step=start,
+                   optimizer=optimizer)  # fmt: skip
+    bar.close()
+    save_draft(head, job.out)
+    held_out = job.eval_corpus is not None
+    summary = {"steps": job.steps, "final_loss": losses[-1] if losses else None, "held_out": held_out}
+    if job.eval_prompts:
+        engine = EagleEngine(target, load_draft(job.out, target))
+        texts = read_corpus(job.eval_corpus if held_out else job.corpus)
+        summary.update(evaluate_acceptance(engine, tokenizer, texts, job))
+        print(f"mean acceptance length: {summary['mean_accept_length']:.2f}", file=sys.stderr)
+    with open(os.path.join(job.out, "eval.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary

@@ -1,0 +1,234 @@
+"""Rebuild the embedded demo pair from a seed: a small Llama target trained on Python's standard library and
+its EAGLE-1/2 head.
+
+    python benchmarks/build_demo.py                       # CPU preset (2 cores: under an hour)
+    python benchmarks/build_demo.py --preset gpu --device cuda --out /some/dir
+
+Stages (all by default; ``--stages target`` or ``--stages head`` run one of them):
+
+1. ``target``: train a byte-level BPE tokenizer (``tokenizers``) on the training split of the standard
+   library (see :mod:`eagle_engine.demo` for the split), train a ``LlamaForCausalLM`` on random windows of
+   the tokenized corpus (AdamW, warm-up then cosine decay), save it in fp16 safetensors with the tokenizer
+   to ``OUT/target``.
+2. ``head``: train an EAGLE-1/2 head on the target's features with :func:`eagle_engine.train.train_draft`
+   (the ``eagle train-draft`` workflow: checkpoints under ``WORK/head/checkpoint``, acceptance on held-out
+   modules in ``WORK/head/eval.json``), then save it in fp16 in the official format to ``OUT/head``.
+
+Transformers is used here for training the target only; the engine never runs transformers modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "python"))
+sys.path.insert(0, ROOT)
+
+from eagle_engine import demo  # noqa: E402
+
+
+@dataclass
+class Preset:
+    """Sizes and schedules of one build."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    layers: int
+    heads: int
+    kv_heads: int
+    max_positions: int
+    target_steps: int
+    target_batch: int
+    target_seq_len: int
+    target_lr: float
+    head_steps: int
+    head_batch: int
+    head_seq_len: int
+    head_lr: float
+    eval_prompts: int
+
+    def __post_init__(self):
+        if min(self.target_steps, self.head_steps, self.target_batch, self.head_batch) < 1:
+            raise ValueError(f"bad preset: {self}")
+        if max(self.target_seq_len, self.head_seq_len) > self.max_positions:
+            raise ValueError("sequence length beyond max_position_embeddings")
+
+
+PRESETS = {
+    "cpu": Preset(4096, 256, 512, 4, 4, 2, 1024, 640, 4, 512, 2e-3, 1500, 8, 256, 1e-3, 16),
+    "gpu": Preset(8192, 512, 1408, 8, 8, 4, 1024, 6000, 32, 1024, 1e-3, 6000, 16, 1024, 5e-4, 32),
+}
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str):
+    """A byte-level BPE tokenizer (``<s>`` bos, ``</s>`` eos) trained on ``texts``, saved in HF format."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def tokenize_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    """All ``texts`` as one long stream ``[N]``: each file starts with bos."""
+    ids = []
+    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids.append(tokenizer.bos_token_id)
+        ids.extend(enc)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of ``peak``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def build_target(p: Preset, out_dir: str, device: str, seed: int) -> None:
+    """Stage 1: tokenizer + target model, saved to ``out_dir`` (fp16 safetensors)."""
+    import transformers as tf
+    from tqdm import tqdm
+
+    t0 = time.time()
+    texts = demo.read_texts(demo.stdlib_files("train"))
+    tokenizer = train_tokenizer(texts, p.vocab_size, out_dir)
+    stream = tokenize_stream(tokenizer, texts)
+    print(
+        f"tokenizer: {len(tokenizer)} tokens; corpus: {len(texts)} files, {stream.numel()} tokens "
+        f"({time.time() - t0:.0f} s)",
+        file=sys.stderr,
+    )
+    torch.manual_seed(seed)
+    config = tf.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=p.hidden_size,
+        intermediate_size=p.intermediate_size,
+        num_hidden_layers=p.layers,
+        num_attention_heads=p.heads,
+        num_key_value_heads=p.kv_heads,
+        max_position_embeddings=p.max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        rope_theta=10000.0,
+    )
+    model = tf.LlamaForCausalLM(config).to(device).train()
+    nparams = sum(x.numel() for x in model.parameters())
+    print(f"target: {nparams / 1e6:.2f} M parameters", file=sys.stderr)
+    decay = [x for n, x in model.named_parameters() if x.dim() >= 2]
+    other = [x for n, x in model.named_parameters() if x.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
+        lr=p.target_lr,
+        betas=(0.9, 0.95),
+    )
+    gen = torch.Generator().manual_seed(seed)
+    span = p.target_seq_len + 1
+    bar = tqdm(range(p.target_steps), desc="target", file=sys.stderr, mininterval=5)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, p.target_steps, p.target_lr, max(1, p.target_steps // 20))
+        starts = torch.randint(0, stream.numel() - span, (p.target_batch,), generator=gen)
+        batch = torch.stack([stream[s : s + span] for s in starts.tolist()]).to(device)
+        logits = model(input_ids=batch[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model = model.eval().to("cpu", torch.float16)
+    model.generation_config.pad_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out_dir, safe_serialization=True)
+    print(f"target saved to {out_dir} ({time.time() - t0:.0f} s)", file=sys.stderr)
+
+
+def build_head(p: Preset, target_dir: str, out_dir: str, work_dir: str, device: str, seed: int) -> dict:
+    """Stage 2: train the EAGLE-1/2 head (the ``eagle train-draft`` workflow); save it fp16 in ``out_dir``."""
+    from eagle_engine.models import load_target
+    from eagle_engine.models.draft import load_draft, save_draft
+    from eagle_engine.train import DraftTrainJob, train_draft
+
+    train_files = demo.stdlib_files("train")
+    eval_files = demo.stdlib_files("heldout")
+    job = DraftTrainJob(
+        base=target_dir,
+        corpus=train_files,
+        out=work_dir,
+        kind="eagle1",
+        steps=p.head_steps,
+        seq_len=p.head_seq_len,
+        batch_size=p.head_batch,
+        lr=p.head_lr,
+        eval_corpus=eval_files,
+        eval_prompts=p.eval_prompts,
+        device=device,
+        seed=seed,
+        resume=True,
+    )
+    result = train_draft(job)
+    target = load_target(target_dir, dtype=torch.float16)
+    head = load_draft(work_dir, target, dtype=torch.float16)
+    save_draft(head, out_dir)
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=os.path.join(ROOT, "python", "eagle_engine", "data", "demo"))
+    ap.add_argument("--work", default=None, help="head training work dir (checkpoints); default: a temp dir")
+    ap.add_argument("--stages", default="target,head", help="comma-separated: target, head")
+    ap.add_argument("--target-steps", type=int, default=None)
+    ap.add_argument("--head-steps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = ap.parse_args(argv)
+    preset = PRESETS[args.preset]
+    if args.target_steps is not None:
+        preset.target_steps = args.target_steps
+    if args.head_steps is not None:
+        preset.head_steps = args.head_steps
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    stages = set(args.stages.split(","))
+    target_dir, head_dir = os.path.join(args.out, "target"), os.path.join(args.out, "head")
+    print(json.dumps({"preset": args.preset, **asdict(preset), "seed": args.seed}), file=sys.stderr)
+    if "target" in stages:
+        os.makedirs(target_dir, exist_ok=True)
+        build_target(preset, target_dir, args.device, args.seed)
+    if "head" in stages:
+        work = args.work or tempfile.mkdtemp(prefix="eagle-demo-head-")
+        result = build_head(preset, target_dir, head_dir, work, args.device, args.seed)
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

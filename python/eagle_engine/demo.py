@@ -1,0 +1,102 @@
+"""The embedded demo pair and its corpus: Python's own standard library.
+
+The demo target is a small Llama model trained on the standard library's ``.py`` sources; its EAGLE-1/2 head
+is trained on the target's features. Both ship inside the package (``eagle_engine/data/demo/``) so that
+``eagle demo`` runs with nothing downloaded. ``benchmarks/build_demo.py`` rebuilds them from a seed.
+
+Corpus split (written down so that every number quoted for the demo can be reproduced): every ``.py`` file
+under ``sysconfig.get_paths()["stdlib"]``, sorted by relative path, minus test suites, IDLE, site-packages
+and the ``encodings`` codec tables; files of top-level modules/packages whose name starts with ``s`` (shutil,
+socket, subprocess, ssl, statistics, string, ...) are **held out** for evaluation, all others train.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sysconfig
+from importlib import resources
+
+from .errors import EagleError
+
+HELD_OUT_PREFIXES = ("s",)
+EXCLUDED_DIRS = frozenset(
+    {"test", "tests", "idle_test", "idlelib", "site-packages", "dist-packages", "__pycache__", "encodings"}
+)
+SPLITS = ("train", "heldout")
+
+
+def stdlib_files(split: str, root: str | None = None) -> list[str]:
+    """Sorted paths of the standard library's ``.py`` files in ``split`` (``"train"`` or ``"heldout"``).
+
+    ``root`` defaults to ``sysconfig.get_paths()["stdlib"]``; the list depends on the Python version.
+    """
+    if split not in SPLITS:
+        raise EagleError(f"unknown corpus split {split!r}; use one of {SPLITS}")
+    root = root or sysconfig.get_paths()["stdlib"]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in EXCLUDED_DIRS]
+        for name in filenames:
+            if name.endswith(".py"):
+                found.append(os.path.relpath(os.path.join(dirpath, name), root))
+    found.sort()
+    held = [rel for rel in found if rel.lower().startswith(HELD_OUT_PREFIXES)]
+    chosen = held if split == "heldout" else [rel for rel in found if rel not in set(held)]
+    if not chosen:
+        raise EagleError(f"no standard-library sources found for split {split!r} under {root}")
+    return [os.path.join(root, rel) for rel in chosen]
+
+
+def read_texts(paths: list[str]) -> list[str]:
+    """File contents (UTF-8, undecodable bytes replaced); empty files dropped."""
+    texts = []
+    for p in paths:
+        with open(p, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        if text.strip():
+            texts.append(text)
+    return texts
+
+
+def code_prompts(texts: list[str], n: int, chars: int = 400, seed: int = 0) -> list[str]:
+    """``n`` prompts cut from ``texts``: ``chars`` characters ending at a line end, from seeded random spots.
+
+    Deterministic for a given ``seed``; files shorter than ``2 * chars`` are skipped.
+    """
+    if n < 1 or chars < 1:
+        raise EagleError(f"need n >= 1 and chars >= 1, got n={n}, chars={chars}")
+    pool = [t for t in texts if len(t) >= 2 * chars]
+    if not pool:
+        raise EagleError(f"no text of at least {2 * chars} characters to cut prompts from")
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(n):
+        text = pool[rng.randrange(len(pool))]
+        end = rng.randrange(chars, len(text) - chars // 2)
+        end = text.find("\n", end)
+        end = len(text) if end < 0 else end + 1
+        prompts.append(text[max(0, end - chars) : end])
+    return prompts
+
+
+def demo_paths() -> tuple[str, str]:
+    """``(target_dir, head_dir)`` of the demo pair embedded in the package.
+
+    Raises :class:`EagleError` when the data is missing (a checkout where it was never built, or a package
+    installed without its data files).
+    """
+    base = resources.files("eagle_engine") / "data" / "demo"
+    target, head = str(base / "target"), str(base / "head")
+    for d, what in ((target, "config.json"), (target, "tokenizer.json"), (head, "config.json")):
+        if not os.path.isfile(os.path.join(d, what)):
+            raise EagleError(
+                f"the embedded demo model is missing ({os.path.join(d, what)} not found): reinstall the "
+                "package with its data files, or rebuild it with `python benchmarks/build_demo.py`"
+            )
+    return target, head
+
+
+DEMO_PROMPT = '''def fibonacci(n):
+    """Return the n-th Fibonacci number."""
+'''
