@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from .errors import EagleError
-from .kv_cache import KVCache
 from .models import LlamaModel, load_target
 from .models.weights import resolve_dtype
+from .prefill import pad_prompts, prefill
 from .requests import (
     SequenceState,
     Timer,
@@ -102,19 +102,6 @@ class EagleEngine:
         states = [SequenceState(p, max_new_tokens, cfg.max_length, stop_ids) for p in prompts]
         return states, is_batch
 
-    def _prefill(self, states: list[SequenceState], cache: KVCache, aux_layers=()):
-        """Run the right-padded prompts causally; commit their rows; return the output and last-token rows."""
-        longest = max(len(s.prompt) for s in states)
-        ids = torch.zeros(len(states), longest, dtype=torch.long)
-        for b, s in enumerate(states):
-            ids[b, : len(s.prompt)] = torch.tensor(s.prompt)
-        ids = ids.to(self.device)
-        positions = torch.arange(longest, device=self.device).expand(len(states), longest)
-        out = self.target(ids, positions, cache, None, aux_layers)
-        prompt_lens = torch.tensor([len(s.prompt) for s in states], dtype=torch.int32, device=self.device)
-        cache.lengths.copy_(prompt_lens)
-        return out, ids, prompt_lens
-
     @staticmethod
     def _finish(states, is_batch, prefill_s, decode_s):
         results = [s.result(prefill_s, decode_s) for s in states]
@@ -154,9 +141,7 @@ class EagleEngine:
         capacity = max(len(s.prompt) + max(s.limit, 1) for s in states)
         cache = self.target.allocate_cache(len(states), capacity)
         gens = make_generators(seed, len(states), self.device)
-        out, _, prompt_lens = self._prefill(states, cache)
-        last = out.hidden[torch.arange(len(states), device=self.device), prompt_lens.long() - 1]
-        next_tokens = sample_tokens(self.target.logits(last), sampling, gens)
+        _, next_tokens = prefill(self.target, cache, *pad_prompts(states, self.device), sampling, gens)
         t1 = timer.now()
         while True:
             token_list = next_tokens.tolist()
@@ -180,11 +165,6 @@ class EagleEngine:
             raise EagleError("generate() needs a draft head: load one with from_pretrained(base, draft_path)")
         sampling = SamplingParams(temperature, top_p, top_k)
         states, is_batch = self._start(input_ids, max_new_tokens, sampling, stop_token_ids)
-        longest = max(len(s.prompt) for s in states)
-        ids = torch.zeros(len(states), longest, dtype=torch.long)
-        for b, s in enumerate(states):
-            ids[b, : len(s.prompt)] = torch.tensor(s.prompt)
-        prompt_lens = torch.tensor([len(s.prompt) for s in states], dtype=torch.int32)
         gens = make_generators(seed, len(states), self.device)
         timings = {"prefill_seconds": 0.0, "decode_seconds": 0.0}
         rounds = eagle_stream(
@@ -194,7 +174,7 @@ class EagleEngine:
             states,
             sampling,
             gens,
-            (ids.to(self.device), prompt_lens.to(self.device)),
+            pad_prompts(states, self.device),
             Timer(self.device),
             timings,
         )

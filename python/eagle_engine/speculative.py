@@ -17,8 +17,9 @@ import torch
 import eagle_kernels as ops
 
 from .models.llama import ForwardOutput, LlamaModel
+from .prefill import prefill
 from .requests import SequenceState, Timer
-from .sampling import SamplingParams, sample_tokens
+from .sampling import SamplingParams
 from .tree import TreeConfig, build_tree
 from .verify import verify_tree
 
@@ -56,20 +57,16 @@ class EagleRun:
 
     def prefill(self, ids: torch.Tensor, prompt_lens: torch.Tensor) -> list[list[int]]:
         """Target prefill, first token, draft over the prompt. ``ids`` long ``[B, P]``, right-padded."""
-        b, p = ids.shape
-        positions = torch.arange(p, device=self.device).expand(b, p)
-        out = self.target(ids, positions, self.tcache, None, self.aux_layers)
-        self.tcache.lengths.copy_(prompt_lens)
-        last = (prompt_lens.long() - 1).view(b, 1)
-        first = sample_tokens(
-            self.target.logits(_gather_rows(out.hidden, last)[:, 0]), self.sampling, self.generators
+        b = ids.shape[0]
+        out, first = prefill(
+            self.target, self.tcache, ids, prompt_lens, self.sampling, self.generators, self.aux_layers
         )
         # Draft row i pairs feature i with token i + 1; the last real row takes the new token.
+        last = (prompt_lens.long() - 1).view(b, 1)
         draft_tokens = torch.cat([ids[:, 1:], ids[:, :1]], 1).scatter(1, last, first.view(b, 1))
         self._draft_extend(draft_tokens, self.head.target_features(out), last.view(b))
         self.root_token = first
-        kept = [s.append([tok]) for s, tok in zip(self.states, first.tolist())]
-        return kept
+        return [s.append([tok]) for s, tok in zip(self.states, first.tolist())]
 
     def _draft_extend(self, tokens: torch.Tensor, features: torch.Tensor, last: torch.Tensor) -> None:
         """Append committed rows to the draft cache (causal) and keep the output of row ``last[b]``."""
