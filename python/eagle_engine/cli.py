@@ -10,10 +10,14 @@ from .errors import EagleError
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--base", required=True, help="target model directory (Hugging Face format, with tokenizer)"
+        "--base",
+        default=None,
+        help="target model directory (Hugging Face format, with tokenizer); omit: the embedded demo pair",
     )
     p.add_argument(
-        "--draft", default=None, help="EAGLE draft head directory (official format); omit: vanilla"
+        "--draft",
+        default=None,
+        help="EAGLE draft head directory (official format); omit: vanilla (with --base), the demo head",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default: float32)")
@@ -35,7 +39,36 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="prompt text")
     gen.add_argument("--compare", action="store_true", help="also run vanilla decoding and compare")
     _add_sampling_args(gen)
+    _add_train_parser(sub)
+    _add_demo_parser(sub)
     return parser
+
+
+def _add_train_parser(sub) -> None:
+    tr = sub.add_parser("train-draft", help="train an EAGLE draft head for a target on text files")
+    tr.add_argument("--base", required=True, help="target model directory (HF format, with tokenizer)")
+    tr.add_argument("--corpus", required=True, nargs="+", help="training text file(s)")
+    tr.add_argument("--out", required=True, help="output directory: head, eval.json, checkpoint/")
+    tr.add_argument("--kind", choices=("eagle1", "eagle3"), default="eagle1", help="head kind")
+    tr.add_argument("--steps", type=int, default=1000)
+    tr.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (warm-up, cosine decay)")
+    tr.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    tr.add_argument("--eval-corpus", nargs="+", default=None, help="held-out text file(s) for the acceptance")
+    tr.add_argument("--eval-prompts", type=int, default=8, help="prompts for the final acceptance (0: skip)")
+    tr.add_argument("--eval-new-tokens", type=int, default=64)
+    tr.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    tr.add_argument("--seed", type=int, default=0)
+
+
+def _add_demo_parser(sub) -> None:
+    demo = sub.add_parser("demo", help="complete Python code with the embedded demo pair: EAGLE vs vanilla")
+    demo.add_argument("--prompt", default=None, help="prompt text (default: a small Python snippet)")
+    demo.add_argument("--max-new-tokens", type=int, default=128)
+    demo.add_argument("--tree", default="dynamic", choices=("dynamic", "static", "chain"))
+    demo.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
 
 
 def load_tokenizer(model_dir: str):
@@ -61,6 +94,11 @@ def report(label: str, result, text: str | None = None) -> None:
 def cmd_generate(args) -> None:
     from .engine import EagleEngine
 
+    if args.base is None:
+        from .demo import demo_paths
+
+        args.base, demo_head = demo_paths()
+        args.draft = args.draft or demo_head
     tokenizer = load_tokenizer(args.base)
     engine = EagleEngine.from_pretrained(args.base, args.draft, device=args.device, dtype=args.dtype)
     ids = tokenizer(args.prompt, add_special_tokens=True)["input_ids"]
@@ -74,10 +112,44 @@ def cmd_generate(args) -> None:
         report("vanilla", result, text if args.draft is None else None)
 
 
+def cmd_train_draft(args) -> None:
+    from .train import DraftTrainJob, train_draft
+
+    job = DraftTrainJob(
+        base=args.base,
+        corpus=args.corpus,
+        out=args.out,
+        kind=args.kind,
+        steps=args.steps,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        eval_corpus=args.eval_corpus,
+        eval_prompts=args.eval_prompts,
+        eval_new_tokens=args.eval_new_tokens,
+        device=args.device,
+        seed=args.seed,
+    )
+    summary = train_draft(job)
+    print(f"head saved to {args.out} after {summary['steps']} steps (final loss {summary['final_loss']:.4f})")
+    if "mean_accept_length" in summary:
+        where = "held-out" if summary["held_out"] else "training"
+        print(f"mean acceptance length: {summary['mean_accept_length']:.2f} ({where} text, greedy)")
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.prompt, args.max_new_tokens, args.tree, args.device)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    commands = {"generate": cmd_generate, "train-draft": cmd_train_draft, "demo": cmd_demo}
     try:
-        {"generate": cmd_generate}[args.command](args)
+        commands[args.command](args)
     except EagleError as e:
         print(f"eagle: error: {e}", file=sys.stderr)
         return 2

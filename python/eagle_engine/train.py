@@ -295,8 +295,9 @@ def evaluate_acceptance(engine, tokenizer, texts: list[str], job: DraftTrainJob)
 
     prompts = code_prompts(texts, job.eval_prompts, job.eval_prompt_chars, seed=job.seed)
     rounds, new_tokens, seconds = [], 0, 0.0
+    keep = max(1, engine.max_length - job.eval_new_tokens - 80)  # room for the output and a draft tree
     for text in prompts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][-keep:]
         result = engine.generate(ids, job.eval_new_tokens)
         rounds.extend(result.accept_lengths)
         new_tokens += len(result.tokens)
