@@ -66,7 +66,7 @@ class Preset:
 
 
 PRESETS = {
-    "cpu": Preset(4096, 256, 512, 4, 4, 2, 1024, 1600, 4, 512, 2e-3, 1500, 8, 256, 1e-3, 16),
+    "cpu": Preset(4096, 256, 512, 4, 4, 2, 1024, 1600, 4, 512, 2e-3, 800, 8, 256, 2e-3, 16),
     "gpu": Preset(8192, 512, 1408, 8, 8, 4, 1024, 6000, 32, 1024, 1e-3, 6000, 16, 1024, 5e-4, 32),
 }
 
@@ -226,6 +226,10 @@ def main(argv=None) -> int:
     if "head" in stages:
         work = args.work or tempfile.mkdtemp(prefix="eagle-demo-head-")
         result = build_head(preset, target_dir, head_dir, work, args.device, args.seed)
+        record = {"preset": args.preset, **asdict(preset), "seed": args.seed}
+        record.update(python=sys.version.split()[0], head_eval=result)
+        with open(os.path.join(args.out, "build.json"), "w") as f:
+            json.dump(record, f, indent=2)
         print(json.dumps(result, indent=2))
     return 0
 

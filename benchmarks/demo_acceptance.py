@@ -58,8 +58,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pair", default=None, help="a built pair's dir (target/, head/); default: the embedded")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--no-save", action="store_true", help="print only, append no results")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.pair:
         target_dir, head_dir = os.path.join(args.pair, "target"), os.path.join(args.pair, "head")
     else:
