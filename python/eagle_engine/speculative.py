@@ -65,6 +65,7 @@ class EagleRun:
         last = (prompt_lens.long() - 1).view(b, 1)
         draft_tokens = torch.cat([ids[:, 1:], ids[:, :1]], 1).scatter(1, last, first.view(b, 1))
         self._draft_extend(draft_tokens, self.head.target_features(out), last.view(b))
+        self.dcache.lengths.copy_(prompt_lens)
         self.root_token = first
         return [s.append([tok]) for s, tok in zip(self.states, first.tolist())]
 
