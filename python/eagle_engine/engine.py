@@ -94,7 +94,7 @@ class EagleEngine:
 
     # ------------------------------------------------------------------------------------ shared steps
 
-    def _start(self, input_ids, max_new_tokens, sampling: SamplingParams, stop_token_ids):
+    def _start(self, input_ids, max_new_tokens, stop_token_ids):
         cfg = self.target.config
         prompts, is_batch = normalize_prompts(input_ids, cfg.vocab_size, cfg.max_length)
         max_new_tokens = check_max_new_tokens(max_new_tokens)
@@ -117,7 +117,7 @@ class EagleEngine:
         temperature: float = 0.0,
         top_p: float = 1.0,
         top_k: int = 0,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
         stop_token_ids=None,
     ):
         """Plain autoregressive decoding with the target alone: the baseline EAGLE is measured against.
@@ -127,7 +127,8 @@ class EagleEngine:
         input_ids : list[int] | list[list[int]] | 1-D/2-D int tensor: one prompt or a batch (any lengths)
         max_new_tokens : tokens to generate at most per sequence
         temperature, top_p, top_k : sampling (temperature 0 = greedy)
-        seed : seeds each sequence's ``torch.Generator`` (so a sequence samples alike alone or in a batch)
+        seed : seeds each sequence's ``torch.Generator``: an int seeds all alike (a sequence samples the same
+            alone or in a batch), a list gives one seed per prompt, None a random seed
         stop_token_ids : ids that end a sequence (kept in its output); None = the model's eos ids
 
         Returns
@@ -135,7 +136,7 @@ class EagleEngine:
         :class:`GenerationResult` for one prompt, a list of them for a batch.
         """
         sampling = SamplingParams(temperature, top_p, top_k)
-        states, is_batch = self._start(input_ids, max_new_tokens, sampling, stop_token_ids)
+        states, is_batch = self._start(input_ids, max_new_tokens, stop_token_ids)
         timer = Timer(self.device)
         t0 = timer.now()
         capacity = max(len(s.prompt) + max(s.limit, 1) for s in states)
@@ -164,7 +165,7 @@ class EagleEngine:
         if self.draft is None:
             raise EagleError("generate() needs a draft head: load one with from_pretrained(base, draft_path)")
         sampling = SamplingParams(temperature, top_p, top_k)
-        states, is_batch = self._start(input_ids, max_new_tokens, sampling, stop_token_ids)
+        states, is_batch = self._start(input_ids, max_new_tokens, stop_token_ids)
         gens = make_generators(seed, len(states), self.device)
         timings = {"prefill_seconds": 0.0, "decode_seconds": 0.0}
         rounds = eagle_stream(
@@ -194,7 +195,7 @@ class EagleEngine:
         """EAGLE speculative decoding: the target's own output (greedy: identical tokens; sampling: the
         identical distribution), several tokens per target forward.
 
-        Parameters are those of :meth:`generate_vanilla`; ``seed`` may also be a list, one seed per prompt.
+        Parameters are those of :meth:`generate_vanilla`.
 
         Returns
         -------
