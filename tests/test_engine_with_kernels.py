@@ -29,9 +29,10 @@ def test_greedy_with_kernels_matches_transformers(tmp_path, arch, kind):
     path = save(hf, str(tmp_path / "target"))
     with eagle_kernels.reference_backend():
         head_dir = make_head_dir(EagleEngine.from_pretrained(path), kind, str(tmp_path / "head"))
-    probe = torch.zeros(1)
-    assert eagle_kernels.triton_enabled(probe.cuda() if torch.cuda.is_available() else probe)
-    engine = EagleEngine.from_pretrained(path, head_dir, tree=TreeConfig(total_tokens=12, depth=2, top_k=3))
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # kernels compiled on a GPU, interpreted on CPU
+    assert eagle_kernels.triton_enabled(torch.zeros(1, device=device))
+    tree = TreeConfig(total_tokens=12, depth=2, top_k=3)
+    engine = EagleEngine.from_pretrained(path, head_dir, device=device, tree=tree)
     prompts = random_prompts([5, 9], seed=6)
     eagle = engine.generate(prompts, NEW_TOKENS, stop_token_ids=[])
     vanilla = engine.generate_vanilla(prompts, NEW_TOKENS, stop_token_ids=[])

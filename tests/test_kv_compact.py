@@ -13,6 +13,12 @@ import eagle_kernels
 from eagle_kernels import _C_loader, reference
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+# Triton runs compiled on a GPU, else through the interpreter on CPU tensors (tests/conftest.py).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def on_triton_device(case):
+    return tuple(t.to(TRITON_DEVICE) for t in case)
 
 
 def triton_kv_compact():
@@ -88,7 +94,7 @@ def test_reference_known_answer_overlap():
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_triton_matches_reference(name, dtype):
     kv_compact_triton = triton_kv_compact()
-    cache, lengths, src, counts = make_case(*CASES[name], dtype=dtype)
+    cache, lengths, src, counts = on_triton_device(make_case(*CASES[name], dtype=dtype))
     expected = cache.clone()
     reference.kv_compact(expected, lengths, src, counts)
     kv_compact_triton(cache, lengths, src, counts)
@@ -101,7 +107,7 @@ def test_triton_odd_head_dim_many_rows(head_dim):
     gen = torch.Generator().manual_seed(0)
     lengths = [5, 0, 11]
     src_rows = [torch.randperm(63, generator=gen)[:9].tolist() for _ in lengths]
-    cache, lengths_t, src, counts = make_case(
+    case = make_case(
         lengths,
         src_rows,
         [9, 4, 7],
@@ -111,6 +117,7 @@ def test_triton_odd_head_dim_many_rows(head_dim):
         head_dim=head_dim,
         dtype=torch.bfloat16,
     )
+    cache, lengths_t, src, counts = on_triton_device(case)
     expected = cache.clone()
     reference.kv_compact(expected, lengths_t, src, counts)
     kv_compact_triton(cache, lengths_t, src, counts)
@@ -118,7 +125,7 @@ def test_triton_odd_head_dim_many_rows(head_dim):
 
 
 def test_dispatch_under_interpreter_uses_triton_and_matches():
-    cache, lengths, src, counts = make_case(*CASES["batch3_mixed"])
+    cache, lengths, src, counts = on_triton_device(make_case(*CASES["batch3_mixed"]))
     expected = cache.clone()
     reference.kv_compact(expected, lengths, src, counts)
     eagle_kernels.kv_compact(cache, lengths, src, counts)
