@@ -62,7 +62,9 @@ def read_texts(paths: list[str]) -> list[str]:
 def code_prompts(texts: list[str], n: int, chars: int = 400, seed: int = 0) -> list[str]:
     """``n`` prompts cut from ``texts``: ``chars`` characters ending at a line end, from seeded random spots.
 
-    Deterministic for a given ``seed``; files shorter than ``2 * chars`` are skipped.
+    The newline itself is left out: byte-level BPE merges a newline with the next line's indentation, so a
+    prompt ending in ``"\n"`` would force the continuation to start a top-level line. Deterministic for a
+    given ``seed``; files shorter than ``2 * chars`` are skipped.
     """
     if n < 1 or chars < 1:
         raise EagleError(f"need n >= 1 and chars >= 1, got n={n}, chars={chars}")
@@ -75,7 +77,7 @@ def code_prompts(texts: list[str], n: int, chars: int = 400, seed: int = 0) -> l
         text = pool[rng.randrange(len(pool))]
         end = rng.randrange(chars, len(text) - chars // 2)
         end = text.find("\n", end)
-        end = len(text) if end < 0 else end + 1
+        end = len(text) if end < 0 else end
         prompts.append(text[max(0, end - chars) : end])
     return prompts
 
@@ -97,9 +99,10 @@ def demo_paths() -> tuple[str, str]:
     return target, head
 
 
-DEMO_PROMPT = '''def fibonacci(n):
-    """Return the n-th Fibonacci number."""
-'''
+# No trailing newline (see code_prompts): the model writes the next line's indentation itself.
+DEMO_PROMPT = '''def read_lines(filename):
+    """Return the lines of *filename* as a list."""
+    with open(filename) as f:'''
 
 
 def run_demo(prompt: str | None = None, max_new_tokens: int = 128, tree="dynamic", device="cpu") -> dict:
