@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     gen.add_argument("--prompt", required=True, help="prompt text")
     gen.add_argument("--compare", action="store_true", help="also run vanilla decoding and compare")
+    gen.add_argument(
+        "--tree",
+        default="dynamic",
+        choices=("dynamic", "static", "chain"),
+        help="draft tree: EAGLE-2 dynamic (default: 60 nodes, depth 6, top-k 10), EAGLE-1 static, chain",
+    )
     _add_sampling_args(gen)
     _add_train_parser(sub)
     _add_demo_parser(sub)
@@ -67,7 +73,13 @@ def _add_demo_parser(sub) -> None:
     demo = sub.add_parser("demo", help="complete Python code with the embedded demo pair: EAGLE vs vanilla")
     demo.add_argument("--prompt", default=None, help="prompt text (default: a small Python snippet)")
     demo.add_argument("--max-new-tokens", type=int, default=128)
-    demo.add_argument("--tree", default="dynamic", choices=("dynamic", "static", "chain"))
+    demo.add_argument(
+        "--tree",
+        default="auto",
+        choices=("auto", "dynamic", "static", "chain"),
+        help="draft tree; auto (default): chain on CPU, where verifying a big tree costs as much compute as "
+        "decoding its tokens one by one, the EAGLE-2 dynamic tree on a GPU",
+    )
     demo.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
 
 
@@ -100,7 +112,9 @@ def cmd_generate(args) -> None:
         args.base, demo_head = demo_paths()
         args.draft = args.draft or demo_head
     tokenizer = load_tokenizer(args.base)
-    engine = EagleEngine.from_pretrained(args.base, args.draft, device=args.device, dtype=args.dtype)
+    engine = EagleEngine.from_pretrained(
+        args.base, args.draft, device=args.device, dtype=args.dtype, tree=args.tree
+    )
     ids = tokenizer(args.prompt, add_special_tokens=True)["input_ids"]
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     if args.draft is not None:
