@@ -19,6 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_common import dot as _dot
+from ._triton_common import interpreted, interpreter_needs_fp32_dot  # noqa: F401 (re-exported)
+
 # name -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); "small" for N <= 16 rows.
 FC_CONFIGS = {
     "small": (16, 32, 128, 4, 4),
@@ -36,26 +39,6 @@ LM_HEAD_CONFIGS = {
 }
 K_PAD_CHOICES = (1, 4, 16)  # tile-local top-K_PAD, K_PAD the smallest choice >= k
 MAX_TOPK = K_PAD_CHOICES[-1]
-
-
-def interpreted(kernel) -> bool:
-    """Whether ``kernel`` was built for Triton's interpreter (``TRITON_INTERPRET=1`` at import time)."""
-    return not isinstance(kernel, triton.runtime.JITFunction)
-
-
-def interpreter_needs_fp32_dot(kernel, dtype: torch.dtype) -> bool:
-    """Whether ``tl.dot`` operands must be upcast: bf16 in the interpreter (never on a GPU)."""
-    return dtype == torch.bfloat16 and interpreted(kernel)
-
-
-@triton.jit
-def _dot(a, b, FP32_DOT: tl.constexpr):
-    """``a @ b`` with fp32 accumulation; ``FP32_DOT`` upcasts the operands (only for Triton's interpreter,
-    whose ``tl.dot`` multiplies the raw bits of bf16 operands)."""
-    if FP32_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision="ieee")
 
 
 # ------------------------------------------------------------------------------------------- draft_fc

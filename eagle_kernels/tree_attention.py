@@ -27,6 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_common import dot as _dot
+from ._triton_common import interpreted, interpreter_needs_fp32_dot  # noqa: F401 (re-exported)
+
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by the number of flattened query rows per kv head, for 16-bit
 # inputs; fp32 inputs take half the key tile and two stages so that K/V buffers fit Hopper's 227 KiB of smem.
 ATTN_CONFIGS = {
@@ -46,16 +49,6 @@ MAX_SPLITS = 32
 DEFAULT_NUM_SMS = 132  # H100 SXM; used when the device cannot be asked (interpreter)
 LOG2E = 1.4426950408889634
 REDUCE_NUM_WARPS = 1
-
-
-@triton.jit
-def _dot(a, b, FP32_DOT: tl.constexpr):
-    """``a @ b`` with fp32 accumulation; ``FP32_DOT`` upcasts the operands (only for Triton's interpreter,
-    whose ``tl.dot`` multiplies the raw bits of bf16 operands)."""
-    if FP32_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision="ieee")
 
 
 @triton.jit
@@ -197,16 +190,6 @@ def _tree_attention_reduce_kernel(
 # ------------------------------------------------------------------------------------------ host side
 
 
-def interpreted(kernel) -> bool:
-    """Whether ``kernel`` was built for Triton's interpreter (``TRITON_INTERPRET=1`` at import time)."""
-    return not isinstance(kernel, triton.runtime.JITFunction)
-
-
-def interpreter_needs_fp32_dot(kernel, dtype: torch.dtype) -> bool:
-    """Whether ``tl.dot`` operands must be upcast: bf16 in the interpreter (never on a GPU)."""
-    return dtype == torch.bfloat16 and interpreted(kernel)
-
-
 def block_d_for(head_dim: int) -> int:
     """Padded head-dim tile: 64 for ``D <= 64``, 128 for ``D <= 128``."""
     for block_d in BLOCK_D_CHOICES:
@@ -334,7 +317,6 @@ def _tree_attention(q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None,
             BLOCK_D=block_d, num_warps=REDUCE_NUM_WARPS, num_stages=1,
         )
     return out
-
 
 
 def tree_attention(q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None, scale=None):
