@@ -33,3 +33,16 @@ def reference_ops():
 
     with eagle_kernels.reference_backend():
         yield
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Outputs and scratch that the kernels' host functions allocate with ``torch.empty`` start as NaN:
+    nothing unwritten can pass for a result."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() and t.device.type != "meta" else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)

@@ -21,17 +21,7 @@ if DEVICE == "cuda" and not torch.cuda.is_available():
     pytest.skip("triton was imported without TRITON_INTERPRET=1 and there is no GPU", allow_module_level=True)
 
 
-@pytest.fixture(autouse=True)
-def poison_empty(monkeypatch):
-    """Outputs and scratch the host functions allocate with ``torch.empty`` start as NaN: nothing unwritten
-    can pass for a result."""
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() and t.device.type != "meta" else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
+pytestmark = pytest.mark.usefixtures("poison_empty")
 
 BF16_ULP = 2.0**-7
 
