@@ -71,26 +71,6 @@ PRESETS = {
 }
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str):
-    """A byte-level BPE tokenizer (``<s>`` bos, ``</s>`` eos) trained on ``texts``, saved in HF format."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-    fast.save_pretrained(out_dir)
-    return fast
-
-
 def tokenize_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     """All ``texts`` as one long stream ``[N]``: each file starts with bos."""
     ids = []
@@ -115,7 +95,7 @@ def build_target(p: Preset, out_dir: str, device: str, seed: int) -> None:
 
     t0 = time.time()
     texts = demo.read_texts(demo.stdlib_files("train"))
-    tokenizer = train_tokenizer(texts, p.vocab_size, out_dir)
+    tokenizer = demo.train_tokenizer(texts, p.vocab_size, out_dir)
     stream = tokenize_stream(tokenizer, texts)
     print(
         f"tokenizer: {len(tokenizer)} tokens; corpus: {len(texts)} files, {stream.numel()} tokens "

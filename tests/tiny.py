@@ -121,20 +121,9 @@ def make_tokenizer(directory: str, vocab_size: int = VOCAB) -> None:
     import inspect
     import json
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from eagle_engine.demo import train_tokenizer
 
-    text = inspect.getsource(json) + inspect.getsource(warnings)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([text], trainer)
-    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-    fast.save_pretrained(directory)
+    train_tokenizer([inspect.getsource(json) + inspect.getsource(warnings)], vocab_size, directory)
 
 
 def make_head_dir(

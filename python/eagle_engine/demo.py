@@ -139,3 +139,25 @@ def run_demo(prompt: str | None = None, max_new_tokens: int = 128, tree="auto", 
     e_tps, v_tps = eagle.tokens_per_second, vanilla.tokens_per_second
     print(f"EAGLE {e_tps:.1f} tokens/s vs vanilla {v_tps:.1f} tokens/s: {speedup:.2f}x; outputs {same}")
     return {"eagle": eagle, "vanilla": vanilla, "speedup": speedup}
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | None = None):
+    """A byte-level BPE tokenizer (``<s>`` bos, ``</s>`` eos) trained on ``texts``; saved in Hugging Face
+    format to ``out_dir`` when given. Returns a ``transformers.PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    if out_dir is not None:
+        fast.save_pretrained(out_dir)
+    return fast
