@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.join(ROOT, "python"))
 sys.path.insert(0, ROOT)
 
 from eagle_engine import demo  # noqa: E402
+from eagle_engine.train import read_corpus  # noqa: E402
 
 
 @dataclass
@@ -94,7 +95,7 @@ def build_target(p: Preset, out_dir: str, device: str, seed: int) -> None:
     from tqdm import tqdm
 
     t0 = time.time()
-    texts = demo.read_texts(demo.stdlib_files("train"))
+    texts = read_corpus(demo.stdlib_files("train"))
     tokenizer = demo.train_tokenizer(texts, p.vocab_size, out_dir)
     stream = tokenize_stream(tokenizer, texts)
     print(

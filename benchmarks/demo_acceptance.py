@@ -26,6 +26,7 @@ from common import append_results, format_table  # noqa: E402
 
 from eagle_engine import EagleEngine, demo  # noqa: E402
 from eagle_engine.cli import load_tokenizer  # noqa: E402
+from eagle_engine.train import read_corpus  # noqa: E402
 
 
 def machine() -> str:
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     else:
         target_dir, head_dir = demo.demo_paths()
     tokenizer = load_tokenizer(target_dir)
-    texts = demo.read_texts(demo.stdlib_files("heldout"))
+    texts = read_corpus(demo.stdlib_files("heldout"))
     snippets = demo.code_prompts(texts, args.prompts, args.prompt_chars, seed=args.seed)
     prompts = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in snippets]
     engine = EagleEngine.from_pretrained(target_dir, head_dir, device=args.device, dtype=args.dtype)

@@ -50,16 +50,6 @@ def stdlib_files(split: str, root: str | None = None) -> list[str]:
     return [os.path.join(root, rel) for rel in chosen]
 
 
-def read_texts(paths: list[str]) -> list[str]:
-    """File contents (UTF-8, undecodable bytes replaced); empty files dropped."""
-    texts = []
-    for p in paths:
-        with open(p, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-        if text.strip():
-            texts.append(text)
-    return texts
-
 
 def code_prompts(texts: list[str], n: int, chars: int = 400, seed: int = 0) -> list[str]:
     """``n`` prompts cut from ``texts``: ``chars`` characters ending at a line end, from seeded random spots.
