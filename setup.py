@@ -15,10 +15,9 @@ CUDA_HOME / CUDA_PATH   : the CUDA toolkit root; otherwise found from the ``nvcc
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
-import shutil
-import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -35,31 +34,13 @@ def read_version() -> str:
 
 
 def find_cuda_home() -> str | None:
-    """Root of the CUDA toolkit: ``CUDA_HOME``/``CUDA_PATH``, else derived from the ``nvcc`` on ``PATH``.
-
-    ``nvcc`` may be a wrapper script outside the toolkit (so ``dirname(dirname(nvcc))`` is not the root);
-    ``nvcc --dryrun`` prints the toolkit's own ``TOP`` directory, which is authoritative.
-    """
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var) and os.path.isdir(os.environ[var]):
-            return os.environ[var]
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return None
-    candidate = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    if os.path.exists(os.path.join(candidate, "include", "cuda_runtime.h")):
-        return candidate
-    try:
-        # --dryrun only prints the commands nvcc would run, preceded by its environment (TOP=<root>).
-        command = [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull]
-        dry = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for line in (dry.stdout + dry.stderr).splitlines():
-        match = re.match(r"#\$ TOP=(.+)$", line.strip())
-        if match:
-            return os.path.realpath(match.group(1).strip())
-    return None
+    """The CUDA toolkit root, by ``eagle_kernels/_cuda_toolkit.py`` (loaded by path, since importing the
+    package would import torch)."""
+    path = os.path.join(ROOT, "eagle_kernels", "_cuda_toolkit.py")
+    spec = importlib.util.spec_from_file_location("_eagle_cuda_toolkit", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.find_cuda_home()
 
 
 def skip(reason: str) -> tuple[list, dict]:
