@@ -112,6 +112,9 @@ def test_bad_dtype_and_device(model_dir):
         (dict(top_k=-1), "top_k"),
         (dict(max_new_tokens=-1), "max_new_tokens"),
         (dict(input_ids=torch.tensor([[0.5]])), "integer tensor"),
+        (dict(input_ids=[1, 2.0]), "must be integers"),
+        (dict(input_ids=[1, True]), "must be integers"),
+        (dict(input_ids=[[1], ["a"]]), "must be integers"),
     ],
 )
 def test_bad_requests(engine, kwargs, match):
@@ -160,6 +163,15 @@ def test_cli_generate_eagle_compare(cli_model, capsys):
     out = capsys.readouterr().out
     assert out.startswith("import os") and "[eagle] 12 tokens" in out and "[vanilla] 12 tokens" in out
     assert "mean acceptance length: " in out
+
+
+def test_integer_like_token_ids_are_accepted(engine):
+    import numpy as np
+
+    expected = engine.generate_vanilla([1, 2, 3], 4, stop_token_ids=[]).tokens
+    assert engine.generate_vanilla(np.array([1, 2, 3]), 4, stop_token_ids=[]).tokens == expected
+    assert engine.generate_vanilla([np.int64(1), 2, torch.tensor(3)], 4, stop_token_ids=[]).tokens == expected
+    assert engine.generate_vanilla((1, 2, 3), 4, stop_token_ids=[]).tokens == expected
 
 
 def test_cli_reports_errors(tmp_path, capsys):

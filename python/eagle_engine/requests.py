@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -56,19 +57,21 @@ def normalize_prompts(input_ids, vocab_size: int, max_length: int) -> tuple[list
                 f"of shape {tuple(input_ids.shape)}"
             )
         input_ids = input_ids.tolist()
+    elif hasattr(input_ids, "tolist") and not isinstance(input_ids, (list, tuple)):  # e.g. a NumPy array
+        input_ids = input_ids.tolist()
     if not isinstance(input_ids, (list, tuple)):
         raise InvalidRequestError(
             f"input_ids must be a list of token ids or a list of such lists, got {type(input_ids).__name__}"
         )
     is_batch = len(input_ids) > 0 and all(isinstance(p, (list, tuple)) for p in input_ids)
-    prompts = [list(p) for p in input_ids] if is_batch else [list(input_ids)]
+    prompts = [_token_ids(p) for p in input_ids] if is_batch else [_token_ids(input_ids)]
     if not prompts:
         raise InvalidRequestError("empty batch of prompts")
     for i, prompt in enumerate(prompts):
         where = f"prompt {i}" if is_batch else "prompt"
         if not prompt:
             raise InvalidRequestError(f"{where} is empty")
-        bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
         if bad:
             raise InvalidRequestError(
                 f"{where} holds token id {bad[0]!r} outside the vocabulary [0, {vocab_size})"
@@ -79,6 +82,19 @@ def normalize_prompts(input_ids, vocab_size: int, max_length: int) -> tuple[list
                 f"{max_length}, leaving no room to generate"
             )
     return prompts, is_batch
+
+
+def _token_ids(prompt) -> list[int]:
+    """Python ints from integer-like ids (``int``, NumPy or 0-d torch integers); anything else is an error."""
+    ids = []
+    for t in prompt:
+        try:
+            if isinstance(t, bool):
+                raise TypeError
+            ids.append(operator.index(t))  # rejects floats, strings, lists
+        except TypeError:
+            raise InvalidRequestError(f"token ids must be integers, got {t!r}") from None
+    return ids
 
 
 def normalize_stop_ids(stop_token_ids: Iterable[int] | int | None, default: Iterable[int]) -> frozenset[int]:
