@@ -10,7 +10,7 @@ accepted tokens. Compared:
 
 Times are medians (20th/80th percentiles) of ``triton.testing.do_bench`` in microseconds; GB/s counts the
 accepted rows read and written; ``%bw`` compares with a measured large device-to-device copy. Results are
-appended as JSON lines with the device, date and commit.
+appended as JSON lines to ``benchmarks/results/kv_compact.json`` with the device, date and commit.
 
 Usage: ``python benchmarks/bench_kv_compact.py [--layers 32 80] [--batch 1 8] [--accepted 1 2 4 8]``
 """
@@ -18,14 +18,13 @@ Usage: ``python benchmarks/bench_kv_compact.py [--layers 32 80] [--batch 1 8] [-
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import subprocess
+import sys
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import append_results, bench, copy_bandwidth_gbs, device_name  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,33 +36,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--max-len", type=int, default=2048, help="cache rows per sequence")
     parser.add_argument("--tree", type=int, default=60, help="tree rows after the prefix")
-    parser.add_argument("--output", default=os.path.join(RESULTS_DIR, "kv_compact.jsonl"))
     return parser.parse_args(argv)
 
 
-def git_commit() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
-
-def bench_us(fn) -> tuple[float, float, float]:
-    """Median, 20th and 80th percentile of ``fn`` in microseconds."""
-    from triton.testing import do_bench
-
-    median, low, high = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-    return median * 1e3, low * 1e3, high * 1e3
-
-
-def copy_bandwidth_gbs(device: torch.device) -> float:
-    """Measured device-to-device copy bandwidth (read + write) over 1 GiB."""
-    src = torch.empty(1 << 29, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    median_us, _, _ = bench_us(lambda: dst.copy_(src))
-    return 2 * src.numel() * src.element_size() / (median_us * 1e-6) / 1e9
 
 
 def torch_loop_kv_compact(cache, lengths, src, counts_host: list[int]):
@@ -107,7 +83,8 @@ def run_case(args, layers: int, batch: int, accepted: int, copy_gbs: float) -> l
     moved = 2 * layers * 2 * batch * args.kv_heads * accepted * args.head_dim * cache.element_size()
     records, baseline_us = [], None
     for name, fn in impls.items():
-        median, low, high = bench_us(fn)
+        t = bench(fn)
+        median, low, high = t["median_us"], t["p20_us"], t["p80_us"]
         baseline_us = baseline_us or median
         gbs = moved / (median * 1e-6) / 1e9
         print(
@@ -128,9 +105,8 @@ def main(argv=None) -> int:
         return 0
     from eagle_kernels import _C_loader
 
-    copy_gbs = copy_bandwidth_gbs(torch.device("cuda"))
-    device_name = torch.cuda.get_device_name()
-    print(f"device: {device_name}  copy bandwidth: {copy_gbs:.0f} GB/s  CUDA op: {_C_loader.status()}")
+    copy_gbs = copy_bandwidth_gbs()
+    print(f"device: {device_name()}  copy bandwidth: {copy_gbs:.0f} GB/s  CUDA op: {_C_loader.status()}")
     print(f"{'layers':>6} {'batch':>5} {'acc':>3} {'impl':>10} {'median us':>10} {'p20':>8} {'p80':>8} "
           f"{'GB/s':>8} {'%bw':>5} {'speedup':>7}")  # fmt: skip
     records = []
@@ -139,16 +115,10 @@ def main(argv=None) -> int:
             for accepted in args.accepted:
                 records += run_case(args, layers, batch, accepted, copy_gbs)
                 torch.cuda.empty_cache()
-    meta = dict(
-        bench="kv_compact", device=device_name, commit=git_commit(), copy_gbs=copy_gbs, dtype="bfloat16",
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        kv_heads=args.kv_heads, head_dim=args.head_dim, max_len=args.max_len,
-    )  # fmt: skip
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "a") as f:
-        for record in records:
-            f.write(json.dumps({**meta, **record}) + "\n")
-    print(f"appended {len(records)} results to {args.output}")
+    meta = dict(copy_gbs=copy_gbs, dtype="bfloat16", kv_heads=args.kv_heads, head_dim=args.head_dim,
+                max_len=args.max_len)
+    path = append_results("kv_compact", [{**meta, **record} for record in records])
+    print(f"appended {len(records)} results to {path}")
     return 0
 
 

@@ -15,14 +15,13 @@ Usage: ``python benchmarks/bench_tree_verify.py [--batch 1 8] [--nodes 60] [--vo
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import subprocess
+import sys
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import append_results, bench, device_name  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,25 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--depth", type=int, default=6, help="tree depth below the root")
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--skip-reference", action="store_true", help="time the kernels only")
-    parser.add_argument("--output", default=os.path.join(RESULTS_DIR, "tree_verify.jsonl"))
     return parser.parse_args(argv)
 
 
-def git_commit() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        command = ["git", "-C", here, "rev-parse", "--short", "HEAD"]
-        return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def bench_us(fn) -> tuple[float, float, float]:
-    """Median, 20th and 80th percentile of ``fn`` in microseconds."""
-    from triton.testing import do_bench
-
-    median, low, high = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-    return median * 1e3, low * 1e3, high * 1e3
 
 
 def layered_parents(nodes: int, depth: int, gen: torch.Generator) -> list[int]:
@@ -90,8 +73,7 @@ def main(argv=None) -> int:
         return 0
     from eagle_kernels import _C_loader, reference
 
-    device_name = torch.cuda.get_device_name()
-    print(f"device: {device_name}  CUDA op: {_C_loader.status()}")
+    print(f"device: {device_name()}  CUDA op: {_C_loader.status()}")
     print(f"{'batch':>5} {'mode':>9} {'impl':>10} {'median us':>10} {'p20':>9} {'p80':>9} {'speedup':>8}")
     records = []
     for batch in args.batch:
@@ -115,7 +97,8 @@ def main(argv=None) -> int:
                     name == "reference" and args.skip_reference
                 ):
                     continue
-                times[name] = bench_us(fn)
+                t = bench(fn)
+                times[name] = (t["median_us"], t["p20_us"], t["p80_us"])
             for name, (median, low, high) in times.items():
                 speedup = times["reference"][0] / median if "reference" in times else float("nan")
                 print(
@@ -126,15 +109,9 @@ def main(argv=None) -> int:
                     dict(batch=batch, mode=mode, impl=name, median_us=median, p20_us=low, p80_us=high,
                          speedup_vs_reference=speedup)
                 )  # fmt: skip
-    meta = dict(
-        bench="tree_verify", device=device_name, commit=git_commit(), nodes=args.nodes, depth=args.depth,
-        vocab=args.vocab, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    )  # fmt: skip
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "a") as f:
-        for record in records:
-            f.write(json.dumps({**meta, **record}) + "\n")
-    print(f"appended {len(records)} results to {args.output}")
+    meta = dict(nodes=args.nodes, depth=args.depth, vocab=args.vocab)
+    path = append_results("tree_verify", [{**meta, **record} for record in records])
+    print(f"appended {len(records)} results to {path}")
     return 0
 
 
