@@ -94,7 +94,7 @@ setup(
     include_package_data=True,
     install_requires=["torch", "numpy", "safetensors", "transformers", "tokenizers"],
     extras_require={"triton": ["triton"], "test": ["pytest"]},
-    entry_points={"console_scripts": ["eagle = eagle_engine.cli:main"]},
+    entry_points={"console_scripts": ["eagle = eagle_engine.tools.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

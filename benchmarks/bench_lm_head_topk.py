@@ -2,7 +2,7 @@
 
 Defaults: H = 4096, V = 32000 (Llama-2) and 128256 (Llama-3), N = 1, 10 and 60 rows, k = 10, bf16. Compared:
 
-- ``triton``: :func:`eagle_kernels.draft_head.lm_head_topk` (logits never written; per-tile top-k and
+- ``triton``: :func:`eagle_kernels.lm_head_topk.lm_head_topk` (logits never written; per-tile top-k and
   log-sum-exp partials merged by a few torch ops);
 - ``torch``: ``torch.topk(torch.log_softmax((hidden @ weight.T).float(), -1), k)`` (what a plain head does);
 - ``read_weights``: one pass over the lm_head weights (``weight.sum()``), the floor for a memory-bound head;
@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_case(args, vocab: int, rows: int, copy_gbs: float) -> list[dict]:
     import torch
 
-    dh = importlib.import_module("eagle_kernels.draft_head")
+    dh = importlib.import_module("eagle_kernels.lm_head_topk")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     hidden = torch.randn(rows, args.hidden, dtype=dtype, device=DEVICE)
     weight = torch.randn(vocab, args.hidden, dtype=dtype, device=DEVICE) * args.hidden**-0.5

@@ -34,8 +34,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "python"))
 sys.path.insert(0, ROOT)
 
-from eagle_engine import demo  # noqa: E402
-from eagle_engine.train import read_corpus  # noqa: E402
+from eagle_engine.tools import corpus, demo  # noqa: E402
+from eagle_engine.tools.corpus import read_corpus  # noqa: E402
 
 
 @dataclass
@@ -95,7 +95,7 @@ def build_target(p: Preset, out_dir: str, device: str, seed: int) -> None:
     from tqdm import tqdm
 
     t0 = time.time()
-    texts = read_corpus(demo.stdlib_files("train"))
+    texts = read_corpus(corpus.stdlib_files("train"))
     tokenizer = demo.train_tokenizer(texts, p.vocab_size, out_dir)
     stream = tokenize_stream(tokenizer, texts)
     print(
@@ -152,11 +152,11 @@ def build_target(p: Preset, out_dir: str, device: str, seed: int) -> None:
 def build_head(p: Preset, target_dir: str, out_dir: str, work_dir: str, device: str, seed: int) -> dict:
     """Stage 2: train the EAGLE-1/2 head (the ``eagle train-draft`` workflow); save it fp16 in ``out_dir``."""
     from eagle_engine.models import load_target
-    from eagle_engine.models.draft import load_draft, save_draft
-    from eagle_engine.train import DraftTrainJob, train_draft
+    from eagle_engine.models.loading import load_draft, save_draft
+    from eagle_engine.tools.train import DraftTrainJob, train_draft
 
-    train_files = demo.stdlib_files("train")
-    eval_files = demo.stdlib_files("heldout")
+    train_files = corpus.stdlib_files("train")
+    eval_files = corpus.stdlib_files("heldout")
     job = DraftTrainJob(
         base=target_dir,
         corpus=train_files,

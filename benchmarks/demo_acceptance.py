@@ -24,9 +24,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import append_results, format_table  # noqa: E402
 
-from eagle_engine import EagleEngine, demo  # noqa: E402
-from eagle_engine.cli import load_tokenizer  # noqa: E402
-from eagle_engine.train import read_corpus  # noqa: E402
+from eagle_engine import EagleEngine, demo_paths  # noqa: E402
+from eagle_engine.tools import corpus  # noqa: E402
+from eagle_engine.tools.common import load_tokenizer  # noqa: E402
+from eagle_engine.tools.corpus import read_corpus  # noqa: E402
 
 
 def machine() -> str:
@@ -67,10 +68,10 @@ def main(argv=None) -> int:
     if args.pair:
         target_dir, head_dir = os.path.join(args.pair, "target"), os.path.join(args.pair, "head")
     else:
-        target_dir, head_dir = demo.demo_paths()
+        target_dir, head_dir = demo_paths()
     tokenizer = load_tokenizer(target_dir)
-    texts = read_corpus(demo.stdlib_files("heldout"))
-    snippets = demo.code_prompts(texts, args.prompts, args.prompt_chars, seed=args.seed)
+    texts = read_corpus(corpus.stdlib_files("heldout"))
+    snippets = corpus.code_prompts(texts, args.prompts, args.prompt_chars, seed=args.seed)
     prompts = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in snippets]
     engine = EagleEngine.from_pretrained(target_dir, head_dir, device=args.device, dtype=args.dtype)
     engine.generate_vanilla(prompts[0], 8)  # warm-up

@@ -19,11 +19,14 @@ from . import reference
 from .reference import causal_tree_mask, pack_tree_mask, unpack_tree_mask
 
 try:  # Triton kernels, loaded before the public functions below so that their names rebind to the functions
-    from . import draft_head as _draft_head_triton
+    from . import draft_fc as _draft_fc_triton
     from . import kv_compact as _kv_compact_triton
+    from . import lm_head_topk as _lm_head_topk_triton
+    from . import rms_norm as _rms_norm_triton
     from . import tree_attention as _tree_attention_triton
 except ImportError:  # no triton: these ops run the reference
-    _draft_head_triton = _kv_compact_triton = _tree_attention_triton = None
+    _draft_fc_triton = _kv_compact_triton = _lm_head_topk_triton = _rms_norm_triton = None
+    _tree_attention_triton = None
 
 HAS_TRITON = _tree_attention_triton is not None
 
@@ -67,15 +70,15 @@ def tree_attention(q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None, 
 
 def rms_norm(x, weight, eps):
     """RMSNorm. Contract: :func:`eagle_kernels.reference.rms_norm`."""
-    if _draft_head_triton is not None and triton_enabled(x):
-        return _draft_head_triton.rms_norm(x, weight, eps)
+    if _rms_norm_triton is not None and triton_enabled(x):
+        return _rms_norm_triton.rms_norm(x, weight, eps)
     return reference.rms_norm(x, weight, eps)
 
 
 def add_rms_norm(x, residual, weight, eps):
     """Residual add + RMSNorm. Contract: :func:`eagle_kernels.reference.add_rms_norm`."""
-    if _draft_head_triton is not None and triton_enabled(x) and residual.dtype == x.dtype:
-        return _draft_head_triton.add_rms_norm(x, residual, weight, eps)
+    if _rms_norm_triton is not None and triton_enabled(x) and residual.dtype == x.dtype:
+        return _rms_norm_triton.add_rms_norm(x, residual, weight, eps)
     return reference.add_rms_norm(x, residual, weight, eps)
 
 
@@ -107,17 +110,17 @@ def kv_compact(cache, lengths, src, counts):
 
 def draft_fc(token_ids, embed_weight, features, fc_weight, fc_bias=None):
     """EAGLE-1/2 head input projection. Contract: :func:`eagle_kernels.reference.draft_fc`."""
-    if (_draft_head_triton is not None and triton_enabled(features)
+    if (_draft_fc_triton is not None and triton_enabled(features)
             and embed_weight.dtype == features.dtype == fc_weight.dtype):
-        return _draft_head_triton.draft_fc(token_ids, embed_weight, features, fc_weight, fc_bias)
+        return _draft_fc_triton.draft_fc(token_ids, embed_weight, features, fc_weight, fc_bias)
     return reference.draft_fc(token_ids, embed_weight, features, fc_weight, fc_bias)
 
 
 def lm_head_topk(hidden, weight, k):
     """Top-k log-probs over the vocabulary. Contract: :func:`eagle_kernels.reference.lm_head_topk`."""
-    if (_draft_head_triton is not None and triton_enabled(hidden) and k <= _draft_head_triton.MAX_TOPK
+    if (_lm_head_topk_triton is not None and triton_enabled(hidden) and k <= _lm_head_topk_triton.MAX_TOPK
             and weight.dtype == hidden.dtype):
-        return _draft_head_triton.lm_head_topk(hidden, weight, k)
+        return _lm_head_topk_triton.lm_head_topk(hidden, weight, k)
     return reference.lm_head_topk(hidden, weight, k)
 
 

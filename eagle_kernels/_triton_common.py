@@ -25,3 +25,15 @@ def dot(a, b, FP32_DOT: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision="ieee")
+
+
+def aot_signature(kernel, constexprs: dict, types: dict) -> dict:
+    """Triton signature for AOT compilation: ``types`` by argument name, ``i32`` for other scalars."""
+    return {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
+
+
+def aot_variant(kernel, constexprs, types, num_warps, num_stages) -> dict:
+    """One launch variant for the AOT compile test (``kernel, signature, constexprs, num_warps,
+    num_stages``)."""
+    return dict(kernel=kernel, constexprs=constexprs, signature=aot_signature(kernel, constexprs, types),
+                num_warps=num_warps, num_stages=num_stages)

@@ -12,11 +12,19 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernels on CPU tensors
 
+import importlib  # noqa: E402
+
 import pytest  # noqa: E402
 
-from eagle_kernels import draft_head, reference  # noqa: E402
+from eagle_kernels import reference  # noqa: E402
+from eagle_kernels._triton_common import interpreted  # noqa: E402
 
-DEVICE = "cpu" if draft_head.interpreted(draft_head._rms_norm_kernel) else "cuda"
+# The modules (the package's attributes of these names are the dispatching functions).
+draft_fc, lm_head_topk, rms_norm = (
+    importlib.import_module(f"eagle_kernels.{name}") for name in ("draft_fc", "lm_head_topk", "rms_norm")
+)
+
+DEVICE = "cpu" if interpreted(rms_norm._rms_norm_kernel) else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():
     pytest.skip("triton was imported without TRITON_INTERPRET=1 and there is no GPU", allow_module_level=True)
 
@@ -62,7 +70,7 @@ def test_draft_fc(n, bias, dtype):
     b = randn(hidden, generator=g) if bias else None
     ref32 = reference.draft_fc(ids, emb, feat, w, b)
     cast = [t.to(dtype) if t is not None else None for t in (emb, feat, w, b)]
-    out = draft_head.draft_fc(ids, *cast)
+    out = draft_fc.draft_fc(ids, *cast)
     assert out.shape == (n, hidden) and out.dtype == dtype and not torch.isnan(out).any()
     if dtype == torch.float32:
         torch.testing.assert_close(out, ref32, atol=2e-5, rtol=1e-5)
@@ -81,7 +89,7 @@ def test_draft_fc_int32_ids_and_distinct_widths():
     w = randn(33, 64, generator=g)
     b = randn(33, generator=g)
     expected = torch.nn.functional.linear(torch.cat([emb[ids.long()], feat], -1), w, b)
-    torch.testing.assert_close(draft_head.draft_fc(ids, emb, feat, w, b), expected, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(draft_fc.draft_fc(ids, emb, feat, w, b), expected, atol=2e-5, rtol=1e-5)
 
 
 # -------------------------------------------------------------------------------------------- RMSNorm
@@ -95,8 +103,8 @@ def test_rms_norm(hidden, dtype):
     x = (randn(3, 5, hidden, generator=g) * 3).to(dtype)
     residual = randn(3, 5, hidden, generator=g).to(dtype)
     weight = (rand(hidden, generator=g) + 0.5).to(dtype)
-    out = draft_head.rms_norm(x, weight, 1e-6)
-    normed, h = draft_head.add_rms_norm(x, residual, weight, 1e-6)
+    out = rms_norm.rms_norm(x, weight, 1e-6)
+    normed, h = rms_norm.add_rms_norm(x, residual, weight, 1e-6)
     ref = reference.rms_norm(x, weight, 1e-6)
     ref_normed, ref_h = reference.add_rms_norm(x, residual, weight, 1e-6)
     assert out.shape == x.shape and out.dtype == dtype and normed.dtype == dtype and h.dtype == dtype
@@ -120,7 +128,7 @@ def test_rms_norm_fp32_weight_strided_rows():
     base = randn(4, 2, 64, generator=g).to(torch.bfloat16)
     x = base[:, 1]  # rows with stride 128
     weight = rand(64, generator=g) + 0.5
-    torch.testing.assert_close(draft_head.rms_norm(x, weight, 1e-5), reference.rms_norm(x, weight, 1e-5),
+    torch.testing.assert_close(rms_norm.rms_norm(x, weight, 1e-5), reference.rms_norm(x, weight, 1e-5),
                                atol=1e-2, rtol=2 * BF16_ULP)
 
 
@@ -128,7 +136,7 @@ def test_rms_norm_fp32_weight_strided_rows():
 
 
 def check_topk(hidden, weight, k, block_v=None):
-    values, indices = draft_head._lm_head_topk(hidden, weight, k, block_v=block_v)
+    values, indices = lm_head_topk._lm_head_topk(hidden, weight, k, block_v=block_v)
     n = hidden.shape[0]
     assert values.shape == (n, k) and values.dtype == torch.float32
     assert indices.shape == (n, k) and indices.dtype == torch.int64
@@ -172,11 +180,11 @@ def test_lm_head_topk_ties():
     weight = randn(300, 32, generator=g)
     weight[200] = weight[5]
     hidden = weight[5:6].clone() * 4  # row 5 (and its twin 200) dominate
-    values, indices = draft_head.lm_head_topk(hidden, weight, 2)
+    values, indices = lm_head_topk.lm_head_topk(hidden, weight, 2)
     assert set(indices[0].tolist()) == {5, 200}
     torch.testing.assert_close(values[0, 0], values[0, 1])
     with pytest.raises(ValueError):
-        draft_head.lm_head_topk(hidden, weight, 17)
+        lm_head_topk.lm_head_topk(hidden, weight, 17)
 
 
 def test_dispatch_runs_the_kernels(monkeypatch):
@@ -186,9 +194,10 @@ def test_dispatch_runs_the_kernels(monkeypatch):
     if DEVICE == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     calls = []
-    for name in ("draft_fc", "rms_norm", "add_rms_norm", "lm_head_topk"):
-        spy = (lambda f, n: lambda *a, **kw: calls.append(n) or f(*a, **kw))(getattr(draft_head, name), name)
-        monkeypatch.setattr(draft_head, name, spy)
+    modules = dict(draft_fc=draft_fc, rms_norm=rms_norm, add_rms_norm=rms_norm, lm_head_topk=lm_head_topk)
+    for name, module in modules.items():
+        spy = (lambda f, n: lambda *a, **kw: calls.append(n) or f(*a, **kw))(getattr(module, name), name)
+        monkeypatch.setattr(module, name, spy)
     g = gen(13)
     x = randn(3, 32, generator=g)
     w = rand(32, generator=g)

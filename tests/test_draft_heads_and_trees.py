@@ -9,8 +9,9 @@ from safetensors.torch import load_file, save_file
 from tiny import make_hf_model, save
 
 from eagle_engine import DraftMismatchError, EagleEngine, InvalidRequestError, ModelLoadError
-from eagle_engine.models.draft import init_random_head, load_draft, save_draft
-from eagle_engine.tree import MC_SIM_7B_63, DraftTree, TreeConfig, build_tree
+from eagle_engine.models.draft import init_random_head
+from eagle_engine.models.loading import load_draft, save_draft
+from eagle_engine.spec.tree import MC_SIM_7B_63, DraftTree, TreeConfig, build_tree
 
 pytestmark = pytest.mark.usefixtures("reference_ops")
 

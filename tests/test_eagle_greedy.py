@@ -18,8 +18,8 @@ from tiny import (
 )
 
 from eagle_engine import EagleEngine
-from eagle_engine.models.draft import save_draft
-from eagle_engine.tree import TreeConfig
+from eagle_engine.models.loading import save_draft
+from eagle_engine.spec.tree import TreeConfig
 
 NEW_TOKENS = 200
 
@@ -157,10 +157,10 @@ def test_caches_equal_a_recompute_from_scratch_after_every_round(agreeing):
     """After the prefill and every round: the target cache holds a fresh prefill's K/V of the committed tokens
     (compaction moved the right rows), and the draft's state equals the head run from scratch over the
     committed pairs (its cache is in step with the target's)."""
-    from eagle_engine.prefill import pad_prompts
-    from eagle_engine.requests import SequenceState
-    from eagle_engine.sampling import SamplingParams, make_generators
-    from eagle_engine.speculative import EagleRun
+    from eagle_engine.engine.prefill import pad_prompts
+    from eagle_engine.engine.runner import EagleRun
+    from eagle_engine.engine.sequence import SequenceState
+    from eagle_engine.spec.sampling import SamplingParams, make_generators
 
     _, path, head_dir, prompts = agreeing
     engine = EagleEngine.from_pretrained(path, head_dir)

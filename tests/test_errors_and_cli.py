@@ -16,7 +16,7 @@ from eagle_engine import (
     ModelLoadError,
     UnsupportedModelError,
 )
-from eagle_engine.cli import main
+from eagle_engine.tools.cli import main
 
 pytestmark = pytest.mark.usefixtures("reference_ops")  # the engine on the reference ops (fast)
 

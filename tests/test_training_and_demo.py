@@ -11,10 +11,11 @@ import torch
 from tiny import make_hf_model, make_tokenizer, save
 
 from eagle_engine import EagleEngine, EagleError
-from eagle_engine.cli import main
 from eagle_engine.models import load_target
-from eagle_engine.models.draft import init_random_head, load_draft, save_draft
-from eagle_engine.train import (
+from eagle_engine.models.draft import init_random_head
+from eagle_engine.models.loading import load_draft, save_draft
+from eagle_engine.tools.cli import main
+from eagle_engine.tools.train import (
     DraftTrainJob,
     TrainConfig,
     TrainingInputError,
@@ -146,10 +147,10 @@ def test_train_draft_command_end_to_end(model_dir, corpus, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def demo(reference_ops):
-    from eagle_engine.demo import demo_paths
+    from eagle_engine.tools.demo import demo_paths
 
     target_dir, head_dir = demo_paths()
-    from eagle_engine.cli import load_tokenizer
+    from eagle_engine.tools.common import load_tokenizer
 
     return EagleEngine.from_pretrained(target_dir, head_dir), load_tokenizer(target_dir)
 
@@ -173,7 +174,7 @@ def test_demo_command(capsys):
 
 
 def test_demo_paths_name_missing_data(monkeypatch, tmp_path):
-    import eagle_engine.demo as demo_module
+    import eagle_engine.tools.demo as demo_module
 
     monkeypatch.setattr(demo_module.resources, "files", lambda _: tmp_path)
     with pytest.raises(EagleError, match="demo model is missing"):

@@ -16,7 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-MODULES = ["eagle_kernels.tree_attention", "eagle_kernels.draft_head"]
+MODULES = [
+    "eagle_kernels.tree_attention",
+    "eagle_kernels.draft_fc",
+    "eagle_kernels.rms_norm",
+    "eagle_kernels.lm_head_topk",
+]
 DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 HOPPER_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
 WORKERS = 2
@@ -96,8 +101,8 @@ def allowed_launches(module):
     return allowed
 
 
-def record(monkeypatch, module):
-    log = []
+def record(monkeypatch, module, log=None):
+    log = [] if log is None else log
     for name in dir(module):
         if name.startswith("_") and name.endswith("_kernel"):
             monkeypatch.setattr(module, name, Recorder(name, log))
@@ -125,9 +130,13 @@ def test_tree_attention_dispatch_uses_listed_variants(monkeypatch):
 
 
 def test_draft_head_dispatch_uses_listed_variants(monkeypatch):
-    dh = importlib.import_module("eagle_kernels.draft_head")
-    allowed = allowed_launches(dh)
-    log = record(monkeypatch, dh)
+    fc, rms, lm = (
+        importlib.import_module(f"eagle_kernels.{m}") for m in ("draft_fc", "rms_norm", "lm_head_topk")
+    )
+    allowed = {d: set().union(*(allowed_launches(m)[d] for m in (fc, rms, lm))) for d in DTYPES.values()}
+    log = []
+    for module in (fc, rms, lm):
+        record(monkeypatch, module, log)
     meta = dict(device="meta")
     for dtype, name in DTYPES.items():
         for n in (1, 16, 17, 60, 300):
@@ -136,10 +145,10 @@ def test_draft_head_dispatch_uses_listed_variants(monkeypatch):
                 x = torch.empty(n, h, dtype=dtype, **meta)
                 w = torch.empty(h, dtype=dtype, **meta)
                 log.clear()
-                dh.draft_fc(ids, torch.empty(100, h, dtype=dtype, **meta), x,
+                fc.draft_fc(ids, torch.empty(100, h, dtype=dtype, **meta), x,
                             torch.empty(h, 2 * h, dtype=dtype, **meta), w if n % 2 else None)
-                dh.rms_norm(x, w, 1e-6)
-                dh.add_rms_norm(x, x, w, 1e-6)
-                for k in range(1, dh.MAX_TOPK + 1):
-                    dh.lm_head_topk(x, torch.empty(1000, h, dtype=dtype, **meta), k)
+                rms.rms_norm(x, w, 1e-6)
+                rms.add_rms_norm(x, x, w, 1e-6)
+                for k in range(1, lm.MAX_TOPK + 1):
+                    lm.lm_head_topk(x, torch.empty(1000, h, dtype=dtype, **meta), k)
                 assert log and set(log) <= allowed[name], (name, n, h, log)

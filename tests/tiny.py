@@ -121,7 +121,7 @@ def make_tokenizer(directory: str, vocab_size: int = VOCAB) -> None:
     import inspect
     import json
 
-    from eagle_engine.demo import train_tokenizer
+    from eagle_engine.tools.demo import train_tokenizer
 
     train_tokenizer([inspect.getsource(json) + inspect.getsource(warnings)], vocab_size, directory)
 
@@ -130,7 +130,8 @@ def make_head_dir(
     engine, kind: str, directory: str, fmt: str = "safetensors", seed: int = 0, std: float = 0.1
 ) -> str:
     """A random EAGLE head of ``kind`` for ``engine``'s target, saved in the official format."""
-    from eagle_engine.models.draft import init_random_head, save_draft
+    from eagle_engine.models.draft import init_random_head
+    from eagle_engine.models.loading import save_draft
 
     return save_draft(init_random_head(kind, engine.target, seed=seed, std=std), directory, fmt)
 
@@ -140,7 +141,7 @@ def train_agreeing_head(
 ):
     """Train a head on the target's own greedy text so that it agrees often; returns (head, prompts)."""
     from eagle_engine.models.draft import init_random_head
-    from eagle_engine.train import TrainConfig, train_head
+    from eagle_engine.tools.train import TrainConfig, train_head
 
     prompts = random_prompts([4] * num_prompts, seed=seed, vocab=engine.target.config.vocab_size)
     outs = engine.generate_vanilla(prompts, length, stop_token_ids=[])

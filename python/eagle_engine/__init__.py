@@ -4,16 +4,18 @@
 """
 
 from .engine import EagleEngine
+from .engine.sequence import GenerationResult
 from .errors import (
     CheckpointMismatchError,
     DraftMismatchError,
     EagleError,
     InvalidRequestError,
     ModelLoadError,
+    TrainingInputError,
     UnsupportedModelError,
 )
-from .requests import GenerationResult
-from .sampling import SamplingParams
+from .spec import SamplingParams, TreeConfig
+from .tools.demo import demo_paths
 
 __version__ = "0.1.0"
 
@@ -21,10 +23,13 @@ __all__ = [
     "EagleEngine",
     "GenerationResult",
     "SamplingParams",
+    "TreeConfig",
+    "demo_paths",
     "EagleError",
     "ModelLoadError",
     "UnsupportedModelError",
     "CheckpointMismatchError",
     "DraftMismatchError",
     "InvalidRequestError",
+    "TrainingInputError",
 ]

@@ -23,3 +23,7 @@ class DraftMismatchError(EagleError):
 
 class InvalidRequestError(EagleError, ValueError):
     """A generation request is malformed: empty prompt, bad token id, bad sampling parameter, too long."""
+
+
+class TrainingInputError(EagleError, ValueError):
+    """A training job's inputs are unusable: empty corpus, bad settings, unwritable output."""

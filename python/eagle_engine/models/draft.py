@@ -10,22 +10,15 @@ Both heads expose one interface to the engine:
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 from torch import nn
 
 import eagle_kernels as ops
 
-from ..errors import DraftMismatchError, ModelLoadError
+from ..errors import DraftMismatchError
 from ..kv_cache import KVCache
-from .config import ModelConfig, read_json
+from .config import ModelConfig
 from .llama import MLP, Attention, LlamaModel, RMSNorm, rotary_table
-from .weights import iter_checkpoint, load_into
-
-# The official loader tries pytorch_model.bin first.
-HEAD_WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
 
 
 def head_config(raw: dict, target: ModelConfig) -> ModelConfig:
@@ -163,18 +156,6 @@ class Eagle3Head(_DraftHead):
         return logprobs.view(*hidden.shape[:-1], k), target_ids.view(*hidden.shape[:-1], k)
 
 
-# ------------------------------------------------------------------------------------------ loading
-
-
-def detect_kind(keys: set[str], raw: dict) -> str:
-    """``"eagle3"`` when the checkpoint has ``midlayer.*`` keys (or a draft vocabulary), else ``"eagle1"``."""
-    if any(k.startswith("midlayer.") for k in keys) or "draft_vocab_size" in raw:
-        return "eagle3"
-    if any(k.startswith("layers.0.") for k in keys):
-        return "eagle1"
-    raise ModelLoadError("not an EAGLE head: no layers.0.* (EAGLE-1/2) or midlayer.* (EAGLE-3) weights")
-
-
 def build_head(kind: str, raw: dict, target: LlamaModel, state_keys: set[str] | None = None) -> _DraftHead:
     """An empty head of ``kind`` shaped by the head config ``raw`` and checked against ``target``."""
     tcfg = target.config
@@ -204,104 +185,6 @@ def build_head(kind: str, raw: dict, target: LlamaModel, state_keys: set[str] | 
         )
     draft_vocab = int(raw.get("draft_vocab_size") or raw.get("vocab_size") or tcfg.vocab_size)
     return Eagle3Head(cfg, tcfg.vocab_size, draft_vocab, target_hidden)
-
-
-def load_draft(draft_dir: str, target: LlamaModel, *, device=None, dtype=None) -> _DraftHead:
-    """Load an official-format EAGLE head (``config.json`` + ``pytorch_model.bin`` or ``model.safetensors``).
-
-    The kind is told apart by keys; the embedding (and for EAGLE-1/2 the lm_head) come from the target when
-    the head has none. Raises :class:`DraftMismatchError` naming both sizes when it does not fit the target.
-    """
-    if not os.path.isdir(draft_dir):
-        raise ModelLoadError(f"draft head directory not found: {draft_dir}")
-    raw = read_json(os.path.join(draft_dir, "config.json"), "draft head config")
-    tensors = dict(iter_checkpoint(draft_dir, HEAD_WEIGHT_FILES))
-    kind = detect_kind(set(tensors), raw)
-    emb = target.model.embed_tokens.weight
-    device = emb.device if device is None else device
-    dtype = emb.dtype if dtype is None else dtype
-    with torch.device("meta"):
-        head = build_head(kind, raw, target, set(tensors))
-    head = head.to_empty(device=device).to(dtype)
-    for name in ("d2t", "t2d"):  # integer/bool buffers keep their dtypes
-        if hasattr(head, name):
-            setattr(head, name, getattr(head, name).to(torch.long if name == "d2t" else torch.bool))
-    optional = {"cos_sin"}
-    if "embed_tokens.weight" not in tensors:
-        if emb.shape != head.embed_tokens.weight.shape:
-            raise DraftMismatchError(
-                f"draft head embedding {tuple(head.embed_tokens.weight.shape)} does not fit "
-                f"the target's {tuple(emb.shape)}"
-            )
-        head.embed_tokens.weight.data = emb.data
-        head.owns_embedding = False
-        optional.add("embed_tokens.weight")
-    load_into(
-        head, iter(tensors.items()), ignore=lambda k: k.endswith("rotary_emb.inv_freq"), optional=optional
-    )
-    if kind == "eagle1":
-        head.lm_head_weight = target.lm_head_weight.detach()  # shared, not owned
-    else:
-        check_vocab_maps(head, target.config.vocab_size)
-    head.cos_sin = rotary_table(head.config, device)
-    return head.eval().requires_grad_(False)
-
-
-def check_vocab_maps(head: Eagle3Head, target_vocab: int) -> None:
-    mapped = torch.arange(head.d2t.numel(), device=head.d2t.device) + head.d2t
-    if bool((mapped < 0).any() or (mapped >= target_vocab).any()):
-        raise DraftMismatchError(
-            f"EAGLE-3 d2t maps draft ids outside the target vocabulary of {target_vocab}"
-        )
-
-
-def save_draft(head: _DraftHead, directory: str, fmt: str = "safetensors") -> str:
-    """Write ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``) in the official format."""
-    os.makedirs(directory, exist_ok=True)
-    cfg = head.config
-    raw = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_act": "silu",
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": 1,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope.theta,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "vocab_size": head.embed_tokens.num_embeddings,
-        "qkv_bias": cfg.attention_bias,
-    }
-    if cfg.rope.rope_type != "default":
-        raw["rope_scaling"] = {
-            "rope_type": cfg.rope.rope_type,
-            "factor": cfg.rope.factor,
-            "low_freq_factor": cfg.rope.low_freq_factor,
-            "high_freq_factor": cfg.rope.high_freq_factor,
-            "original_max_position_embeddings": cfg.rope.original_max_position_embeddings,
-        }
-    if isinstance(head, Eagle1Head):
-        raw["bias"] = head.fc.bias is not None
-    else:
-        raw["draft_vocab_size"] = head.lm_head.out_features
-        raw["target_hidden_size"] = head.fc.in_features // 3
-    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    if not head.owns_embedding:
-        state.pop("embed_tokens.weight")
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(raw, f, indent=2)
-    if fmt == "safetensors":
-        from safetensors.torch import save_file
-
-        save_file(state, os.path.join(directory, "model.safetensors"))
-    elif fmt == "bin":
-        torch.save(state, os.path.join(directory, "pytorch_model.bin"))
-    else:
-        raise ValueError(f"unknown format {fmt!r}: use 'safetensors' or 'bin'")
-    return directory
 
 
 def init_random_head(

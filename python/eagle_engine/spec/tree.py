@@ -18,7 +18,7 @@ import torch
 
 import eagle_kernels as ops
 
-from .errors import InvalidRequestError
+from ..errors import InvalidRequestError
 
 # EAGLE-1's default static tree (SafeAILab/EAGLE v1 model/choices.py): 25 nodes + root, depth 5.
 MC_SIM_7B_63 = (

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from .errors import EagleError
-from .models import LlamaModel, load_target
-from .models.weights import resolve_dtype
+from ..errors import EagleError
+from ..models import LlamaModel, load_target
+from ..models.weights import resolve_dtype
+from ..spec.sampling import SamplingParams, make_generators, sample_tokens
+from ..spec.tree import TreeConfig
+from .inputs import check_max_new_tokens, normalize_prompts, normalize_stop_ids
 from .prefill import pad_prompts, prefill
-from .requests import (
-    SequenceState,
-    Timer,
-    check_max_new_tokens,
-    normalize_prompts,
-    normalize_stop_ids,
-)
-from .sampling import SamplingParams, make_generators, sample_tokens
-from .speculative import eagle_stream
-from .tree import TreeConfig
+from .runner import eagle_stream
+from .sequence import SequenceState, Timer
 
 
 def resolve_tree(tree) -> TreeConfig:
@@ -83,7 +78,7 @@ class EagleEngine:
         target = load_target(base_path, device=dev, dtype=dt)
         draft = None
         if draft_path is not None:
-            from .models.draft import load_draft
+            from ..models.loading import load_draft
 
             draft = load_draft(draft_path, target, device=dev, dtype=dt)
         return cls(target, draft, tree)

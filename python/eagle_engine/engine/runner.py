@@ -16,12 +16,12 @@ import torch
 
 import eagle_kernels as ops
 
-from .models.llama import ForwardOutput, LlamaModel
+from ..models.llama import ForwardOutput, LlamaModel
+from ..spec.sampling import SamplingParams
+from ..spec.tree import TreeConfig, build_tree
+from ..spec.verify import verify_tree
 from .prefill import prefill
-from .requests import SequenceState, Timer
-from .sampling import SamplingParams
-from .tree import TreeConfig, build_tree
-from .verify import verify_tree
+from .sequence import SequenceState, Timer
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .kv_cache import KVCache
-from .models.llama import ForwardOutput, LlamaModel
-from .requests import SequenceState
-from .sampling import SamplingParams, sample_tokens
+from ..kv_cache import KVCache
+from ..models.llama import ForwardOutput, LlamaModel
+from ..spec.sampling import SamplingParams, sample_tokens
+from .sequence import SequenceState
 
 
 def pad_prompts(states: list[SequenceState], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,9 +23,10 @@ import torch.nn.functional as F
 
 import eagle_kernels as ops
 
-from .errors import EagleError
-from .models.draft import Eagle1Head, Eagle3Head
-from .models.llama import LlamaModel
+from ..errors import TrainingInputError
+from ..models.draft import Eagle1Head, Eagle3Head
+from ..models.llama import LlamaModel
+from .corpus import code_prompts, read_corpus
 
 
 @dataclass
@@ -182,10 +183,6 @@ def train_head(
 # ------------------------------------------------------------------------------------- the workflow
 
 
-class TrainingInputError(EagleError, ValueError):
-    """Bad input to ``eagle train-draft``: a missing or empty corpus, bad sizes or steps."""
-
-
 @dataclass
 class DraftTrainJob:
     """One ``eagle train-draft`` run: train a head for ``base`` on the text files ``corpus``; write it to
@@ -237,19 +234,6 @@ class DraftTrainJob:
         )  # fmt: skip
 
 
-def read_corpus(paths: list[str]) -> list[str]:
-    """The non-empty texts of ``paths`` (UTF-8, undecodable bytes replaced)."""
-    texts = []
-    for path in paths:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-        if text.strip():
-            texts.append(text)
-    if not texts:
-        raise TrainingInputError(f"the corpus is empty ({len(paths)} file(s), no text)")
-    return texts
-
-
 def make_sequences(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
     """Tokenize ``texts`` (each preceded by bos when the tokenizer has one) into one stream and cut it into
     non-overlapping rows: long ``[N, seq_len]``."""
@@ -266,7 +250,7 @@ def make_sequences(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
 
 def save_checkpoint(head, optimizer, step: int, losses: list[float], directory: str) -> None:
     """Head (official format) + ``trainer_state.pt`` (step, optimizer state, losses), replaced atomically."""
-    from .models.draft import save_draft
+    from ..models.loading import save_draft
 
     tmp = directory + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -280,7 +264,7 @@ def save_checkpoint(head, optimizer, step: int, losses: list[float], directory: 
 
 def load_checkpoint(directory: str, target: LlamaModel, cfg: TrainConfig):
     """``(head, optimizer, step, losses)`` from :func:`save_checkpoint`'s directory."""
-    from .models.draft import load_draft
+    from ..models.loading import load_draft
 
     head = load_draft(directory, target, dtype=torch.float32)
     state = torch.load(f"{directory}/trainer_state.pt", map_location=target.lm_head_weight.device)
@@ -291,7 +275,6 @@ def load_checkpoint(directory: str, target: LlamaModel, cfg: TrainConfig):
 
 def evaluate_acceptance(engine, tokenizer, texts: list[str], job: DraftTrainJob) -> dict:
     """Greedy EAGLE on ``job.eval_prompts`` prompts cut from ``texts``: the mean acceptance length."""
-    from .demo import code_prompts
 
     prompts = code_prompts(texts, job.eval_prompts, job.eval_prompt_chars, seed=job.seed)
     rounds, new_tokens, seconds = [], 0, 0.0
@@ -316,10 +299,11 @@ def train_draft(job: DraftTrainJob) -> dict:
     """The ``eagle train-draft`` workflow (see :class:`DraftTrainJob`); returns what ``eval.json`` holds."""
     from tqdm import tqdm
 
-    from .cli import load_tokenizer
-    from .engine import EagleEngine, resolve_device
-    from .models import load_target
-    from .models.draft import init_random_head, load_draft, save_draft
+    from ..engine.engine import EagleEngine, resolve_device
+    from ..models import load_target
+    from ..models.draft import init_random_head
+    from ..models.loading import load_draft, save_draft
+    from .common import load_tokenizer
 
     device = resolve_device(job.device)
     tokenizer = load_tokenizer(job.base)

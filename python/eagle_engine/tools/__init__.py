@@ -1,0 +1,1 @@
+"""The `eagle` command and what it runs: the demo, draft-head training, corpora."""
