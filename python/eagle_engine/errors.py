@@ -17,12 +17,20 @@ class CheckpointMismatchError(EagleError):
     """A checkpoint's tensors do not fit its config (missing, unexpected or misshapen weights)."""
 
 
+class NonFiniteWeightsError(CheckpointMismatchError):
+    """A checkpoint tensor holds NaN or infinite values (or overflows the dtype it is loaded in)."""
+
+
 class DraftMismatchError(EagleError):
     """A draft head does not fit its target model (hidden size, vocabulary, head dims)."""
 
 
 class InvalidRequestError(EagleError, ValueError):
     """A generation request is malformed: empty prompt, bad token id, bad sampling parameter, too long."""
+
+
+class InvalidDeviceError(EagleError, ValueError):
+    """A device that is malformed, of an unsupported type, or not present on this machine."""
 
 
 class TrainingInputError(EagleError, ValueError):
