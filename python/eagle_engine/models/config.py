@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
@@ -51,6 +52,14 @@ class ConfigReader:
 
     def fail(self, name: str, rule: str, value) -> None:
         raise UnsupportedModelError(f"{self.where}: field {name!r} must be {rule}, got {value!r}")
+
+    @contextlib.contextmanager
+    def naming_file(self):
+        """Prefix this file's name to the :class:`UnsupportedModelError` of a cross-field check."""
+        try:
+            yield
+        except UnsupportedModelError as e:
+            raise UnsupportedModelError(f"{self.where}: {e}") from None
 
     def get(self, name: str, default=_ABSENT):
         value = self.cfg.get(name)
@@ -229,7 +238,7 @@ class ModelConfig:
             sliding = 0
         vocab_size = r.int("vocab_size")
         attention_bias = r.flag("attention_bias")
-        return cls(
+        fields = dict(
             model_type=model_type,
             vocab_size=vocab_size,
             hidden_size=hidden,
@@ -249,6 +258,8 @@ class ModelConfig:
             sliding_window=sliding or None,
             eos_token_ids=r.token_ids("eos_token_id", vocab_size),
         )
+        with r.naming_file():  # the cross-field checks of __post_init__
+            return cls(**fields)
 
 
 def parse_rope(r: ConfigReader) -> RopeConfig:
@@ -273,7 +284,8 @@ def parse_rope(r: ConfigReader) -> RopeConfig:
     k = "original_max_position_embeddings"
     if merged.get(k) is not None:
         kwargs[k] = check_int(merged[k], origin[k], r.where, hi=INT_LIMITS[k])
-    return RopeConfig(theta=theta, rope_type=rope_type, **kwargs)
+    with r.naming_file():
+        return RopeConfig(theta=theta, rope_type=rope_type, **kwargs)
 
 
 def read_json(path: str, what: str) -> dict:
