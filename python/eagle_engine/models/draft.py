@@ -159,10 +159,22 @@ class Eagle3Head(_DraftHead):
         return logprobs.view(*hidden.shape[:-1], k), target_ids.view(*hidden.shape[:-1], k)
 
 
+def check_head_config(raw: dict, target: ModelConfig) -> ModelConfig:
+    """Type- and range-check every field of a head's ``config.json`` (any kind) before its weights are read;
+    returns the head's model config. Errors are :class:`UnsupportedModelError` naming the file and field."""
+    cfg = head_config(raw, target)
+    reader = ConfigReader(raw, HEAD_CONFIG)
+    reader.flag("bias", True)
+    reader.int("target_hidden_size", target.hidden_size)
+    reader.int("draft_vocab_size", cfg.vocab_size)
+    return cfg
+
+
 def build_head(kind: str, raw: dict, target: LlamaModel, state_keys: set[str] | None = None) -> _DraftHead:
     """An empty head of ``kind`` shaped by the head config ``raw`` and checked against ``target``."""
     tcfg = target.config
-    cfg = head_config(raw, tcfg)
+    cfg = check_head_config(raw, tcfg)
+    reader = ConfigReader(raw, HEAD_CONFIG)
     has_embedding = state_keys is not None and "embed_tokens.weight" in state_keys
     if cfg.hidden_size != tcfg.hidden_size and not (kind == "eagle3" and has_embedding):
         raise DraftMismatchError(
@@ -175,12 +187,11 @@ def build_head(kind: str, raw: dict, target: LlamaModel, state_keys: set[str] | 
                 f"draft head vocab_size {cfg.vocab_size} does not fit the target's "
                 f"vocab_size {tcfg.vocab_size}"
             )
-        return Eagle1Head(cfg, fc_bias=ConfigReader(raw, HEAD_CONFIG).flag("bias", True))
+        return Eagle1Head(cfg, fc_bias=reader.flag("bias", True))
     if tcfg.num_hidden_layers < 3:
         raise DraftMismatchError(
             f"an EAGLE-3 head needs a target of >= 3 layers, got {tcfg.num_hidden_layers}"
         )
-    reader = ConfigReader(raw, HEAD_CONFIG)
     target_hidden = reader.int("target_hidden_size", tcfg.hidden_size)
     if target_hidden != tcfg.hidden_size:
         raise DraftMismatchError(
