@@ -10,7 +10,8 @@ class ModelLoadError(EagleError):
 
 
 class UnsupportedModelError(EagleError):
-    """The checkpoint's architecture or one of its options is not implemented."""
+    """The checkpoint's architecture or one of its options is not implemented, or a config field has the wrong
+    type or lies outside its range (the message names the file and the field)."""
 
 
 class CheckpointMismatchError(EagleError):

@@ -233,9 +233,9 @@ class ModelConfig:
                 "and no head_dim is given"
             )
         head_dim = r.int("head_dim", hidden // heads)
-        sliding = r.int("sliding_window", 0, lo=0)
-        if model_type in ("qwen2", "qwen3") and not r.flag("use_sliding_window"):
-            sliding = 0
+        sliding = 0  # Qwen configs carry a sliding_window that only use_sliding_window turns on
+        if model_type not in ("qwen2", "qwen3") or r.flag("use_sliding_window"):
+            sliding = r.int("sliding_window", 0, lo=0)
         vocab_size = r.int("vocab_size")
         attention_bias = r.flag("attention_bias")
         fields = dict(
