@@ -39,7 +39,16 @@ class TreeConfig:
     code, paths hold up to ``depth + 1`` draft tokens. ``kind="static"`` (EAGLE-1): the fixed tree of
     ``choices`` (paths of child ranks, default ``mc_sim_7b_63``). ``kind="chain"``: one path of ``depth + 1``
     tokens (a dynamic tree with ``top_k = 1``).
+
+    Bounds, checked before anything is allocated: ``top_k`` (and static child ranks + 1) ``<= MAX_TOP_K``
+    (64; the Triton LM-head top-k kernel serves k <= 16, larger k takes the torch path); nodes per round,
+    root included, ``<= MAX_TOKENS`` (1024: the tree mask and both KV caches reserve that many rows per
+    sequence); ``depth < MAX_TREE_DEPTH``. Integer fields accept NumPy integers and reject bools and floats.
+    Errors are :class:`InvalidRequestError` naming the field; :meth:`from_dict` also names unknown keys.
     """
+
+    MAX_TOP_K = 64  # plain class attributes, not fields
+    MAX_TOKENS = 1024
 
     kind: str = "dynamic"
     total_tokens: int = 60
@@ -47,35 +56,92 @@ class TreeConfig:
     top_k: int = 10
     choices: tuple[tuple[int, ...], ...] = field(default=MC_SIM_7B_63)
 
+    @classmethod
+    def from_dict(cls, d) -> "TreeConfig":
+        """A tree from a dict of fields (JSON, the CLI, a server request); unknown keys are errors."""
+        from collections.abc import Mapping
+        from dataclasses import fields
+
+        if not isinstance(d, Mapping):
+            raise InvalidRequestError(f"a tree must be given as a dict of fields, got {type(d).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = [k for k in d if k not in known]
+        if unknown:
+            raise InvalidRequestError(
+                f"unknown tree field(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}"
+            )
+        return cls(**d)
+
     def __post_init__(self):
-        if self.kind not in ("dynamic", "static", "chain"):
+        if not isinstance(self.kind, str) or self.kind not in ("dynamic", "static", "chain"):
             raise InvalidRequestError(f"tree kind must be dynamic, static or chain, got {self.kind!r}")
-        if self.kind == "chain":
-            object.__setattr__(self, "top_k", 1)
-            object.__setattr__(self, "total_tokens", self.depth + 2)
+        for name in ("total_tokens", "depth", "top_k"):
+            object.__setattr__(self, name, self._int(getattr(self, name), f"tree {name}"))
+        self._check_choices()  # every field is type-checked, whatever the kind
         if self.kind == "static":
-            self._check_choices()
             return
         if not 0 <= self.depth < MAX_TREE_DEPTH:
             raise InvalidRequestError(f"tree depth must be in [0, {MAX_TREE_DEPTH}), got {self.depth}")
-        if self.top_k < 1:
-            raise InvalidRequestError(f"top_k must be >= 1, got {self.top_k}")
-        most = 1 + self.top_k + self.depth * self.top_k**2
+        if self.kind == "chain":
+            object.__setattr__(self, "top_k", 1)
+            object.__setattr__(self, "total_tokens", self.depth + 2)
+        if not 1 <= self.top_k <= self.MAX_TOP_K:
+            raise InvalidRequestError(f"tree top_k must be in [1, {self.MAX_TOP_K}], got {self.top_k}")
+        most = min(1 + self.top_k + self.depth * self.top_k**2, self.MAX_TOKENS)
         if not 2 <= self.total_tokens <= most:
             raise InvalidRequestError(
-                f"total_tokens must be in [2, {most}] for depth {self.depth} and top_k "
-                f"{self.top_k}, got {self.total_tokens}"
+                f"tree total_tokens must be in [2, {most}] for depth {self.depth} and top_k "
+                f"{self.top_k} (never above {self.MAX_TOKENS}), got {self.total_tokens}"
             )
 
+    @staticmethod
+    def _int(value, what: str) -> int:
+        """``value`` as an int (NumPy integers too); bools, floats and strings are errors naming ``what``."""
+        import operator
+
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            return operator.index(value)
+        except TypeError:
+            raise InvalidRequestError(f"{what} must be an integer, got {value!r}") from None
+
     def _check_choices(self):
-        paths = {tuple(c) for c in self.choices}
-        if not paths or len(paths) != len(self.choices):
-            raise InvalidRequestError("static tree choices must be a non-empty list of distinct paths")
+        import reprlib
+        from collections.abc import Sequence
+
+        choices = self.choices
+        if isinstance(choices, (str, bytes)) or not isinstance(choices, Sequence) or not choices:
+            raise InvalidRequestError(
+                f"static tree choices must be a non-empty sequence of paths, got {reprlib.repr(choices)}"
+            )
+        if len(choices) + 1 > self.MAX_TOKENS:
+            raise InvalidRequestError(
+                f"static tree choices hold {len(choices)} paths; a tree has at most {self.MAX_TOKENS} nodes "
+                "including the root"
+            )
+        rule = (
+            f"each path in static tree choices must be a non-empty sequence of child ranks (integers in "
+            f"[0, {self.MAX_TOP_K})) shorter than {MAX_TREE_DEPTH}"
+        )
+        paths = []
+        for path in choices:
+            ok = not isinstance(path, (str, bytes)) and isinstance(path, Sequence)
+            ok = ok and 0 < len(path) < MAX_TREE_DEPTH
+            try:
+                ranks = tuple(self._int(rank, "choices") for rank in path) if ok else ()
+            except InvalidRequestError:
+                ranks = ()
+            if not ranks or not all(0 <= rank < self.MAX_TOP_K for rank in ranks):
+                raise InvalidRequestError(f"{rule}, got {reprlib.repr(path)}")
+            paths.append(ranks)
+        unique = set(paths)
+        if len(unique) != len(paths):
+            raise InvalidRequestError("static tree choices must be distinct paths")
         for path in paths:
-            if not path or min(path) < 0 or len(path) >= MAX_TREE_DEPTH:
-                raise InvalidRequestError(f"bad static tree path {list(path)}")
-            if len(path) > 1 and path[:-1] not in paths:
+            if len(path) > 1 and path[:-1] not in unique:
                 raise InvalidRequestError(f"static tree path {list(path)} lacks its parent {list(path[:-1])}")
+        object.__setattr__(self, "choices", tuple(paths))
 
     @property
     def num_nodes(self) -> int:
