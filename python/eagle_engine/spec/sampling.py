@@ -7,7 +7,6 @@ host round trip (what a CUDA graph needs).
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -124,19 +123,6 @@ def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tens
     nonzero_from_end = (probs > 0).flip(-1).to(torch.int8)
     last_nonzero = probs.shape[-1] - 1 - torch.argmax(nonzero_from_end, dim=-1, keepdim=True)
     return torch.minimum(idx, last_nonzero).squeeze(1)
-
-
-def check_seed(seed) -> int:
-    """A seed as a Python int in the int64 range (NumPy integers accepted)."""
-    try:
-        if isinstance(seed, bool):
-            raise TypeError
-        value = operator.index(seed)
-    except TypeError:
-        raise InvalidRequestError(f"seed must be an integer, got {seed!r}") from None
-    if not -(2**63) <= value < 2**63:
-        raise InvalidRequestError(f"seed must fit in 64 bits ([-2**63, 2**63)), got {value}")
-    return value
 
 
 def uniforms(seeds: torch.Tensor, offsets: torch.Tensor, n: int) -> torch.Tensor:

@@ -7,8 +7,8 @@ public API on any device (a CPU too), so that a test can hold the line and a ben
   and what it does inside (its CPU reference here) is not counted; ops that are plain torch code on a GPU
   too (``pack_tree_mask`` ...) are counted op by op.
 - Host synchronisations: reading a device value (``aten._local_scalar_dense``: ``.item()``, ``int()``,
-  ``bool()``), ``.tolist()``, ``.numpy()``, ``.cpu()`` of a non-CPU tensor, ``torch.tensor(data, device=...)``,
-  and explicit CUDA synchronisation.
+  ``bool()``), ``.tolist()``, ``.numpy()``, ``.cpu()`` of a non-CPU tensor,
+  ``torch.tensor(data, device=...)``, and explicit CUDA synchronisation.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ KERNEL_LAUNCHES = {
     "rotary_store_kv": 1,
     "counter_uniform": 1,
 }
-_FREE_OPS = {"empty", "empty_strided", "detach", "alias", "lift_fresh", "_local_scalar_dense", "set_", "resize_"}
+# Allocations and metadata: no kernel runs.
+_FREE_OPS = {"empty", "empty_strided", "detach", "alias", "lift_fresh", "_unsafe_view", "set_", "resize_"}
 
 
 @dataclass
