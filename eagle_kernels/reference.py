@@ -213,6 +213,85 @@ def kv_compact(cache: torch.Tensor, lengths: torch.Tensor, src: torch.Tensor, co
     view[batch_idx[valid], dst_rows[valid]] = rows[valid]
 
 
+def rotary_store_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rows: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Attention input step: optional per-head RMSNorm of q and k (Qwen3), rotary embedding, K/V cache write.
+
+    Parameters
+    ----------
+    q : ``[B, T, Hq, D]``; k, v : ``[B, T, Hkv, D]`` (views of one fused qkv output are fine)
+    positions : int ``[B, T]``; cos_sin : fp32 ``[P, D]`` as in :func:`rotary_embedding`
+    k_cache, v_cache : ``[B, Hkv, S, D]`` (may be strided views); rows : int ``[B]``: new row ``t`` of
+        sequence ``b`` goes to cache row ``rows[b] + t``
+    q_norm_weight, k_norm_weight : ``[D]`` or ``None``: :func:`rms_norm` over head_dim before the rotation
+    eps : the RMSNorm epsilon
+
+    Returns
+    -------
+    the rotated q, a new contiguous ``[B, T, Hq, D]`` in ``q.dtype``; the rotated k and the raw v are written
+    into the caches in place.
+    """
+    if q_norm_weight is not None:
+        q = rms_norm(q, q_norm_weight, eps)
+    if k_norm_weight is not None:
+        k = rms_norm(k, k_norm_weight, eps)
+    q_rot, k_rot = rotary_embedding(q, k, positions, cos_sin)
+    store_kv(k_cache, v_cache, k_rot, v, rows)
+    return q_rot.contiguous()
+
+
+# ------------------------------------------------------------------------------------------- sampling
+
+_SPLITMIX_GAMMA = 0x9E3779B97F4A7C15
+_SPLITMIX_M1 = 0xBF58476D1CE4E5B9
+_SPLITMIX_M2 = 0x94D049BB133111EB
+
+
+def _as_int64(c: int) -> int:
+    """An unsigned 64-bit constant as the signed int64 with the same bits."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's ``>>`` is arithmetic: mask off the copied sign bits)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def counter_uniform(seeds: torch.Tensor, offsets: torch.Tensor, n: int) -> torch.Tensor:
+    """Counter-based uniforms in ``[0, 1)`` (SplitMix64); no generator state, bit-exact with the kernel.
+
+    Element ``(b, i)``: ``z = seeds[b] + (offsets[b] + i + 1) * 0x9E3779B97F4A7C15`` (mod 2^64), then
+    ``z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9``, ``z = (z ^ (z >> 27)) * 0x94D049BB133111EB``,
+    ``z = z ^ (z >> 31)`` (logical shifts, mod 2^64), and ``u = (z >> 40) * 2^-24``.
+
+    Parameters
+    ----------
+    seeds, offsets : int64 ``[B]``; n : draws per row
+
+    Returns
+    -------
+    fp32 ``[B, n]``.
+    """
+    i = torch.arange(int(n), dtype=torch.int64, device=seeds.device).view(1, -1)
+    counter = offsets.to(torch.int64).view(-1, 1) + i + 1
+    z = seeds.to(torch.int64).view(-1, 1) + counter * _as_int64(_SPLITMIX_GAMMA)  # int64 multiply wraps
+    z = (z ^ _shr(z, 30)) * _as_int64(_SPLITMIX_M1)
+    z = (z ^ _shr(z, 27)) * _as_int64(_SPLITMIX_M2)
+    z = z ^ _shr(z, 31)
+    return _shr(z, 40).to(torch.float32) * 2.0**-24
+
+
 # ---------------------------------------------------------------------------------------- draft head
 
 
@@ -362,6 +441,8 @@ __all__ = [
     "rotary_embedding",
     "silu_mul",
     "store_kv",
+    "rotary_store_kv",
+    "counter_uniform",
     "kv_compact",
     "draft_fc",
     "lm_head_topk",
