@@ -46,11 +46,11 @@ def _rotary_store_kv_kernel(
     cos = tl.load(cs_ptr + pos * stride_cs + offs, mask=ok, other=0.0).to(tl.float32)
     sin = tl.load(cs_ptr + pos * stride_cs + half + offs, mask=ok, other=0.0).to(tl.float32)
     is_q = head < Hq
+    hk = head - Hq  # the kv head, for head >= Hq
     if is_q:
         src = q_ptr + b * stride_qb + t * stride_qt + head * stride_qh
         w_ptr = qw_ptr
     else:
-        hk = head - Hq
         src = k_ptr + b * stride_kb + t * stride_kt + hk * stride_kh
         w_ptr = kw_ptr
     io_dtype = q_ptr.dtype.element_ty

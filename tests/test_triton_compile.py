@@ -153,7 +153,9 @@ def test_draft_head_dispatch_uses_listed_variants(monkeypatch):
                 rms.rms_norm(x, w, 1e-6)
                 rms.add_rms_norm(x, x, w, 1e-6)
                 for k in range(1, lm.MAX_TOPK + 1):
+                    before = len(log)
                     lm.lm_head_topk(x, torch.empty(1000, h, dtype=dtype, **meta), k)
+                    assert len(log) == before + 2  # the tile kernel and the merge kernel, nothing else
                 assert log and set(log) <= allowed[name], (name, n, h, log)
 
 
