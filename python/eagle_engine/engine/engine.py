@@ -122,6 +122,17 @@ class EagleEngine:
         """The runner :meth:`generate` uses (EAGLE rounds with a draft head, else vanilla steps)."""
         return self._runner(self.draft is not None)
 
+    @property
+    def draft(self):
+        """The draft head (None: vanilla only). Setting another one rebuilds the EAGLE runner's caches."""
+        return self._draft
+
+    @draft.setter
+    def draft(self, head) -> None:
+        self._draft = head
+        if hasattr(self, "_runners"):
+            self._runners.pop(True, None)
+
     def _runner(self, speculative: bool) -> Runner:
         if speculative not in self._runners:
             head = self.draft if speculative else None
