@@ -67,7 +67,8 @@ def counter_uniform(seeds, offsets, n):
 def compile_variants(dtype: str) -> list[dict]:
     """The launch variant (one, whatever ``dtype``: the inputs are int64 and the output fp32)."""
     types = {"seed_ptr": "*i64", "offset_ptr": "*i64", "out_ptr": "*fp32"}
-    return [aot_variant(_counter_uniform_kernel, dict(BLOCK_N=BLOCK_N), types, NUM_WARPS, 1)]
+    return [aot_variant(_counter_uniform_kernel, dict(BLOCK_N=BLOCK_N), types, NUM_WARPS, 1,
+                        divisible=("n",))]
 
 
 __all__ = ["counter_uniform", "compile_variants"]

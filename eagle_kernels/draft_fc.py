@@ -118,7 +118,8 @@ def compile_variants(dtype: str) -> list[dict]:
     out = []
     for block_m, block_n, block_k, num_warps, num_stages in FC_CONFIGS.values():
         cx = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FP32_DOT=False)
-        out.append(aot_variant(_draft_fc_kernel, cx, types, num_warps, num_stages))
+        out.append(aot_variant(_draft_fc_kernel, cx, types, num_warps, num_stages,
+                               divisible=("E", "F", "H_out")))
     return out
 
 

@@ -192,11 +192,12 @@ def compile_variants(dtype: str) -> list[dict]:
     for block_r, block_v, block_h, num_warps, num_stages in LM_HEAD_CONFIGS.values():
         for k_pad in K_PAD_CHOICES:
             cx = dict(K_PAD=k_pad, BLOCK_R=block_r, BLOCK_V=block_v, BLOCK_H=block_h, FP32_DOT=False)
-            out.append(aot_variant(_lm_head_topk_kernel, cx, types, num_warps, num_stages))
+            out.append(aot_variant(_lm_head_topk_kernel, cx, types, num_warps, num_stages,
+                                   divisible=("V", "H")))
     merge_types = {"cand_val_ptr": "*fp32", "cand_idx_ptr": "*i32", "tile_max_ptr": "*fp32",
                    "tile_sum_ptr": "*fp32", "out_val_ptr": "*fp32", "out_idx_ptr": "*i64"}
     out.append(aot_variant(_lm_head_topk_merge_kernel, dict(BLOCK=MERGE_BLOCK), merge_types,
-                           MERGE_NUM_WARPS, 1))
+                           MERGE_NUM_WARPS, 1, divisible=("num_cand",)))
     return out
 
 

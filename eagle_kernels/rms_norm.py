@@ -125,7 +125,7 @@ def compile_variants(dtype: str) -> list[dict]:
     for block_h, num_warps in RMS_CONFIGS.values():
         for has_res in (False, True):
             out.append(aot_variant(_rms_norm_kernel, dict(HAS_RESIDUAL=has_res, BLOCK_H=block_h), types,
-                                   num_warps, 1))
+                                   num_warps, 1, divisible=("H",)))
     return out
 
 

@@ -161,7 +161,8 @@ def compile_variants(dtype: str) -> list[dict]:
         for q_norm in (False, True):
             for k_norm in (False, True):
                 cx = dict(HAS_Q_NORM=q_norm, HAS_K_NORM=k_norm, BLOCK_HALF=block_half)
-                out.append(aot_variant(_rotary_store_kv_kernel, cx, types, _num_warps(block_half), 1))
+                out.append(aot_variant(_rotary_store_kv_kernel, cx, types, _num_warps(block_half), 1,
+                                       divisible=("half", "S", "Hq")))
     return out
 
 

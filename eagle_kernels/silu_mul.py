@@ -74,7 +74,7 @@ def compile_variants(dtype: str) -> list[dict]:
     """Every launch variant the dispatch can choose for ``dtype`` (``"fp16"``, ``"bf16"`` or ``"fp32"``)."""
     p = f"*{dtype}"
     types = {"gate_ptr": p, "up_ptr": p, "out_ptr": p}
-    return [aot_variant(_silu_mul_kernel, dict(BLOCK_I=BLOCK_I), types, NUM_WARPS, 1)]
+    return [aot_variant(_silu_mul_kernel, dict(BLOCK_I=BLOCK_I), types, NUM_WARPS, 1, divisible=("n_cols",))]
 
 
 __all__ = ["silu_mul", "compile_variants"]

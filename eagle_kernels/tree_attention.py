@@ -27,13 +27,17 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_common import aot_variant, interpreted, interpreter_needs_fp32_dot  # noqa: F401 (re-exported)
 from ._triton_common import dot as _dot
-from ._triton_common import interpreted, interpreter_needs_fp32_dot  # noqa: F401 (re-exported)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by the number of flattened query rows per kv head, for 16-bit
 # inputs; fp32 inputs take half the key tile and two stages so that K/V buffers fit Hopper's 227 KiB of smem.
+# Shared memory compiled for sm_90 with the JIT's launch hints (aligned pointers, D and strides multiples of
+# 16), BLOCK_D = 128: small 104448 B (fp16/bf16) / 77888 B (fp32), at most half of 227 KiB so that two decode
+# CTAs share an SM (the former (16, 128, 4, 3) took 139264 B: one CTA per SM); medium 116736 / 73984 B,
+# large 135168 / 115200 B. Without the hints Triton cannot pipeline the K/V loads (24576-65536 B).
 ATTN_CONFIGS = {
-    "small": (16, 128, 4, 3),  # Tq * group <= 16: decode, small trees
+    "small": (16, 64, 4, 4),  # Tq * group <= 16: decode, small trees
     "medium": (64, 64, 4, 3),  # Tq * group <= 64
     "large": (128, 64, 8, 3),  # prefill, big trees
 }
@@ -48,6 +52,7 @@ SPLIT_MIN_CHUNK = 256  # keys per split at least
 MAX_SPLITS = 32
 DEFAULT_NUM_SMS = 132  # H100 SXM; used when the device cannot be asked (interpreter)
 LOG2E = 1.4426950408889634
+DECODE_MAX_SHARED = 232448 // 2  # bytes: the "small" configs leave room for a second CTA on a Hopper SM
 REDUCE_NUM_WARPS = 1
 
 
@@ -339,11 +344,6 @@ def tree_attention(q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None, 
     return _tree_attention(q, k_cache, v_cache, lengths, tree_mask, tree_len, scale)
 
 
-def _signature(kernel, constexprs: dict, types: dict) -> dict:
-    """Triton signature for AOT compilation: ``types`` by argument name, ``i32`` for other scalars."""
-    return {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
-
-
 def compile_variants(dtype: str):
     """Every launch variant the dispatch can choose for ``dtype`` (``"fp16"``, ``"bf16"`` or ``"fp32"``).
 
@@ -356,14 +356,12 @@ def compile_variants(dtype: str):
     for name, (block_m, block_n, num_warps, num_stages) in attn_configs(dtype == "fp32").items():
         for block_d in BLOCK_D_CHOICES:
             constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, FP32_DOT=False)
-            out.append(dict(kernel=_tree_attention_kernel, constexprs=constexprs,
-                            signature=_signature(_tree_attention_kernel, constexprs, types),
-                            num_warps=num_warps, num_stages=num_stages))
+            out.append(aot_variant(_tree_attention_kernel, constexprs, types, num_warps, num_stages,
+                                   divisible=("D", "Hq"),
+                                   max_shared=DECODE_MAX_SHARED if name == "small" else None))
     for block_d in BLOCK_D_CHOICES:
-        constexprs = dict(BLOCK_D=block_d)
-        out.append(dict(kernel=_tree_attention_reduce_kernel, constexprs=constexprs,
-                        signature=_signature(_tree_attention_reduce_kernel, constexprs, types),
-                        num_warps=REDUCE_NUM_WARPS, num_stages=1))
+        out.append(aot_variant(_tree_attention_reduce_kernel, dict(BLOCK_D=block_d), types,
+                               REDUCE_NUM_WARPS, 1, divisible=("D", "Hq")))
     return out
 
 

@@ -35,14 +35,28 @@ def reference_ops():
         yield
 
 
+INT_POISON = -123456789  # int32 and int64; narrower integer types get their minimum
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill ``t`` with a value no kernel writes: NaN (floating), ``INT_POISON`` (integers), True (bool)."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return t
+    if t.is_floating_point() or t.is_complex():
+        return t.fill_(float("nan"))
+    if t.dtype == torch.bool:
+        return t.fill_(True)
+    info = torch.iinfo(t.dtype)
+    return t.fill_(INT_POISON if info.min <= INT_POISON else info.min)
+
+
 @pytest.fixture
 def poison_empty(monkeypatch):
-    """Outputs and scratch that the kernels' host functions allocate with ``torch.empty`` start as NaN:
-    nothing unwritten can pass for a result."""
+    """Outputs and scratch that the kernels' host functions allocate with ``torch.empty`` start poisoned
+    (NaN, ``INT_POISON``, True): nothing unwritten can pass for a result."""
     empty = torch.empty
 
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() and t.device.type != "meta" else t
+    def poisoned_empty(*args, **kwargs):
+        return poison(empty(*args, **kwargs))
 
-    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty", poisoned_empty)

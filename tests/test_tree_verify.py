@@ -7,6 +7,8 @@ import torch
 import eagle_kernels
 from eagle_kernels import _C_loader, reference
 
+pytestmark = pytest.mark.usefixtures("poison_empty")  # outputs allocated with torch.empty start poisoned
+
 # ----------------------------------------------------------------------------------------------- helpers
 
 

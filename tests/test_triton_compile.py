@@ -1,9 +1,13 @@
 """Ahead-of-time compilation for Hopper (sm_90) of every Triton launch variant the dispatch can choose.
 
 No GPU is needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` runs the whole pipeline
-down to a cubin. Each module lists its variants in ``compile_variants(dtype)``; a second test sweeps shapes
-through the host functions (kernels replaced by recorders, tensors on the ``meta`` device) and checks that
-every launch they make is one of those variants, so the list cannot drift from the dispatch.
+down to a cubin. Each variant is compiled twice: bare, and with the hints Triton's JIT adds at a typical
+launch (``tt.divisibility = 16`` on aligned pointers and on integers that are multiples of 16: the variant's
+``divisible`` list). The hints change the code (vectorised, pipelined K/V loads take far more shared
+memory), so the budget is checked on both; a variant may carry a tighter ``max_shared``. Each module lists
+its variants in ``compile_variants(dtype)``; a second test sweeps shapes through the host functions (kernels
+replaced by recorders, tensors on the ``meta`` device) and checks that every launch they make is one of those
+variants, so the list cannot drift from the dispatch.
 """
 
 import importlib
@@ -35,6 +39,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # a compiled (not interpreted) Triton
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from eagle_kernels._triton_common import divisibility_attrs
 
 module, shard, shards = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 mod = importlib.import_module(module)
@@ -43,12 +48,15 @@ results = []
 for i, (dtype, v) in enumerate(variants):
     if i % shards != shard:
         continue
-    source = ASTSource(fn=v["kernel"], signature=v["signature"], constexprs=v["constexprs"])
     options = {"num_warps": v["num_warps"], "num_stages": v["num_stages"]}
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-    results.append({"dtype": dtype, "kernel": v["kernel"].__name__, "constexprs": repr(v["constexprs"]),
-                    "cubin_bytes": len(kernel.asm["cubin"]), "shared": kernel.metadata.shared,
-                    "sm90": "sm_90" in kernel.asm["ptx"]})
+    for hints in (False, True):
+        attrs = divisibility_attrs(v["kernel"], v["signature"], v["divisible"]) if hints else None
+        source = ASTSource(fn=v["kernel"], signature=v["signature"], constexprs=v["constexprs"], attrs=attrs)
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+        results.append({"dtype": dtype, "kernel": v["kernel"].__name__, "constexprs": repr(v["constexprs"]),
+                        "num_warps": v["num_warps"], "num_stages": v["num_stages"], "hints": hints,
+                        "cubin_bytes": len(kernel.asm["cubin"]), "shared": kernel.metadata.shared,
+                        "max_shared": v.get("max_shared"), "sm90": "sm_90" in kernel.asm["ptx"]})
 print(json.dumps({"total": len(variants), "results": results}))
 """
 
@@ -70,10 +78,14 @@ def test_every_variant_compiles_for_hopper(module, tmp_path):
         assert r.returncode == 0, r.stderr[-4000:]
     payloads = [json.loads(r.stdout.strip().splitlines()[-1]) for r in runs]
     results = [x for p in payloads for x in p["results"]]
-    assert len(results) == payloads[0]["total"] > 0
+    assert len(results) == 2 * payloads[0]["total"] > 0
     for x in results:
+        print(f"{x['dtype']} {x['kernel']} {x['constexprs']} warps={x['num_warps']} stages={x['num_stages']} "
+              f"hints={x['hints']}: shared {x['shared']} B")
         assert x["cubin_bytes"] > 0 and x["sm90"], x
         assert x["shared"] <= HOPPER_MAX_SHARED, f"needs more shared memory than an H100 block has: {x}"
+        if x["max_shared"] is not None:
+            assert x["shared"] <= x["max_shared"], f"over this variant's shared-memory budget: {x}"
 
 
 # ------------------------------------------------------------------------------ dispatch stays in the list
