@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
     _add_train_parser(sub)
     _add_demo_parser(sub)
+    _add_serve_parser(sub)
     return parser
 
 
@@ -82,6 +83,22 @@ def _add_demo_parser(sub) -> None:
         "decoding its tokens one by one, the EAGLE-2 dynamic tree on a GPU",
     )
     demo.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+
+
+def _add_serve_parser(sub) -> None:
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    _add_model_args(sv)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together (default: 8)")
+    sv.add_argument("--max-queue", type=int, default=256, help="requests waiting before 503 (default: 256)")
+    sv.add_argument(
+        "--tree",
+        default="auto",
+        choices=("auto", "dynamic", "static", "chain"),
+        help="draft tree; auto (default): chain on CPU, the EAGLE-2 dynamic tree on a GPU",
+    )
+    sv.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
 
 
 def cmd_generate(args) -> None:
@@ -140,9 +157,16 @@ def cmd_demo(args) -> None:
     run_demo(args.prompt, args.max_new_tokens, args.tree, args.device)
 
 
+def cmd_serve(args) -> None:
+    from ..serve.server import serve
+
+    serve(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"generate": cmd_generate, "train-draft": cmd_train_draft, "demo": cmd_demo}
+    commands["serve"] = cmd_serve
     try:
         commands[args.command](args)
     except EagleError as e:
