@@ -93,7 +93,11 @@ setup(
     package_data={"eagle_engine": ["data/**/*"]},
     include_package_data=True,
     install_requires=["torch", "numpy", "safetensors", "transformers", "tokenizers"],
-    extras_require={"triton": ["triton"], "test": ["pytest"]},
+    extras_require={
+        "triton": ["triton"],
+        "test": ["pytest"],
+        "serve": ["fastapi", "uvicorn", "prometheus_client"],
+    },
     entry_points={"console_scripts": ["eagle = eagle_engine.tools.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
