@@ -107,13 +107,6 @@ def create_app(
     app.state.serve = state
     install_handlers(app)
 
-    @app.middleware("http")
-    async def count_rejections(request: Request, call_next):
-        response = await call_next(request)
-        if response.status_code >= 400:
-            state.metrics.rejected.labels(str(response.status_code)).inc()
-        return response
-
     @app.get("/health")
     async def health():
         if state.scheduler._thread is None or not state.scheduler._thread.is_alive():

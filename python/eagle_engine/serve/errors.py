@@ -24,7 +24,10 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
+    def response(self, request: Request | None = None) -> JSONResponse:
+        serve = getattr(request.app.state, "serve", None) if request is not None else None
+        if serve is not None:  # counted in the app's metrics
+            serve.metrics.rejected.labels(str(self.status)).inc()
         return JSONResponse(self.body(), status_code=self.status)
 
 
@@ -33,7 +36,7 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
 
 
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    return exc.response()
+    return exc.response(request)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -43,19 +46,19 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     if first.get("type") == "json_invalid":
         message = f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg', ''))}"
-        return invalid(message, None, "invalid_json").response()
+        return invalid(message, None, "invalid_json").response(request)
     param = ".".join(loc) or None
     message = (
         f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
     )
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return invalid(message, param, "invalid_value").response()
+    return invalid(message, param, "invalid_value").response(request)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     message = f"internal error: {type(exc).__name__}: {exc}"
-    return APIError(message, 500, None, "internal_error", "server_error").response()
+    return APIError(message, 500, None, "internal_error", "server_error").response(request)
 
 
 def install_handlers(app) -> None:
