@@ -157,37 +157,39 @@ def test_caches_equal_a_recompute_from_scratch_after_every_round(agreeing):
     """After the prefill and every round: the target cache holds a fresh prefill's K/V of the committed tokens
     (compaction moved the right rows), and the draft's state equals the head run from scratch over the
     committed pairs (its cache is in step with the target's)."""
-    from eagle_engine.engine.prefill import pad_prompts
-    from eagle_engine.engine.runner import EagleRun
-    from eagle_engine.engine.sequence import SequenceState
-    from eagle_engine.spec.sampling import SamplingParams, make_generators
+    from eagle_engine.engine.sequence import Sequence
+    from eagle_engine.spec.sampling import SamplingParams
 
     _, path, head_dir, prompts = agreeing
     engine = EagleEngine.from_pretrained(path, head_dir)
-    target, head = engine.target, engine.draft
+    target, head, runner = engine.target, engine.draft, engine.runner
+    state = runner.state
     prompts = [prompts[0], prompts[1] + prompts[2]]
-    states = [SequenceState(p, 60, target.config.max_length, frozenset()) for p in prompts]
-    run = EagleRun(target, head, engine.tree, states, SamplingParams(), make_generators(0, 2, engine.device))
-    run.prefill(*pad_prompts(states, engine.device))
+    seqs = [Sequence(p, SamplingParams(), 60, frozenset(), 0, runner.max_model_len) for p in prompts]
+    runner.add(seqs)
+    aux_layers = head.aux_layers(target.config.num_hidden_layers)
     longest_path = 0
     for _ in range(8):
-        for b, s in enumerate(states):
+        for b, s in enumerate(seqs):
             committed = s.prompt + s.tokens[:-1]  # the last emitted token is the root: no KV yet
             n = len(committed)
-            assert int(run.tcache.lengths[b]) == int(run.dcache.lengths[b]) == n
+            assert int(state.tcache.lengths[b]) == int(state.dcache.lengths[b]) == n
+            assert int(state.root_token[b]) == s.tokens[-1]
             ids = torch.tensor([committed])
             fresh = target.allocate_cache(1, n)
-            out = target(ids, torch.arange(n).view(1, -1), fresh, None, run.aux_layers)
+            out = target(ids, torch.arange(n).view(1, -1), fresh, None, aux_layers)
             torch.testing.assert_close(
-                run.tcache.data[:, :, b, :, :n], fresh.data[:, :, 0], rtol=1e-4, atol=1e-4
+                state.tcache.data[:, :, b, :, :n], fresh.data[:, :, 0], rtol=1e-4, atol=1e-4
             )
             draft_ids = torch.tensor([committed[1:] + [s.tokens[-1]]])
             draft_cache = head.allocate_cache(1, n)
             hidden = head.step(draft_ids, head.target_features(out), torch.arange(n).view(1, -1), draft_cache)
-            torch.testing.assert_close(run.root_hidden[b], hidden[0, -1], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(state.root_hidden[b], hidden[0, -1], rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(
-                run.dcache.data[:, :, b, :, :n], draft_cache.data[:, :, 0], rtol=1e-4, atol=1e-4
+                state.dcache.data[:, :, b, :, :n], draft_cache.data[:, :, 0], rtol=1e-4, atol=1e-4
             )
-        run.round()
-        longest_path = max([longest_path] + [s.accept_lengths[-1] for s in states])
+        runner.step()
+        longest_path = max([longest_path] + [s.accept_lengths[-1] for s in seqs])
     assert longest_path >= 3  # compaction really moved rows
+    for s in seqs:
+        runner.release(s)

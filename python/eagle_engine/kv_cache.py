@@ -30,6 +30,10 @@ class KVCache:
         data = torch.zeros(num_layers, 2, batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
         return cls(data, torch.zeros(batch, dtype=torch.int32, device=device))
 
+    def slots(self, start: int, stop: int) -> "KVCache":
+        """A view of sequences ``start .. stop - 1`` (data and lengths share this cache's memory)."""
+        return KVCache(self.data[:, :, start:stop], self.lengths[start:stop])
+
     @property
     def capacity(self) -> int:
         return self.data.shape[4]

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import random
+from collections import deque
+from collections.abc import Iterator
+
 import torch
 
-from ..errors import EagleError
+from ..errors import EagleError, InvalidRequestError
 from ..models import LlamaModel, load_target
 from ..models.weights import resolve_dtype
-from ..spec.sampling import SamplingParams, make_generators, sample_tokens
+from ..spec.sampling import SamplingParams, check_seed
 from ..spec.tree import TreeConfig
 from .inputs import check_max_new_tokens, normalize_prompts, normalize_stop_ids
-from .prefill import pad_prompts, prefill
-from .runner import eagle_stream
-from .sequence import SequenceState, Timer
+from .runner import Runner
+from .sequence import Sequence
+
+DEFAULT_MAX_BATCH_SIZE = 8
+DEFAULT_MAX_MODEL_LEN = 4096  # capped by the model's own maximum length
 
 
 def resolve_tree(tree) -> TreeConfig:
@@ -43,20 +50,39 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 class EagleEngine:
-    """Holds a target model (and a draft head for speculative decoding) on one device.
+    """Holds a target model (and a draft head for speculative decoding) on one device, and a
+    :class:`~eagle_engine.engine.runner.Runner` whose caches are allocated once and reused by every call.
 
     Example
     -------
-    >>> engine = EagleEngine.from_pretrained("path/to/llama", device="cuda", dtype="bf16")  # doctest: +SKIP
-    >>> engine.generate_vanilla([1, 15043, 29892], max_new_tokens=32).tokens  # doctest: +SKIP
+    >>> engine = EagleEngine.from_pretrained("llama", "head", device="cuda", dtype="bf16")  # doctest: +SKIP
+    >>> engine.generate([1, 15043, 29892], max_new_tokens=32).tokens  # doctest: +SKIP
     """
 
-    def __init__(self, target: LlamaModel, draft=None, tree=None):
+    def __init__(
+        self,
+        target: LlamaModel,
+        draft=None,
+        tree=None,
+        *,
+        max_batch_size: int | None = None,
+        max_model_len: int | None = None,
+        cuda_graphs: bool | None = None,
+    ):
         self.target = target
         self.draft = draft
         self.tree = resolve_tree(tree)
         self.device = target.model.embed_tokens.weight.device
         self.dtype = target.model.embed_tokens.weight.dtype
+        if max_model_len is None:
+            max_model_len = min(target.config.max_length, DEFAULT_MAX_MODEL_LEN)
+        self._runner_args = dict(
+            max_batch_size=DEFAULT_MAX_BATCH_SIZE if max_batch_size is None else max_batch_size,
+            max_model_len=max_model_len,
+            cuda_graphs=self.device.type == "cuda" if cuda_graphs is None else cuda_graphs,
+        )
+        self._runners: dict[bool, Runner] = {}
+        self.runner  # allocate the caches now: a size that does not fit fails here, not mid-request
 
     @classmethod
     def from_pretrained(
@@ -67,12 +93,20 @@ class EagleEngine:
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = torch.float32,
         tree=None,
+        max_batch_size: int | None = None,
+        max_model_len: int | None = None,
+        cuda_graphs: bool | None = None,
     ) -> "EagleEngine":
         """Load a Hugging Face target directory and, if given, an EAGLE head directory.
 
         ``dtype``: ``torch.float32``/``float16``/``bfloat16`` or a name (``"fp32"``, ``"bf16"``, ...).
-        ``tree``: draft tree for :meth:`generate`: a :class:`~eagle_engine.tree.TreeConfig`, ``"dynamic"``
-        (EAGLE-2, default: 60 nodes, depth 6, top-k 10), ``"static"`` (EAGLE-1 ``mc_sim_7b_63``), ``"chain"``.
+        ``tree``: draft tree for :meth:`generate`: a :class:`~eagle_engine.spec.tree.TreeConfig`,
+        ``"dynamic"`` (EAGLE-2, default: 60 nodes, depth 6, top-k 10), ``"static"`` (EAGLE-1
+        ``mc_sim_7b_63``), ``"chain"``, or a dict of TreeConfig fields.
+        ``max_batch_size`` (default 8): sequences decoded together; more prompts than that are queued and
+        join as others finish. ``max_model_len`` (default: the model's maximum length, at most 4096): prompt
+        plus generated tokens per sequence. The caches for both are allocated once, here.
+        ``cuda_graphs`` (default: on for CUDA): replay each decoding step from a CUDA graph.
         """
         dev, dt = resolve_device(device), resolve_dtype(dtype)
         target = load_target(base_path, device=dev, dtype=dt)
@@ -81,30 +115,66 @@ class EagleEngine:
             from ..models.loading import load_draft
 
             draft = load_draft(draft_path, target, device=dev, dtype=dt)
-        return cls(target, draft, tree)
+        return cls(target, draft, tree, max_batch_size=max_batch_size, max_model_len=max_model_len,
+                   cuda_graphs=cuda_graphs)
+
+    @property
+    def runner(self) -> Runner:
+        """The runner :meth:`generate` uses (EAGLE rounds with a draft head, else vanilla steps)."""
+        return self._runner(self.draft is not None)
+
+    def _runner(self, speculative: bool) -> Runner:
+        if speculative not in self._runners:
+            head = self.draft if speculative else None
+            self._runners[speculative] = Runner(self.target, head, self.tree, **self._runner_args)
+        return self._runners[speculative]
 
     @property
     def max_length(self) -> int:
-        return self.target.config.max_length
+        """Longest sequence (prompt + generated tokens) a request may reach: ``max_model_len``."""
+        return self._runner_args["max_model_len"]
 
-    # ------------------------------------------------------------------------------------ shared steps
+    # ------------------------------------------------------------------------------------ requests
 
-    def _start(self, input_ids, max_new_tokens, stop_token_ids):
+    def _sequences(self, input_ids, max_new_tokens, temperature, top_p, top_k, seed, stop_token_ids):
         cfg = self.target.config
-        prompts, is_batch = normalize_prompts(input_ids, cfg.vocab_size, cfg.max_length)
+        prompts, is_batch = normalize_prompts(input_ids, cfg.vocab_size, self.max_length)
         max_new_tokens = check_max_new_tokens(max_new_tokens)
         stop_ids = normalize_stop_ids(stop_token_ids, cfg.eos_token_ids)
-        states = [SequenceState(p, max_new_tokens, cfg.max_length, stop_ids) for p in prompts]
-        return states, is_batch
+        params = SamplingParams(temperature, top_p, top_k)
+        seeds = _seeds(seed, len(prompts))
+        limit = self.max_length
+        seqs = [Sequence(p, params, max_new_tokens, stop_ids, sd, limit) for p, sd in zip(prompts, seeds)]
+        return seqs, is_batch
+
+    def _steps(self, seqs: list[Sequence], speculative: bool) -> Iterator[dict[Sequence, list[int]]]:
+        """Continuous batching over ``seqs``: they join as slots free up; yields each step's kept tokens."""
+        if speculative and self.draft is None:
+            raise EagleError("generate() needs a draft head: load one with from_pretrained(base, draft_path)")
+        runner = self._runner(speculative)
+        if runner.has_running():
+            raise EagleError("the engine is busy: another generation is running on it (one at a time)")
+        waiting = deque(seqs)
+        try:
+            with torch.inference_mode():
+                while waiting or runner.has_running():
+                    if waiting and runner.free_slots():
+                        joining = [waiting.popleft() for _ in range(min(runner.free_slots(), len(waiting)))]
+                        yield runner.add(joining)
+                    if runner.has_running():
+                        yield runner.step()
+        finally:
+            with contextlib.suppress(Exception), torch.inference_mode():
+                for seq in list(runner.running):  # an abandoned stream frees its slots
+                    runner.release(seq)
 
     @staticmethod
-    def _finish(states, is_batch, prefill_s, decode_s):
-        results = [s.result(prefill_s, decode_s) for s in states]
+    def _results(seqs: list[Sequence], is_batch: bool):
+        results = [s.result() for s in seqs]
         return results if is_batch else results[0]
 
-    # --------------------------------------------------------------------------------------- vanilla
+    # ------------------------------------------------------------------------------------ public API
 
-    @torch.inference_mode()
     def generate_vanilla(
         self,
         input_ids,
@@ -122,61 +192,20 @@ class EagleEngine:
         input_ids : list[int] | list[list[int]] | 1-D/2-D int tensor: one prompt or a batch (any lengths)
         max_new_tokens : tokens to generate at most per sequence
         temperature, top_p, top_k : sampling (temperature 0 = greedy)
-        seed : seeds each sequence's ``torch.Generator``: an int seeds all alike (a sequence samples the same
-            alone or in a batch), a list gives one seed per prompt, None a random seed
+        seed : an int seeds every sequence alike (a sequence samples the same alone or in a batch), a list
+            gives one seed per prompt, None a random seed
         stop_token_ids : ids that end a sequence (kept in its output); None = the model's eos ids
 
         Returns
         -------
         :class:`GenerationResult` for one prompt, a list of them for a batch.
         """
-        sampling = SamplingParams(temperature, top_p, top_k)
-        states, is_batch = self._start(input_ids, max_new_tokens, stop_token_ids)
-        timer = Timer(self.device)
-        t0 = timer.now()
-        capacity = max(len(s.prompt) + max(s.limit, 1) for s in states)
-        cache = self.target.allocate_cache(len(states), capacity)
-        gens = make_generators(seed, len(states), self.device)
-        _, next_tokens = prefill(self.target, cache, *pad_prompts(states, self.device), sampling, gens)
-        t1 = timer.now()
-        while True:
-            token_list = next_tokens.tolist()
-            for s, tok in zip(states, token_list):
-                s.append([tok])
-            active = [not s.done for s in states]
-            if not any(active):
-                break
-            # Finished sequences keep running (their row is rewritten in place) so shapes stay fixed.
-            positions = cache.lengths.view(-1, 1).long()
-            out = self.target(next_tokens.view(-1, 1), positions, cache)
-            cache.lengths += torch.tensor(active, dtype=torch.int32, device=self.device)
-            next_tokens = sample_tokens(self.target.logits(out.hidden[:, 0]), sampling, gens)
-        t2 = timer.now()
-        return self._finish(states, is_batch, t1 - t0, t2 - t1)
+        seqs, is_batch = self._sequences(input_ids, max_new_tokens, temperature, top_p, top_k, seed,
+                                         stop_token_ids)
+        for _ in self._steps(seqs, speculative=False):
+            pass
+        return self._results(seqs, is_batch)
 
-    # ----------------------------------------------------------------------------------------- EAGLE
-
-    def _eagle(self, input_ids, max_new_tokens, temperature, top_p, top_k, seed, stop_token_ids):
-        if self.draft is None:
-            raise EagleError("generate() needs a draft head: load one with from_pretrained(base, draft_path)")
-        sampling = SamplingParams(temperature, top_p, top_k)
-        states, is_batch = self._start(input_ids, max_new_tokens, stop_token_ids)
-        gens = make_generators(seed, len(states), self.device)
-        timings = {"prefill_seconds": 0.0, "decode_seconds": 0.0}
-        rounds = eagle_stream(
-            self.target,
-            self.draft,
-            self.tree,
-            states,
-            sampling,
-            gens,
-            pad_prompts(states, self.device),
-            Timer(self.device),
-            timings,
-        )
-        return states, is_batch, rounds, timings
-
-    @torch.inference_mode()
     def generate(
         self,
         input_ids,
@@ -194,16 +223,15 @@ class EagleEngine:
 
         Returns
         -------
-        :class:`GenerationResult` (a list for a batch) whose ``accept_lengths[i]`` is the number of tokens the
-        i-th verification forward produced: accepted draft tokens plus the bonus token, so >= 1 (the prefill's
-        first token is not a round and is not counted; a stop may keep fewer tokens of the last round).
+        :class:`GenerationResult` (a list for a batch) whose ``accept_lengths[i]`` is the number of tokens
+        the i-th verification round kept: accepted draft tokens plus the bonus token, so >= 1, fewer when a
+        stop ends the round. The prefill's first token is not a round and is not counted.
         """
-        states, is_batch, rounds, timings = self._eagle(
-            input_ids, max_new_tokens, temperature, top_p, top_k, seed, stop_token_ids
-        )
-        for _ in rounds:
+        seqs, is_batch = self._sequences(input_ids, max_new_tokens, temperature, top_p, top_k, seed,
+                                         stop_token_ids)
+        for _ in self._steps(seqs, speculative=True):
             pass
-        return self._finish(states, is_batch, timings["prefill_seconds"], timings["decode_seconds"])
+        return self._results(seqs, is_batch)
 
     def stream(
         self,
@@ -214,19 +242,36 @@ class EagleEngine:
         top_k: int = 0,
         seed: int | list[int] | None = None,
         stop_token_ids=None,
-    ):
+    ) -> Iterator:
         """Like :meth:`generate`, but yield tokens as each round finishes: a list of new token ids for one
-        prompt (empty lists are skipped), a list of such lists (one per prompt) for a batch.
+        prompt (empty lists are skipped), a list of such lists (one per prompt) for a batch. The request is
+        validated here, before the iterator is returned.
 
         >>> for tokens in engine.stream(ids, 64):  # doctest: +SKIP
         ...     print(tokenizer.decode(tokens), end="", flush=True)
         """
-        states, is_batch, rounds, _ = self._eagle(
-            input_ids, max_new_tokens, temperature, top_p, top_k, seed, stop_token_ids
-        )
-        with torch.inference_mode():
-            for kept in rounds:
-                if is_batch:
-                    yield kept
-                elif kept[0]:
-                    yield kept[0]
+        seqs, is_batch = self._sequences(input_ids, max_new_tokens, temperature, top_p, top_k, seed,
+                                         stop_token_ids)
+        if self.draft is None:
+            raise EagleError("stream() needs a draft head: load one with from_pretrained(base, draft_path)")
+        return self._stream(seqs, is_batch)
+
+    def _stream(self, seqs: list[Sequence], is_batch: bool) -> Iterator:
+        for kept in self._steps(seqs, speculative=True):
+            chunks = [kept.get(s, []) for s in seqs]
+            if is_batch:
+                yield chunks
+            elif chunks[0]:
+                yield chunks[0]
+
+
+def _seeds(seed, n: int) -> list[int]:
+    """One seed per sequence: an int for all, a list of ``n``, or None for a fresh random one."""
+    if seed is None:
+        return [random.SystemRandom().randrange(2**63)] * n
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != n:
+            raise InvalidRequestError(f"seed: a list needs one seed per prompt ({n}), got {len(seed)}")
+        return [check_seed(s) for s in seed]
+    return [check_seed(seed)] * n
+

@@ -1,137 +1,184 @@
-"""The EAGLE loop: prefill -> [draft tree -> verify -> accept -> compact -> draft extend]*.
+"""The runner: owns the caches for ``max_batch_size`` sequences of up to ``max_model_len`` tokens, lets
+sequences join (prefill) and leave between steps, and runs each step with one device-to-host transfer.
 
-Invariants between rounds, per sequence ``b``:
-- the target cache holds ``lengths[b]`` committed rows; the root token (last emitted) has no target KV yet;
-- the draft cache holds the same number of rows: draft row ``p`` pairs the target feature of position ``p``
-  with the token at ``p + 1``, so its last row (feature of the last committed position, root token) gives
-  ``root_hidden``, the draft's prediction from which the next tree grows;
-- a round's tree rows (target and draft) live past ``lengths[b]`` and are compacted or overwritten.
+Sequences occupy slots ``0 .. n - 1`` (a sequence that finishes frees its slot; the last one moves into the
+hole, so running sequences stay packed and finished ones stop drafting). A step runs over the smallest batch
+bucket holding them, as one CUDA graph per bucket and mode on a GPU, eagerly elsewhere — the same code. All
+calls must come from one thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
 
 import torch
 
-import eagle_kernels as ops
-
-from ..models.llama import ForwardOutput, LlamaModel
-from ..spec.sampling import SamplingParams
-from ..spec.tree import TreeConfig, build_tree
-from ..spec.verify import verify_tree
-from .prefill import prefill
-from .sequence import SequenceState, Timer
+from ..errors import EagleError, InvalidRequestError
+from ..models.llama import LlamaModel
+from ..spec.tree import TreeConfig
+from .batch import BatchState, Mode, eagle_round, prefill, vanilla_step
+from .graphs import GraphCache
+from .sequence import Sequence
 
 
-def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[b, index[b, i]]``: ``[B, T, F]`` and long ``[B, N]`` -> ``[B, N, F]``."""
-    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """Graph batch sizes: 1, 2, 4, 8, ... up to and including ``max_batch_size``."""
+    sizes, b = [], 1
+    while b < max_batch_size:
+        sizes.append(b)
+        b *= 2
+    return sizes + [max_batch_size]
 
 
-def _select_out(out: ForwardOutput, index: torch.Tensor) -> ForwardOutput:
-    aux = None if out.aux is None else _gather_rows(out.aux, index)
-    return ForwardOutput(_gather_rows(out.hidden, index), aux)
-
-
-class EagleRun:
-    """One generate call's caches and state; :meth:`rounds` yields each round's kept tokens per sequence."""
+class Runner:
+    """Runs prefills and decoding steps (EAGLE rounds with a draft head, else vanilla steps) for the
+    sequences that :meth:`add` took in; :meth:`step` returns each one's new kept tokens."""
 
     def __init__(
         self,
         target: LlamaModel,
-        head,
-        tree: TreeConfig,
-        states: list[SequenceState],
-        sampling: SamplingParams,
-        generators: list[torch.Generator],
+        head=None,
+        tree: TreeConfig | None = None,
+        *,
+        max_batch_size: int,
+        max_model_len: int,
+        cuda_graphs: bool = False,
     ):
+        if max_batch_size < 1:
+            raise EagleError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if not 2 <= max_model_len <= target.config.max_length:
+            raise EagleError(
+                f"max_model_len must be in [2, {target.config.max_length}] (the model's maximum length), "
+                f"got {max_model_len}"
+            )
         self.target, self.head, self.tree = target, head, tree
-        self.states, self.sampling, self.generators = states, sampling, generators
-        self.device = target.model.embed_tokens.weight.device
-        self.aux_layers = head.aux_layers(target.config.num_hidden_layers)
-        # A finished sequence may have overshot its limit by one path; its rows stay put from then on.
-        committed = max(len(s.prompt) + s.limit for s in states) + tree.max_depth + 1
-        self.tcache = target.allocate_cache(len(states), committed + tree.num_nodes)
-        self.dcache = head.allocate_cache(len(states), committed + max(tree.num_nodes, tree.draft_rows))
+        self.max_batch_size, self.max_model_len = max_batch_size, max_model_len
+        self.device = target.lm_head_weight.device
+        target.fuse()
+        if head is not None:
+            head.fuse()
+        self.state = BatchState(target, head, tree, max_batch_size, max_model_len)
+        positions = self.state.tcache.capacity + 1
+        target.ensure_positions(positions)
+        if head is not None:
+            head.ensure_positions(positions)
+        self.running: list[Sequence] = []  # running[i] holds slot i
+        self.buckets = batch_buckets(max_batch_size) if cuda_graphs else None
+        self.graphs = GraphCache(self.device, enabled=cuda_graphs and self.device.type == "cuda")
+        pin = self.device.type == "cuda"
+        self.host_out = torch.zeros(self.state.out.shape, dtype=torch.long, pin_memory=pin)
+        self.rounds = 0
 
-    def prefill(self, ids: torch.Tensor, prompt_lens: torch.Tensor) -> list[list[int]]:
-        """Target prefill, first token, draft over the prompt. ``ids`` long ``[B, P]``, right-padded."""
-        b = ids.shape[0]
-        out, first = prefill(
-            self.target, self.tcache, ids, prompt_lens, self.sampling, self.generators, self.aux_layers
-        )
-        # Draft row i pairs feature i with token i + 1; the last real row takes the new token.
-        last = (prompt_lens.long() - 1).view(b, 1)
-        draft_tokens = torch.cat([ids[:, 1:], ids[:, :1]], 1).scatter(1, last, first.view(b, 1))
-        self._draft_extend(draft_tokens, self.head.target_features(out), last.view(b))
-        self.dcache.lengths.copy_(prompt_lens)
-        self.root_token = first
-        return [s.append([tok]) for s, tok in zip(self.states, first.tolist())]
+    # ------------------------------------------------------------------------------------- membership
 
-    def _draft_extend(self, tokens: torch.Tensor, features: torch.Tensor, last: torch.Tensor) -> None:
-        """Append committed rows to the draft cache (causal) and keep the output of row ``last[b]``."""
-        b, t = tokens.shape
-        positions = self.dcache.lengths.view(b, 1).long() + torch.arange(t, device=self.device)
-        hidden = self.head.step(tokens, features, positions, self.dcache)
-        self.root_hidden = _gather_rows(hidden, last.view(b, 1))[:, 0]
+    def free_slots(self) -> int:
+        return self.max_batch_size - len(self.running)
 
-    def _draft_step(self, tokens, features, level: int, row_mask: torch.Tensor) -> torch.Tensor:
-        b, n = tokens.shape
-        positions = (self.dcache.lengths.long() + (level - 1)).view(b, 1).expand(b, n)
-        return self.head.step(
-            tokens, features, positions, self.dcache, ops.pack_tree_mask(row_mask), row_mask.shape[-1]
-        )
+    def has_running(self) -> bool:
+        return bool(self.running)
 
-    def round(self) -> list[list[int]]:
-        """Draft, verify, accept and compact once; return each sequence's newly kept tokens."""
-        b = len(self.states)
-        tree = build_tree(self.tree, self.root_token, self.root_hidden, self._draft_step, self.head.topk)
-        positions = self.tcache.lengths.view(b, 1).long() + tree.depths
-        out = self.target(tree.tokens, positions, self.tcache, tree.packed_mask, self.aux_layers)
-        num_accepted, nodes, bonus = verify_tree(
-            tree, self.target.logits(out.hidden), self.sampling, self.generators
-        )
-        active = torch.tensor([not s.done for s in self.states], device=self.device)
-        counts = ((num_accepted + 1) * active).to(torch.int32)
-        path = nodes.clamp(min=0).long()
-        ops.kv_compact(self.tcache.data, self.tcache.lengths, path, counts)
-        self.tcache.lengths += counts
-        # The draft re-reads the accepted path with the target's real features (its tree rows are dropped):
-        # row j pairs node path[j]'s feature with the token of path[j + 1], the bonus token last.
-        path_tokens = torch.gather(tree.tokens, 1, path)
-        next_tokens = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], 1)
-        next_tokens = next_tokens.scatter(1, num_accepted.long().view(b, 1), bonus.view(b, 1))
-        width = int(num_accepted.max()) + 1
-        self._draft_extend(
-            next_tokens[:, :width],
-            self.head.target_features(_select_out(out, path[:, :width])),
-            num_accepted.long(),
-        )
-        self.dcache.lengths += counts
-        self.root_token = bonus
-        kept = []
-        for s, n, toks in zip(self.states, num_accepted.tolist(), next_tokens.tolist()):
-            if not s.done:
-                s.accept_lengths.append(n + 1)
-            kept.append(s.append(toks[: n + 1]))
+    def add(self, seqs: list[Sequence]) -> dict[Sequence, list[int]]:
+        """Prefill ``seqs`` into free slots (they join the running batch); returns each one's first kept
+        tokens. Raises :class:`InvalidRequestError` when a prompt leaves no room below ``max_model_len``."""
+        if len(seqs) > self.free_slots():
+            raise EagleError(f"{len(seqs)} sequences do not fit: {self.free_slots()} free slot(s)")
+        for seq in seqs:
+            if len(seq.prompt) >= self.max_model_len:
+                raise InvalidRequestError(
+                    f"the prompt has {len(seq.prompt)} tokens; max_model_len is {self.max_model_len}, "
+                    "leaving no room to generate"
+                )
+        seqs = [q for q in seqs if not q.done]
+        if not seqs:
+            return {}
+        t0 = time.perf_counter()
+        start = len(self.running)
+        s, sl = self.state, slice(start, start + len(seqs))
+        self.running.extend(seqs)
+        s.temperature[sl] = torch.tensor([float(q.params.temperature) for q in seqs])
+        s.top_p[sl] = torch.tensor([float(q.params.top_p) for q in seqs])
+        s.top_k[sl] = torch.tensor([q.params.top_k for q in seqs])
+        s.seeds[sl] = torch.tensor([q.seed for q in seqs])
+        s.offsets[sl] = 0
+        longest = max(len(q.prompt) for q in seqs)
+        ids = torch.tensor([q.prompt + [0] * (longest - len(q.prompt)) for q in seqs]).to(self.device)
+        lens = torch.tensor([len(q.prompt) for q in seqs], dtype=torch.int32).to(self.device)
+        first = prefill(self.target, self.head, s, start, ids, lens, self._mode(seqs)).tolist()
+        s.active[sl] = True
+        elapsed = time.perf_counter() - t0
+        kept = {}
+        for q, tok in zip(seqs, first):
+            q.prefill_seconds = elapsed
+            kept[q] = q.append([tok])
+        self._release_done()
         return kept
 
+    def release(self, seq: Sequence) -> None:
+        """Free ``seq``'s slot now (it need not be done); the last running sequence moves into it."""
+        slot = self.running.index(seq)
+        last = len(self.running) - 1
+        if slot != last:
+            self._move(last, slot)
+        self.running.pop()
+        self.state.active[last] = False
 
-def eagle_stream(
-    target, head, tree, states, sampling, generators, prefill_inputs, timer: Timer, timings: dict
-) -> Iterator[list[list[int]]]:
-    """Yield each sequence's kept tokens after the prefill and after every round, until all are done.
+    def _release_done(self) -> None:
+        for seq in [q for q in self.running if q.done]:
+            self.release(seq)
 
-    ``timings`` receives ``prefill_seconds`` and ``decode_seconds`` as they become known.
-    """
-    run = EagleRun(target, head, tree, states, sampling, generators)
-    t0 = timer.now()
-    kept = run.prefill(*prefill_inputs)
-    timings["prefill_seconds"] = timer.now() - t0
-    yield kept
-    t1 = timer.now()
-    while not all(s.done for s in states):
-        kept = run.round()
-        timings["decode_seconds"] = timer.now() - t1
-        yield kept
+    def _move(self, src: int, dst: int) -> None:
+        """Move the sequence in slot ``src`` to slot ``dst``: its committed cache rows and per-slot state."""
+        seq, s = self.running[src], self.state
+        rows = seq.committed_length
+        s.tcache.data[:, :, dst, :, :rows] = s.tcache.data[:, :, src, :, :rows]
+        if s.dcache is not None:
+            s.dcache.data[:, :, dst, :, :rows] = s.dcache.data[:, :, src, :, :rows]
+        for buf in s.per_slot():
+            buf[dst] = buf[src]
+        self.running[dst] = seq
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    def _mode(self, seqs: list[Sequence]) -> Mode:
+        sampled = [q.params for q in seqs if not q.params.greedy]
+        if not sampled:
+            return Mode()
+        top_k, top_p = max(p.top_k for p in sampled), any(p.top_p < 1 for p in sampled)
+        return Mode(greedy=False, max_top_k=top_k, top_p=top_p)
+
+    def step(self) -> dict[Sequence, list[int]]:
+        """One EAGLE round (or one vanilla step without a draft head) over every running sequence; returns
+        each one's newly kept tokens. Sequences done afterwards — including those :meth:`Sequence.finish`
+        ended before the step — leave the batch."""
+        self._release_done()
+        if not self.running:
+            return {}
+        t0 = time.perf_counter()
+        n_run = len(self.running)
+        n = n_run if self.buckets is None else next(b for b in self.buckets if b >= n_run)
+        mode = self._mode(self.running)
+        if self.head is None:
+            self.graphs.run(("vanilla", n, mode), lambda: vanilla_step(self.target, self.state, n, mode))
+        else:
+            fn = lambda: eagle_round(self.target, self.head, self.tree, self.state, n, mode)  # noqa: E731
+            self.graphs.run(("eagle", n, mode), fn)
+        rows = self._read_out(n_run)
+        elapsed = time.perf_counter() - t0
+        self.rounds += 1
+        kept = {}
+        w = self.state.width
+        for seq, row in zip(self.running, rows):
+            seq.decode_seconds += elapsed
+            kept[seq] = seq.append(row[: row[w]])
+            if self.head is not None:
+                seq.accept_lengths.append(len(kept[seq]))
+        self._release_done()
+        return kept
+
+    def _read_out(self, n: int) -> list[list[int]]:
+        """The round's one device-to-host transfer: ``out[:n]`` into pinned memory, then one wait."""
+        host = self.host_out[:n]
+        host.copy_(self.state.out[:n], non_blocking=True)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return host.tolist()

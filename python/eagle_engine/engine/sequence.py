@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import time
+import itertools
 from dataclasses import dataclass, field
 
-import torch
+from ..spec.sampling import SamplingParams
 
 
 @dataclass
@@ -13,9 +13,11 @@ class GenerationResult:
     """One sequence's output.
 
     ``tokens``: new token ids (a stop token that ended generation is included, as Hugging Face does).
-    ``stop_reason``: ``"stop_token"``, ``"max_new_tokens"`` or ``"max_length"`` (the model's maximum length).
-    ``accept_lengths``: EAGLE only: tokens produced by each target forward, counting the bonus token (so a
-    round that accepts no draft token counts 1, and the first token, from prefill, counts 1 too).
+    ``stop_reason``: ``"stop_token"``, ``"max_new_tokens"`` or ``"max_length"`` (the engine's maximum length,
+    ``max_model_len``), or what :meth:`Sequence.finish` set (e.g. ``"stop_string"``, ``"cancelled"``).
+    ``accept_lengths``: EAGLE only: the tokens each verification round kept (accepted draft tokens plus the
+    bonus token, fewer when a stop ended the round), so every entry is >= 1; the first token, which the
+    prefill produces, is not a round and is not counted: ``sum(accept_lengths) == len(tokens) - 1``.
     """
 
     tokens: list[int]
@@ -36,26 +38,59 @@ class GenerationResult:
 
     @property
     def mean_accept_length(self) -> float:
-        """Mean tokens per target forward; ``nan`` for vanilla results."""
+        """Mean tokens kept per verification round; ``nan`` for vanilla results."""
         return sum(self.accept_lengths) / len(self.accept_lengths) if self.accept_lengths else float("nan")
 
 
-class SequenceState:
-    """Output and stop bookkeeping of one sequence during generation."""
+_ids = itertools.count()
 
-    def __init__(self, prompt: list[int], max_new_tokens: int, max_length: int, stop_ids: frozenset[int]):
-        self.prompt = prompt
-        room = max_length - len(prompt)
+
+class Sequence:
+    """One request as the runner sees it: prompt, sampling settings, limits, and what it has produced.
+
+    ``max_new_tokens`` is cut to what ``max_length`` leaves after the prompt (the stop reason then says
+    ``max_length``). The runner appends tokens with :meth:`append`, which applies stop tokens and the limit
+    exactly as the device does; :meth:`finish` ends a sequence for a reason the host decides (stop strings,
+    a cancelled request): the runner releases it at its next step.
+    """
+
+    def __init__(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        stop_ids: frozenset[int],
+        seed: int = 0,
+        max_length: int | None = None,
+    ):
+        self.id = next(_ids)
+        self.prompt = list(prompt)
+        self.params = params
+        self.stop_ids = frozenset(stop_ids)
+        self.seed = seed
+        room = max_new_tokens if max_length is None else max_length - len(prompt)
         self.limit = min(max_new_tokens, room)
         self.limit_reason = "max_new_tokens" if max_new_tokens <= room else "max_length"
-        self.stop_ids = stop_ids
         self.tokens: list[int] = []
         self.accept_lengths: list[int] = []
         self.stop_reason: str | None = None if self.limit > 0 else self.limit_reason
+        self.prefill_seconds = 0.0
+        self.decode_seconds = 0.0
+
+    def __hash__(self) -> int:
+        return self.id
+
+    def __repr__(self) -> str:
+        return f"Sequence(id={self.id}, prompt={len(self.prompt)} tokens, new={len(self.tokens)})"
 
     @property
     def done(self) -> bool:
         return self.stop_reason is not None
+
+    @property
+    def committed_length(self) -> int:
+        """Cache rows the sequence holds between rounds: its prompt and every emitted token but the last."""
+        return len(self.prompt) + len(self.tokens) - 1
 
     def append(self, new_tokens: list[int]) -> list[int]:
         """Add tokens in order until a stop token or the limit; return the ones actually kept."""
@@ -71,24 +106,17 @@ class SequenceState:
                 self.stop_reason = self.limit_reason
         return kept
 
-    def result(self, prefill_seconds: float, decode_seconds: float) -> GenerationResult:
+    def finish(self, reason: str) -> None:
+        """End the sequence now (if it is still running) for a reason the host decided."""
+        if not self.done:
+            self.stop_reason = reason
+
+    def result(self) -> GenerationResult:
         return GenerationResult(
             list(self.tokens),
             self.stop_reason or self.limit_reason,
             len(self.prompt),
             list(self.accept_lengths),
-            prefill_seconds,
-            decode_seconds,
+            self.prefill_seconds,
+            self.decode_seconds,
         )
-
-
-class Timer:
-    """Wall-clock timer that waits for queued GPU work before reading the clock."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()

@@ -64,6 +64,17 @@ class _DraftHead(nn.Module):
     def aux_layers(self, num_target_layers: int) -> tuple[int, ...]:
         return ()
 
+    def ensure_positions(self, num_positions: int) -> None:
+        """Grow the rotary table to cover positions ``< num_positions`` (a no-op when it does)."""
+        if self.cos_sin.shape[0] < num_positions:
+            self.cos_sin = rotary_table(self.config, self.cos_sin.device, num_positions)
+
+    def fuse(self) -> None:
+        """Fused projections for inference (idempotent); the head's parameters keep their names."""
+        for module in self.modules():
+            if isinstance(module, (Attention, MLP)):
+                module.fuse()
+
     def _attend(self, attn: Attention, x, positions, cache: KVCache, tree_mask, tree_len):
         return attn(
             x, positions, self.cos_sin, cache.data[0, 0], cache.data[0, 1], cache.lengths, tree_mask, tree_len

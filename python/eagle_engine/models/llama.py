@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import eagle_kernels as ops
@@ -18,13 +19,17 @@ from ..kv_cache import KVCache
 from .config import ModelConfig
 
 POSITION_SLACK = 256  # tree positions may run this far past the maximum length (their tokens are never kept)
+DEFAULT_ROTARY_POSITIONS = 4096  # built at load time; the runner grows it to its max_model_len
 
 
-def rotary_table(cfg: ModelConfig, device: torch.device | str) -> torch.Tensor:
-    """fp32 ``[max_length + POSITION_SLACK, D]`` cos|sin table for :func:`eagle_kernels.rotary_embedding`;
-    the slack covers draft-tree rows past the last kept token."""
+def rotary_table(cfg: ModelConfig, device, num_positions: int | None = None) -> torch.Tensor:
+    """fp32 ``[num_positions, D]`` cos|sin table for :func:`eagle_kernels.rotary_embedding`; by default
+    ``min(max_length, DEFAULT_ROTARY_POSITIONS) + POSITION_SLACK`` rows (the slack covers draft-tree rows
+    past the last kept token). Sized by what is run, never by a config's maximum alone."""
+    if num_positions is None:
+        num_positions = min(cfg.max_length, DEFAULT_ROTARY_POSITIONS) + POSITION_SLACK
     inv = cfg.rope.inv_freq(cfg.head_dim)
-    positions = torch.arange(cfg.max_length + POSITION_SLACK, dtype=torch.float64)
+    positions = torch.arange(num_positions, dtype=torch.float64)
     angles = torch.outer(positions, inv)
     return torch.cat([angles.cos(), angles.sin()], dim=-1).float().to(device)
 
@@ -59,6 +64,23 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
+        self.qkv_weight: torch.Tensor | None = None  # set by fuse(): q|k|v in one matmul
+        self.qkv_bias: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """One matmul for q, k and v (inference): see :func:`fuse_linears`."""
+        if self.qkv_weight is None:
+            self.qkv_weight, self.qkv_bias = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[B, T, in]`` -> q ``[B, T, Hq, D]``, k and v ``[B, T, Hkv, D]`` (one matmul's views if fused)."""
+        b, t, _ = x.shape
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_weight is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split([hq * d, hkv * d, hkv * d], -1)
+        return q.view(b, t, hq, d), k.view(b, t, hkv, d), v.view(b, t, hkv, d)
 
     def forward(
         self,
@@ -73,17 +95,45 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """``tree_len``: tree rows after the prefix (default ``T``); the ``T`` queries are the last ones."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = ops.rotary_embedding(q, k, positions, cos_sin)
+        q, k, v = self.project(x)
         tree_len = t if tree_len is None else tree_len
         # The new rows are the last T of the tree region: write them at lengths + tree_len - T.
-        ops.store_kv(k_cache, v_cache, k, v, lengths if tree_len == t else lengths + (tree_len - t))
+        rows = lengths if tree_len == t else lengths + (tree_len - t)
+        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
+        q = rotary_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, rows, *norms)
         out = ops.tree_attention(q, k_cache, v_cache, lengths, tree_mask, tree_len)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+
+
+def rotary_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, rows, q_norm=None, k_norm=None, eps=0.0):
+    """Optional q/k RMSNorm (Qwen3), rotary on q and k, K/V written at rows ``rows[b] + t``; returns q."""
+    if hasattr(ops, "rotary_store_kv"):
+        return ops.rotary_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, rows, q_norm, k_norm, eps)
+    if q_norm is not None:
+        q, k = ops.rms_norm(q, q_norm, eps), ops.rms_norm(k, k_norm, eps)
+    q, k = ops.rotary_embedding(q, k, positions, cos_sin)
+    ops.store_kv(k_cache, v_cache, k, v, rows)
+    return q
+
+
+def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Concatenate the weights (and biases) of linears sharing an input into one tensor, and make each
+    linear's parameters views of it: one matmul instead of several, while parameter names, ``state_dict``
+    and loading stay Hugging Face's. Returns ``(weight [sum(out), in], bias [sum(out)] or None)``, or
+    ``(None, None)`` (left apart) when only some of them carry a bias."""
+    has_bias = [lin.bias is not None for lin in linears]
+    if any(has_bias) and not all(has_bias):
+        return None, None
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    bias = torch.cat([lin.bias.detach() for lin in linears]) if all(has_bias) else None
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight = nn.Parameter(weight[start : start + rows], requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[start : start + rows], requires_grad=False)
+        start += rows
+    return weight, bias
 
 
 class MLP(nn.Module):
@@ -92,9 +142,19 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, inter, bias=bias)
         self.up_proj = nn.Linear(hidden, inter, bias=bias)
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.gate_up_weight: torch.Tensor | None = None  # set by fuse(): gate|up in one matmul
+        self.gate_up_bias: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """One matmul for gate and up (inference): see :func:`fuse_linears`."""
+        if self.gate_up_weight is None:
+            self.gate_up_weight, self.gate_up_bias = fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
+        if self.gate_up_weight is None:
+            return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
+        gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, -1)
+        return self.down_proj(ops.silu_mul(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -151,9 +211,20 @@ class LlamaModel(nn.Module):
         """``[V, H]``: the output projection (the input embedding when tied)."""
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
-    def init_rotary(self, device: torch.device | str) -> None:
+    def init_rotary(self, device: torch.device | str, num_positions: int | None = None) -> None:
         """Build the rotary table (see :func:`rotary_table`)."""
-        self.cos_sin = rotary_table(self.config, device)
+        self.cos_sin = rotary_table(self.config, device, num_positions)
+
+    def ensure_positions(self, num_positions: int) -> None:
+        """Grow the rotary table to cover positions ``< num_positions`` (a no-op when it does)."""
+        if self.cos_sin.shape[0] < num_positions:
+            self.init_rotary(self.cos_sin.device, num_positions)
+
+    def fuse(self) -> None:
+        """Fused projections for inference: one q|k|v and one gate|up matmul per layer (idempotent)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def allocate_cache(self, batch: int, capacity: int) -> KVCache:
         """A zeroed cache for ``batch`` sequences of up to ``capacity`` rows, in the model's dtype/device."""

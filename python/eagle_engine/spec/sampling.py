@@ -1,11 +1,18 @@
-"""Sampling parameters and the target distribution they define (temperature, top-k, top-p)."""
+"""Sampling parameters, the target distribution they define, and sampling with per-sequence parameters.
+
+Randomness comes from :func:`eagle_kernels.counter_uniform`: each sequence has a seed and a counter on the
+device, so a seeded sequence draws the same numbers alone or in any batch, with no ``torch.Generator`` and no
+host round trip (what a CUDA graph needs).
+"""
 
 from __future__ import annotations
 
-import random
+import operator
 from dataclasses import dataclass
 
 import torch
+
+import eagle_kernels as ops
 
 from ..errors import InvalidRequestError
 
@@ -34,45 +41,109 @@ class SamplingParams:
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution sampling draws from: fp32 ``[..., V]`` logits -> probabilities ``[..., V]``.
 
-    Applied in Hugging Face's order: temperature, then top-k, then top-p (keep the smallest set of most likely
-    tokens whose mass reaches ``top_p``; always at least one).
+    Applied in Hugging Face's order: temperature, then top-k (ties with the k-th logit are kept), then top-p
+    (keep the smallest set of most likely tokens whose mass reaches ``top_p``; always at least one).
     """
-    logits = logits.float() / params.temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
+    rows = logits.reshape(-1, logits.shape[-1])
+    n, dev = rows.shape[0], logits.device
+    probs = probs_per_row(
+        rows,
+        torch.full((n,), float(params.temperature), device=dev),
+        torch.full((n,), float(params.top_p), device=dev),
+        torch.full((n,), int(params.top_k), dtype=torch.int64, device=dev),
+        max_top_k=params.top_k,
+        use_top_p=params.top_p < 1.0,
+    )
+    return probs.view(logits.shape)
+
+
+def probs_per_row(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    max_top_k: int,
+    use_top_p: bool,
+) -> torch.Tensor:
+    """:func:`target_probs` with one set of parameters per row, on the device, with no host synchronisation.
+
+    ``logits`` fp32 ``[N, V]``; ``temperature``/``top_p`` fp32 ``[N]``, ``top_k`` int64 ``[N]`` (0 = off).
+    Rows with ``temperature == 0`` are greedy: they get the one-hot distribution at their argmax, with which
+    sampling verification accepts exactly what greedy verification does. ``max_top_k`` (largest ``top_k`` of
+    any row, 0 = none) and ``use_top_p`` (any row with ``top_p < 1``) come from the host and skip work.
+    """
+    n, v = logits.shape
+    greedy = temperature <= 0
+    scaled = logits.float() / torch.where(greedy, 1.0, temperature).view(n, 1)
+    if 0 < max_top_k < v:
+        k = torch.where(top_k > 0, top_k, max_top_k).clamp(1, max_top_k)
+        top = torch.topk(scaled, max_top_k, dim=-1).values
+        # Rows without top-k compare against -inf: nothing is dropped.
+        kth = torch.where(top_k.view(n, 1) > 0, top.gather(1, (k - 1).view(n, 1)), float("-inf"))
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if use_top_p:
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        drop_sorted = mass_before >= params.top_p  # the first token always survives (mass_before == 0)
+        drop_sorted = mass_before >= top_p.view(n, 1)  # the first token always survives
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    one_hot = torch.zeros_like(probs).scatter(1, logits.argmax(-1, keepdim=True), 1.0)
+    return torch.where(greedy.view(n, 1), one_hot, probs)
 
 
-def make_generators(seed: int | list[int] | None, batch: int, device: torch.device) -> list[torch.Generator]:
-    """One generator per sequence. An int seeds each of them alike, so a sequence samples the same way alone
-    or in a batch; a list gives one seed per sequence; None draws a fresh random seed."""
-    if seed is None:
-        seed = random.SystemRandom().randrange(2**63)
-    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * batch
-    if len(seeds) != batch or not all(isinstance(s, int) for s in seeds):
-        raise InvalidRequestError(f"seed must be an int or a list of {batch} ints, got {seed!r}")
-    gens = []
-    for s in seeds:
-        g = torch.Generator(device=device)
-        g.manual_seed(s)
-        gens.append(g)
-    return gens
+def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw per row: ``probs`` ``[N, V]`` (unnormalised is fine), ``uniforms`` ``[N]`` in [0, 1)
+    -> int64 ``[N]``; a zero-probability entry is never returned."""
+    cdf = torch.cumsum(probs.double(), dim=-1)
+    threshold = (uniforms.double() * cdf[:, -1]).unsqueeze(1)
+    idx = torch.searchsorted(cdf, threshold, right=True).clamp(max=probs.shape[-1] - 1)
+    # Rounding at the top end can land past the last non-zero entry: step back to it.
+    nonzero_from_end = (probs > 0).flip(-1).to(torch.int8)
+    last_nonzero = probs.shape[-1] - 1 - torch.argmax(nonzero_from_end, dim=-1, keepdim=True)
+    return torch.minimum(idx, last_nonzero).squeeze(1)
 
 
-def sample_tokens(
-    logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]
-) -> torch.Tensor:
-    """Next token per row of fp32 ``[B, V]`` logits: argmax when greedy, else one draw per row's generator."""
-    if params.greedy:
-        return logits.argmax(-1)
-    probs = target_probs(logits, params)
-    return torch.cat([torch.multinomial(probs[b], 1, generator=generators[b]) for b in range(probs.shape[0])])
+def check_seed(seed) -> int:
+    """A seed as a Python int in the int64 range (NumPy integers accepted)."""
+    try:
+        if isinstance(seed, bool):
+            raise TypeError
+        value = operator.index(seed)
+    except TypeError:
+        raise InvalidRequestError(f"seed must be an integer, got {seed!r}") from None
+    if not -(2**63) <= value < 2**63:
+        raise InvalidRequestError(f"seed must fit in 64 bits ([-2**63, 2**63)), got {value}")
+    return value
+
+
+def uniforms(seeds: torch.Tensor, offsets: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` uniforms per sequence from its seed and counter, then advance the counter in place (int64
+    ``[B]`` each) -> fp32 ``[B, n]``."""
+    draw = ops.counter_uniform if hasattr(ops, "counter_uniform") else _splitmix
+    u = draw(seeds, offsets, n)
+    offsets += n
+    return u
+
+
+def _signed(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GAMMA, _M1, _M2 = (_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _splitmix(seeds: torch.Tensor, offsets: torch.Tensor, n: int) -> torch.Tensor:
+    """SplitMix64 (seed + (offset + i + 1) * gamma, mixed) -> top 24 bits as uniforms in [0, 1)."""
+    counter = offsets.view(-1, 1) + torch.arange(1, n + 1, device=offsets.device)
+    z = seeds.view(-1, 1) + counter * _GAMMA
+
+    def shr(x, k):
+        return (x >> k) & ((1 << (64 - k)) - 1)
+
+    z = (z ^ shr(z, 30)) * _M1
+    z = (z ^ shr(z, 27)) * _M2
+    z = z ^ shr(z, 31)
+    return shr(z, 40).float() * (2.0**-24)
+

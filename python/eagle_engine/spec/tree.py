@@ -100,32 +100,21 @@ class TreeConfig:
 @dataclass
 class DraftTree:
     """``tokens`` long ``[B, T]``; ``parents`` int32 ``[B, T]`` (-1 at the root); ``depths`` long ``[B, T]``;
-    ``mask`` bool ``[B, T, T]``: node ``i`` sees node ``j`` iff ``j`` is ``i`` or one of its ancestors."""
+    ``mask`` bool ``[B, T, T]``: node ``i`` sees node ``j`` iff ``j`` is ``i`` or one of its ancestors;
+    ``packed_mask``: the same as int32 bits for :func:`eagle_kernels.tree_attention`."""
 
     tokens: torch.Tensor
     parents: torch.Tensor
     depths: torch.Tensor
     mask: torch.Tensor
+    packed_mask: torch.Tensor
 
     @classmethod
-    def from_parents(cls, tokens: torch.Tensor, parents: torch.Tensor) -> "DraftTree":
-        """Derive depths and the ancestor mask from parent indices (parents precede children)."""
-        b, t = tokens.shape
-        mask = torch.zeros(b, t, t, dtype=torch.bool, device=tokens.device)
-        depths = torch.zeros(b, t, dtype=torch.long, device=tokens.device)
-        mask[:, 0, 0] = True
-        rows = torch.arange(b, device=tokens.device)
-        for i in range(1, t):
-            p = parents[:, i].long()
-            mask[:, i] = mask[rows, p]
-            mask[:, i, i] = True
-            depths[:, i] = depths[rows, p] + 1
-        return cls(tokens, parents.to(torch.int32), depths, mask)
-
-    @property
-    def packed_mask(self) -> torch.Tensor:
-        """The mask as packed int32 bits for :func:`eagle_kernels.tree_attention`."""
-        return ops.pack_tree_mask(self.mask)
+    def from_parents(cls, tokens: torch.Tensor, parents: torch.Tensor, max_depth: int | None = None):
+        """Derive depths and the ancestor mask from parent indices (parents precede children), on the device
+        with a fixed number of launches: pointer doubling, ``ceil(log2(max_depth + 1))`` steps."""
+        mask, depths = ancestor_mask(parents, tokens.shape[1] - 1 if max_depth is None else max_depth)
+        return cls(tokens, parents.to(torch.int32), depths, mask, ops.pack_tree_mask(mask))
 
     def paths(self, b: int = 0) -> list[list[int]]:
         """Root-to-leaf node paths of sequence ``b``, by leaf index (the official ``retrieve_indices``)."""
@@ -141,8 +130,33 @@ class DraftTree:
         return out
 
 
+def ancestor_mask(parents: torch.Tensor, max_depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ancestor-or-self mask bool ``[B, T, T]`` and depths long ``[B, T]`` from int ``[B, T]`` parents (-1 at
+    the root), for trees no deeper than ``max_depth``.
+
+    Step ``s`` joins each node's set with the set of its ``2^(s+1)``-th ancestor, so after ``s`` steps a set
+    holds every ancestor up to distance ``2^(s+1) - 1``; the root is its own parent, so overshooting is safe.
+    """
+    b, t = parents.shape
+    up = parents.long().clamp(min=0)  # the root points to itself
+    mask = torch.eye(t, dtype=torch.bool, device=parents.device).expand(b, t, t).clone()
+    mask.scatter_(2, up.unsqueeze(-1), True)
+    mask[:, 0, 0] = True
+    jump = torch.gather(up, 1, up)  # 2 levels up
+    reach = 1
+    while reach < max_depth:
+        mask |= torch.gather(mask, 1, jump.unsqueeze(-1).expand(b, t, t))
+        jump = torch.gather(jump, 1, jump)
+        reach = 2 * reach + 1
+    depths = mask.sum(-1) - 1
+    return mask, depths
+
+
 def build_tree(cfg: TreeConfig, root_token: torch.Tensor, root_hidden: torch.Tensor, step, topk) -> DraftTree:
-    """Draft one tree per sequence. ``root_token`` long ``[B]``; ``root_hidden`` ``[B, H]``."""
+    """Draft one tree per sequence. ``root_token`` long ``[B]``; ``root_hidden`` ``[B, H]``.
+
+    A fixed number of launches per level and no host synchronisation: the same code serves the CPU and a
+    captured CUDA graph."""
     if cfg.kind == "static":
         return _build_static(cfg, root_token, root_hidden, step, topk)
     return _build_dynamic(cfg, root_token, root_hidden, step, topk)
@@ -176,7 +190,7 @@ def _build_dynamic(cfg: TreeConfig, root_token, root_hidden, step, topk) -> Draf
         row_mask = torch.gather(mask, 1, parent_slot.unsqueeze(-1).expand(-1, -1, mask.shape[-1]))
         num_cand += k * k
     return _select(
-        cfg.total_tokens - 1,
+        cfg,
         root_token,
         torch.cat(cand_tokens, 1),
         torch.cat(cand_scores, 1),
@@ -184,55 +198,104 @@ def _build_dynamic(cfg: TreeConfig, root_token, root_hidden, step, topk) -> Draf
     )
 
 
-def _select(n: int, root_token, tokens, scores, parents) -> DraftTree:
-    """Keep the ``n`` best candidates by cumulative score, in candidate order (parents first).
+def _select(cfg: TreeConfig, root_token, tokens, scores, parents) -> DraftTree:
+    """Keep the ``total_tokens - 1`` best candidates by cumulative score, in candidate order (parents first).
 
     A child's score never exceeds its parent's and its index is larger, so ranking by (score desc, index
     asc) keeps every kept node's parent.
     """
+    n = cfg.total_tokens - 1
     b, num = scores.shape
+    dev = scores.device
     order = torch.sort(-scores, dim=1, stable=True).indices[:, :n]
     kept = torch.sort(order, dim=1).values  # [B, n] candidate indices
-    node_of = torch.zeros(b, num, dtype=torch.long, device=scores.device)
-    node_of.scatter_(1, kept, torch.arange(1, n + 1, device=scores.device).expand(b, n))
+    node_of = torch.zeros(b, num, dtype=torch.long, device=dev)
+    node_of.scatter_(1, kept, torch.arange(1, n + 1, device=dev).expand(b, n))
     parent_cand = torch.gather(parents, 1, kept)
     parent_node = torch.where(parent_cand < 0, 0, torch.gather(node_of, 1, parent_cand.clamp(min=0)))
     tree_tokens = torch.cat([root_token.view(b, 1), torch.gather(tokens, 1, kept)], 1)
-    tree_parents = torch.cat([torch.full((b, 1), -1, device=scores.device, dtype=torch.long), parent_node], 1)
-    return DraftTree.from_parents(tree_tokens, tree_parents)
+    tree_parents = torch.cat([torch.full((b, 1), -1, device=dev, dtype=torch.long), parent_node], 1)
+    return DraftTree.from_parents(tree_tokens, tree_parents, cfg.max_depth)
 
 
-def _build_static(cfg: TreeConfig, root_token, root_hidden, step, topk) -> DraftTree:
+@dataclass(frozen=True)
+class _StaticPlan:
+    """Everything about a static tree that does not depend on the draft's output, built once per config and
+    device. Per level: which earlier outputs feed the top-k, which nodes take which ranks, which nodes are
+    expanded by the step and what they see."""
+
+    parents: torch.Tensor  # long [T]
+    depths: torch.Tensor  # long [T]
+    mask: torch.Tensor  # bool [T, T]
+    packed: torch.Tensor  # int32 [1, T, W]
+    width: int  # top-k width
+    # per level: (topk_src [P], nodes [N], pick [N], expand [M], step_src [M], row_mask [M, R])
+    levels: tuple
+
+
+_STATIC_PLANS: dict = {}
+
+
+def _static_plan(cfg: TreeConfig, device: torch.device) -> _StaticPlan:
+    key = (cfg.choices, str(device))
+    if key in _STATIC_PLANS:
+        return _STATIC_PLANS[key]
     choices = sorted(cfg.choices, key=lambda c: (len(c), c))
     index = {c: i + 1 for i, c in enumerate(choices)}  # path -> node
     parents = [-1] + [index.get(c[:-1], 0) for c in choices]
     width = max(c[-1] for c in choices) + 1
-    b, dev = root_hidden.shape[0], root_hidden.device
-    tokens = torch.zeros(b, len(choices) + 1, dtype=torch.long, device=dev)
-    tokens[:, 0] = root_token
-    hidden_of = {0: root_hidden}  # node -> draft output [B, H]
-    row_of: dict[int, int] = {}
+    source_of = {0: 0}  # node -> index into the stacked outputs (0: the root's hidden)
+    rows: list[int] = []  # draft rows of this round, by node
+    levels = []
+
+    def tensor(values, dtype=torch.long):
+        return torch.tensor(values, dtype=dtype, device=device)
+
     for level in range(1, max(len(c) for c in choices) + 1):
         nodes = [index[c] for c in choices if len(c) == level]
         expanded = sorted({parents[n] for n in nodes})
-        _, ids = topk(torch.stack([hidden_of[p] for p in expanded], 1), width)  # [B, P, width]
-        for n in nodes:
-            tokens[:, n] = ids[:, expanded.index(parents[n]), choices[n - 1][-1]]
-        has_children = sorted({index[c[:-1]] for c in choices if len(c) == level + 1})
-        if not has_children:
-            continue
-        first_row = len(row_of)
-        for i, n in enumerate(has_children):
-            row_of[n] = first_row + i
-        mask = torch.zeros(b, len(has_children), len(row_of), dtype=torch.bool, device=dev)
-        for i, n in enumerate(has_children):
+        pick = [expanded.index(parents[n]) * width + choices[n - 1][-1] for n in nodes]
+        expand = sorted({index[c[:-1]] for c in choices if len(c) == level + 1})
+        first_row = len(rows)
+        rows.extend(expand)
+        row_mask = torch.zeros(len(expand), len(rows), dtype=torch.bool)
+        for i, n in enumerate(expand):
             a = n
             while a > 0:
-                mask[:, i, row_of[a]] = True
+                row_mask[i, rows.index(a)] = True
                 a = parents[a]
-        feats = torch.stack([hidden_of[parents[n]] for n in has_children], 1)
-        out = step(tokens[:, has_children], feats, level, mask)
-        for i, n in enumerate(has_children):
-            hidden_of[n] = out[:, i]
-    parent_tensor = torch.tensor(parents, device=dev).expand(b, -1)
-    return DraftTree.from_parents(tokens, parent_tensor)
+        step_src = [source_of[parents[n]] for n in expand]
+        for i, n in enumerate(expand):
+            source_of[n] = 1 + first_row + i
+        levels.append((
+            tensor([source_of[p] for p in expanded]), tensor(nodes), tensor(pick), tensor(expand),
+            tensor(step_src), row_mask.to(device),
+        ))
+    parent_t = tensor(parents).view(1, -1)
+    mask, depths = ancestor_mask(parent_t, len(parents))
+    plan = _StaticPlan(parent_t[0], depths[0], mask[0], ops.pack_tree_mask(mask), width, tuple(levels))
+    _STATIC_PLANS[key] = plan
+    return plan
+
+
+def _build_static(cfg: TreeConfig, root_token, root_hidden, step, topk) -> DraftTree:
+    plan = _static_plan(cfg, root_hidden.device)
+    b, h = root_hidden.shape
+    t = plan.parents.shape[0]
+    outputs = root_hidden.unsqueeze(1)  # [B, 1 + rows so far, H]: the root, then each step's rows
+    tokens = torch.empty(b, t, dtype=torch.long, device=root_hidden.device)
+    tokens[:, 0] = root_token
+    for level, (topk_src, nodes, pick, expand, step_src, row_mask) in enumerate(plan.levels, start=1):
+        _, ids = topk(outputs.index_select(1, topk_src), plan.width)  # [B, P, width]
+        tokens[:, nodes] = ids.reshape(b, -1).index_select(1, pick)
+        if expand.numel():
+            feats = outputs.index_select(1, step_src)
+            out = step(tokens.index_select(1, expand), feats, level, row_mask.expand(b, -1, -1))
+            outputs = torch.cat([outputs, out], 1)
+    return DraftTree(
+        tokens,
+        plan.parents.to(torch.int32).expand(b, t),
+        plan.depths.expand(b, t),
+        plan.mask.expand(b, t, t),
+        plan.packed.expand(b, -1, -1),
+    )

@@ -1,4 +1,4 @@
-"""The ``eagle`` command: ``eagle generate`` (vanilla or EAGLE) and friends."""
+"""The ``eagle`` command: ``eagle generate`` (vanilla or EAGLE), ``train-draft``, ``bench`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,16 @@ import argparse
 import sys
 
 from ..errors import EagleError
-from .common import load_tokenizer, report
+from .common import (
+    add_stop_arg,
+    add_threads_arg,
+    apply_threads,
+    check_model_dir,
+    load_tokenizer,
+    positive_int,
+    report,
+    seed_int,
+)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -29,7 +38,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=seed_int, default=None, help="sampling seed (an int64)")
+    add_stop_arg(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="draft tree: EAGLE-2 dynamic (default: 60 nodes, depth 6, top-k 10), EAGLE-1 static, chain",
     )
     _add_sampling_args(gen)
+    add_threads_arg(gen)
     _add_train_parser(sub)
+    _add_bench_parser(sub)
     _add_demo_parser(sub)
     _add_serve_parser(sub)
     return parser
@@ -55,7 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_train_parser(sub) -> None:
     tr = sub.add_parser("train-draft", help="train an EAGLE draft head for a target on text files")
     tr.add_argument("--base", required=True, help="target model directory (HF format, with tokenizer)")
-    tr.add_argument("--corpus", required=True, nargs="+", help="training text file(s)")
+    tr.add_argument(
+        "--corpus",
+        required=True,
+        nargs="+",
+        help="training text: files or directories (their files, sorted); .jsonl: one JSON object per line "
+        "with a 'text' field; other files: UTF-8 text, one document each or split on --doc-separator",
+    )
+    tr.add_argument("--doc-separator", default=None, help="split text files into documents on this string")
     tr.add_argument("--out", required=True, help="output directory: head, eval.json, checkpoint/")
     tr.add_argument("--kind", choices=("eagle1", "eagle3"), default="eagle1", help="head kind")
     tr.add_argument("--steps", type=int, default=1000)
@@ -64,11 +83,38 @@ def _add_train_parser(sub) -> None:
     tr.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (warm-up, cosine decay)")
     tr.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    tr.add_argument("--eval-corpus", nargs="+", default=None, help="held-out text file(s) for the acceptance")
+    tr.add_argument(
+        "--eval-corpus", nargs="+", default=None, help="held-out corpus for the acceptance (as --corpus)"
+    )
     tr.add_argument("--eval-prompts", type=int, default=8, help="prompts for the final acceptance (0: skip)")
+    tr.add_argument(
+        "--eval-prompt-chars",
+        type=int,
+        default=400,
+        help="characters per evaluation prompt; texts shorter than twice this are skipped (default: 400)",
+    )
     tr.add_argument("--eval-new-tokens", type=int, default=64)
     tr.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--seed", type=seed_int, default=0)
+    add_threads_arg(tr)
+
+
+def _add_bench_parser(sub) -> None:
+    b = sub.add_parser("bench", help="EAGLE vs vanilla tokens/s and acceptance on prompts cut from a corpus")
+    _add_model_args(b)
+    b.set_defaults(draft=None)
+    b.add_argument("--corpus", required=True, nargs="+", help="text to cut prompts from (as train-draft's)")
+    b.add_argument("--doc-separator", default=None, help="split text files into documents on this string")
+    b.add_argument("--trees", default="dynamic,static,chain", help="comma-separated draft trees to measure")
+    b.add_argument("--max-new-tokens", type=positive_int, default=64)
+    b.add_argument("--prompts", type=positive_int, default=8, help="prompts cut from the corpus (default: 8)")
+    b.add_argument("--prompt-chars", type=positive_int, default=400, help="characters per prompt (400)")
+    b.add_argument("--repeats", type=positive_int, default=3, help="interleaved repeats (default: 3)")
+    b.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    b.add_argument("--seed", type=seed_int, default=0, help="prompt choice and sampling seed")
+    add_stop_arg(b)
+    b.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON to OUT")
+    add_threads_arg(b)
 
 
 def _add_demo_parser(sub) -> None:
@@ -83,6 +129,13 @@ def _add_demo_parser(sub) -> None:
         "decoding its tokens one by one, the EAGLE-2 dynamic tree on a GPU",
     )
     demo.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    demo.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads for torch (default: 1: the demo model is so small that more threads cost more "
+        "in hand-offs than they save)",
+    )
 
 
 def _add_serve_parser(sub) -> None:
@@ -103,30 +156,41 @@ def _add_serve_parser(sub) -> None:
 
 def cmd_generate(args) -> None:
     from ..engine.engine import EagleEngine
+    from .detokenize import decode_new
 
+    apply_threads(args.threads)
     if args.base is None:
         from .demo import demo_paths
 
         args.base, demo_head = demo_paths()
         args.draft = args.draft or demo_head
+    check_model_dir(args.base)  # a missing directory or config.json is named before any tokenizer problem
     tokenizer = load_tokenizer(args.base)
     engine = EagleEngine.from_pretrained(
         args.base, args.draft, device=args.device, dtype=args.dtype, tree=args.tree
     )
     ids = tokenizer(args.prompt, add_special_tokens=True)["input_ids"]
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    sampling["stop_token_ids"] = args.stop_token_ids
+    eagle = None
     if args.draft is not None:
-        result = engine.generate(ids, args.max_new_tokens, **sampling)
-        report("eagle", result, args.prompt + tokenizer.decode(result.tokens, skip_special_tokens=True))
+        eagle = engine.generate(ids, args.max_new_tokens, **sampling)
+        report("eagle", eagle, args.prompt + decode_new(tokenizer, ids, eagle.tokens))
     if args.draft is None or args.compare:
-        result = engine.generate_vanilla(ids, args.max_new_tokens, **sampling)
-        text = args.prompt + tokenizer.decode(result.tokens, skip_special_tokens=True)
-        report("vanilla", result, text if args.draft is None else None)
+        vanilla = engine.generate_vanilla(ids, args.max_new_tokens, **sampling)
+        text = args.prompt + decode_new(tokenizer, ids, vanilla.tokens)
+        report("vanilla", vanilla, text if args.draft is None else None)
+        if eagle is not None:
+            same = eagle.tokens == vanilla.tokens
+            print(f"outputs identical: {'yes' if same else 'no'}")
+            if eagle.total_seconds > 0 and vanilla.total_seconds > 0:
+                print(f"speedup: {eagle.tokens_per_second / vanilla.tokens_per_second:.2f}x")
 
 
 def cmd_train_draft(args) -> None:
     from .train import DraftTrainJob, train_draft
 
+    apply_threads(args.threads)
     job = DraftTrainJob(
         base=args.base,
         corpus=args.corpus,
@@ -140,6 +204,8 @@ def cmd_train_draft(args) -> None:
         resume=args.resume,
         eval_corpus=args.eval_corpus,
         eval_prompts=args.eval_prompts,
+        eval_prompt_chars=args.eval_prompt_chars,
+        doc_separator=args.doc_separator,
         eval_new_tokens=args.eval_new_tokens,
         device=args.device,
         seed=args.seed,
@@ -154,7 +220,17 @@ def cmd_train_draft(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args.prompt, args.max_new_tokens, args.tree, args.device)
+    run_demo(args.prompt, args.max_new_tokens, args.tree, args.device, threads=args.threads)
+
+
+def cmd_bench(args) -> None:
+    from .bench import run_bench
+
+    if args.draft is None:
+        from ..errors import EagleError
+
+        raise EagleError("eagle bench needs --draft: the EAGLE head measured against vanilla decoding")
+    run_bench(args)
 
 
 def cmd_serve(args) -> None:
@@ -165,7 +241,9 @@ def cmd_serve(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"generate": cmd_generate, "train-draft": cmd_train_draft, "demo": cmd_demo}
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"generate": cmd_generate, "train-draft": cmd_train_draft, "bench": cmd_bench}
+    commands["demo"] = cmd_demo
     commands["serve"] = cmd_serve
     try:
         commands[args.command](args)

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import EagleError
 from .common import load_tokenizer, report
+from .detokenize import decode_new
 
 
 def demo_paths() -> tuple[str, str]:
@@ -39,7 +40,13 @@ DEMO_PROMPT = '''def read_lines(filename):
     with open(filename) as f:'''
 
 
-def run_demo(prompt: str | None = None, max_new_tokens: int = 128, tree="auto", device="cpu") -> dict:
+def run_demo(
+    prompt: str | None = None,
+    max_new_tokens: int = 128,
+    tree="auto",
+    device="cpu",
+    threads: int | None = None,
+) -> dict:
     """``eagle demo``: complete ``prompt`` (default :data:`DEMO_PROMPT`) with EAGLE on the embedded pair, then
     with vanilla decoding; print the completion, the mean acceptance length and both tokens/s.
 
@@ -50,8 +57,8 @@ def run_demo(prompt: str | None = None, max_new_tokens: int = 128, tree="auto", 
     on_gpu = str(device).startswith("cuda")
     if tree == "auto":
         tree = "dynamic" if on_gpu else "chain"
-    if not on_gpu:
-        torch.set_num_threads(1)  # a 3.4M-parameter model: thread hand-offs cost more than they save
+    # A 3.4M-parameter model: thread hand-offs cost more than they save, hence 1 thread unless told.
+    torch.set_num_threads(1 if threads is None else threads)
     print(f"[demo] draft tree: {tree}, device: {device}")
     target_dir, head_dir = demo_paths()
     prompt = DEMO_PROMPT if prompt is None else prompt
@@ -62,10 +69,11 @@ def run_demo(prompt: str | None = None, max_new_tokens: int = 128, tree="auto", 
         raise EagleError("the prompt is empty")
     engine.generate_vanilla(ids, 4)  # warm-up: first calls pay one-off costs
     eagle = engine.generate(ids, max_new_tokens)
-    report("eagle", eagle, prompt + tokenizer.decode(eagle.tokens, skip_special_tokens=True))
+    report("eagle", eagle, prompt + decode_new(tokenizer, ids, eagle.tokens))
     vanilla = engine.generate_vanilla(ids, max_new_tokens)
     report("vanilla", vanilla)
     same = "identical" if vanilla.tokens == eagle.tokens else "DIFFERENT"
+    print(f"outputs identical: {'yes' if vanilla.tokens == eagle.tokens else 'no'}")
     speedup = eagle.tokens_per_second / max(vanilla.tokens_per_second, 1e-9)
     e_tps, v_tps = eagle.tokens_per_second, vanilla.tokens_per_second
     print(f"EAGLE {e_tps:.1f} tokens/s vs vanilla {v_tps:.1f} tokens/s: {speedup:.2f}x; outputs {same}")

@@ -26,7 +26,8 @@ import eagle_kernels as ops
 from ..errors import TrainingInputError
 from ..models.draft import Eagle1Head, Eagle3Head
 from ..models.llama import LlamaModel
-from .corpus import code_prompts, read_corpus
+from .checks import check_number, check_output_dir
+from .corpus import code_prompts, corpus_files, prompt_pool, read_documents, token_stream
 
 
 @dataclass
@@ -46,10 +47,16 @@ class TrainConfig:
     schedule: str = "constant"  # after warm-up: "constant" (published) or "cosine" (decay to 10% of lr)
 
     def __post_init__(self):
-        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError(f"bad training config: {self}")
+        check_number("steps", self.steps, "int", low=0)
+        check_number("batch_size", self.batch_size, "int", low=1)
+        check_number("warmup_steps", self.warmup_steps, "int", low=0)
+        check_number("unroll", self.unroll, "int", low=1)
+        check_number("seed", self.seed, "int")
+        check_number("lr", self.lr, "float", positive=True)
+        for name in ("feature_weight", "ce_weight", "noise", "grad_clip"):
+            check_number(name, getattr(self, name), "float", low=0)
         if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"unknown lr schedule {self.schedule!r}: use 'constant' or 'cosine'")
+            raise TrainingInputError(f"unknown lr schedule {self.schedule!r}: use 'constant' or 'cosine'")
 
     def lr_at(self, step: int) -> float:
         """Learning rate of 0-based ``step``: linear warm-up, then constant or cosine decay to 10%."""
@@ -207,6 +214,7 @@ class DraftTrainJob:
     eval_prompts: int = 8
     eval_prompt_chars: int = 400
     eval_new_tokens: int = 64
+    doc_separator: str | None = None
     checkpoint_every: int = 100
     device: str = "cpu"
     seed: int = 0
@@ -214,17 +222,23 @@ class DraftTrainJob:
 
     def __post_init__(self):
         if self.kind not in ("eagle1", "eagle3"):
-            raise TrainingInputError(f"unknown head kind {self.kind!r}: use eagle1 or eagle3")
-        for name, low in (("steps", 1), ("seq_len", 2), ("batch_size", 1), ("checkpoint_every", 1)):
-            if getattr(self, name) < low:
-                raise TrainingInputError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        if self.eval_prompts < 0 or self.eval_new_tokens < 1 or not self.lr > 0:
-            raise TrainingInputError(f"bad evaluation settings or lr: {self}")
+            raise TrainingInputError(f"unknown head kind {self.kind!r} (--kind): use eagle1 or eagle3")
+        ints = (("steps", 1), ("seq_len", 2), ("batch_size", 1), ("checkpoint_every", 1), ("eval_prompts", 0),
+                ("eval_prompt_chars", 1), ("eval_new_tokens", 1), ("seed", None))  # fmt: skip
+        for name, low in ints:
+            check_number(name, getattr(self, name), "int", low=low)
+        if self.warmup_steps is not None:
+            check_number("warmup_steps", self.warmup_steps, "int", low=0)
+        check_number("lr", self.lr, "float", positive=True)
+        if isinstance(self.corpus, str) or isinstance(self.eval_corpus, str):
+            raise TrainingInputError("corpus and eval_corpus are lists of paths, not one string")
         if not self.corpus:
-            raise TrainingInputError("no corpus files given")
-        for path in list(self.corpus) + list(self.eval_corpus or []):
-            if not os.path.isfile(path):
-                raise TrainingInputError(f"corpus file not found: {path}")
+            raise TrainingInputError("no corpus given (--corpus)")
+        corpus_files(self.corpus, "--corpus")  # every path exists
+        if self.eval_corpus is not None:
+            corpus_files(self.eval_corpus, "--eval-corpus")
+        if not self.out:
+            raise TrainingInputError("no output directory given (--out)")
 
     def train_config(self) -> TrainConfig:
         warm = min(100, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
@@ -235,16 +249,15 @@ class DraftTrainJob:
 
 
 def make_sequences(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
-    """Tokenize ``texts`` (each preceded by bos when the tokenizer has one) into one stream and cut it into
-    non-overlapping rows: long ``[N, seq_len]``."""
-    stream = []
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        if tokenizer.bos_token_id is not None:
-            stream.append(tokenizer.bos_token_id)
-        stream.extend(ids)
+    """Tokenize ``texts`` into one stream (:func:`~.corpus.token_stream`: BOS at every document start when the
+    tokenizer has one) and cut it into non-overlapping rows: long ``[N, seq_len]``."""
+    stream = token_stream(tokenizer, texts)
     n = len(stream) // seq_len
     if n == 0:
-        raise TrainingInputError(f"the corpus has {len(stream)} tokens: fewer than one sequence of {seq_len}")
+        raise TrainingInputError(
+            f"the corpus has {len(stream)} tokens: fewer than one sequence of --seq-len {seq_len}; "
+            "give more text or a smaller --seq-len"
+        )
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
@@ -278,7 +291,7 @@ def evaluate_acceptance(engine, tokenizer, texts: list[str], job: DraftTrainJob)
 
     prompts = code_prompts(texts, job.eval_prompts, job.eval_prompt_chars, seed=job.seed)
     rounds, new_tokens, seconds = [], 0, 0.0
-    keep = max(1, engine.max_length - job.eval_new_tokens - 80)  # room for the output and a draft tree
+    keep = max(1, engine.max_length - job.eval_new_tokens - TREE_ROOM)  # room for the output and a tree
     for text in prompts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][-keep:]
         result = engine.generate(ids, job.eval_new_tokens)
@@ -295,19 +308,88 @@ def evaluate_acceptance(engine, tokenizer, texts: list[str], job: DraftTrainJob)
     }
 
 
+TREE_ROOM = 80  # positions an evaluation prompt leaves free for a draft tree beyond its new tokens
+
+
+@dataclass
+class PreparedJob:
+    """What :func:`prepare_job` checked and built before the first training step."""
+
+    tokenizer: object
+    sequences: torch.Tensor
+    eval_texts: list[str]
+    report: dict
+
+
+def _say(job: DraftTrainJob, line: str) -> None:
+    if job.show_progress:
+        print(f"train-draft: {line}", file=sys.stderr)
+
+
+def prepare_job(job: DraftTrainJob) -> PreparedJob:
+    """Every check that can fail, before any training step: the model directory and its tokenizer, --seq-len
+    against the model's max_position_embeddings, the corpora (readable, non-empty, enough tokens), the
+    evaluation prompts (some text long enough to cut them from), a writable --out.
+    Reports documents used and skipped on stderr."""
+    from .common import check_model_dir, load_tokenizer
+
+    config = check_model_dir(job.base)
+    if job.seq_len > config.max_length:
+        raise TrainingInputError(
+            f"--seq-len {job.seq_len} exceeds the model's maximum length {config.max_length} "
+            f"(max_position_embeddings {config.max_position_embeddings} in {job.base}/config.json): "
+            f"use --seq-len <= {config.max_length}"
+        )
+    tokenizer = load_tokenizer(job.base)
+    corpus = read_documents(job.corpus, job.doc_separator, "--corpus")
+    report = {"corpus": corpus.describe()}
+    _say(job, f"corpus: {report['corpus']}")
+    sequences = make_sequences(tokenizer, corpus.documents, job.seq_len)
+    report["sequences"] = int(sequences.shape[0])
+    _say(job, f"{sequences.shape[0]} training sequences of {job.seq_len} tokens")
+    eval_texts = []
+    if job.eval_prompts:
+        eval_texts = _check_evaluation(job, corpus)
+        report["eval_texts"] = len(eval_texts)
+    check_output_dir(job.out)
+    return PreparedJob(tokenizer, sequences, eval_texts, report)
+
+
+def _check_evaluation(job: DraftTrainJob, corpus) -> list[str]:
+    """The texts evaluation prompts are cut from; raise naming the flags when there are none."""
+    source = corpus if job.eval_corpus is None else read_documents(job.eval_corpus, job.doc_separator,
+                                                                     "--eval-corpus")  # fmt: skip
+    flag_name = "--corpus (used for evaluation without --eval-corpus)" if job.eval_corpus is None else (
+        "--eval-corpus")  # fmt: skip
+    pool = prompt_pool(source.documents, job.eval_prompt_chars)
+    need = 2 * job.eval_prompt_chars
+    if not pool:
+        longest = max(len(t) for t in source.documents)
+        raise TrainingInputError(
+            f"{flag_name}: no text of at least {need} characters (2 x --eval-prompt-chars "
+            f"{job.eval_prompt_chars}) to cut evaluation prompts from; the longest has {longest}. Lower "
+            "--eval-prompt-chars, give longer texts, or skip the evaluation with --eval-prompts 0"
+        )
+    skipped = len(source.documents) - len(pool)
+    _say(job, f"evaluation prompts: cut from {len(pool)} of {len(source.documents)} document(s) "
+              f"({skipped} shorter than {need} characters skipped; {source.describe()})")  # fmt: skip
+    return pool
+
+
 def train_draft(job: DraftTrainJob) -> dict:
-    """The ``eagle train-draft`` workflow (see :class:`DraftTrainJob`); returns what ``eval.json`` holds."""
+    """The ``eagle train-draft`` workflow (see :class:`DraftTrainJob`); returns what ``eval.json`` holds.
+
+    Everything that can be checked is checked before the first step (:func:`prepare_job`)."""
     from tqdm import tqdm
 
     from ..engine.engine import EagleEngine, resolve_device
     from ..models import load_target
     from ..models.draft import init_random_head
     from ..models.loading import load_draft, save_draft
-    from .common import load_tokenizer
 
     device = resolve_device(job.device)
-    tokenizer = load_tokenizer(job.base)
-    sequences = make_sequences(tokenizer, read_corpus(job.corpus), job.seq_len)
+    prep = prepare_job(job)
+    tokenizer, sequences = prep.tokenizer, prep.sequences
     target = load_target(job.base, device=device, dtype=torch.float32)
     cfg = job.train_config()
     ckpt = os.path.join(job.out, "checkpoint")
@@ -334,11 +416,11 @@ def train_draft(job: DraftTrainJob) -> dict:
     save_draft(head, job.out)
     held_out = job.eval_corpus is not None
     summary = {"steps": job.steps, "final_loss": losses[-1] if losses else None, "held_out": held_out}
+    summary["inputs"] = prep.report
     if job.eval_prompts:
         engine = EagleEngine(target, load_draft(job.out, target))
-        texts = read_corpus(job.eval_corpus if held_out else job.corpus)
-        summary.update(evaluate_acceptance(engine, tokenizer, texts, job))
-        print(f"mean acceptance length: {summary['mean_accept_length']:.2f}", file=sys.stderr)
+        summary.update(evaluate_acceptance(engine, tokenizer, prep.eval_texts, job))
+        _say(job, f"mean acceptance length: {summary['mean_accept_length']:.2f}")
     with open(os.path.join(job.out, "eval.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary

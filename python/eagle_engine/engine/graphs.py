@@ -1,0 +1,56 @@
+"""CUDA graphs for decoding steps: the only GPU-only code of the engine.
+
+A step function mutates static buffers only (see :mod:`.batch`). Per key (batch bucket, mode) the first
+call runs eagerly (it compiles the Triton kernels and warms cuBLAS up), the second captures the step into a
+graph and replays it, and every later call replays. Nothing runs during capture, so each call executes the
+step exactly once. A step that cannot be captured (e.g. an op that falls back to a reference with host
+synchronisation) runs eagerly from then on, with a warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Hashable
+
+import torch
+
+
+class GraphCache:
+    def __init__(self, device: torch.device, enabled: bool):
+        self.device, self.enabled = device, enabled
+        self.graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
+        self.warmed: set[Hashable] = set()
+        self.failed: set[Hashable] = set()
+        self.pool = None  # one memory pool shared by all graphs (they never run concurrently)
+
+    def run(self, key: Hashable, step: Callable[[], None]) -> None:
+        """Run ``step`` once: eagerly, or by capturing then replaying, or by replaying (see the module)."""
+        if not self.enabled or key in self.failed:
+            step()
+            return
+        graph = self.graphs.get(key)
+        if graph is None and key not in self.warmed:
+            self.warmed.add(key)
+            step()
+            return
+        if graph is None:
+            graph = self._capture(key, step)
+            if graph is None:
+                step()
+                return
+        graph.replay()
+
+    def _capture(self, key: Hashable, step: Callable[[], None]):
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(self.device)
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                step()
+        except Exception as e:  # noqa: BLE001 (any capture failure means: run this key eagerly)
+            torch.cuda.synchronize(self.device)
+            warnings.warn(f"CUDA graph capture failed for {key!r} ({type(e).__name__}: {e}); running eagerly")
+            self.failed.add(key)
+            return None
+        self.pool = graph.pool()
+        self.graphs[key] = graph
+        return graph
