@@ -72,15 +72,19 @@ def _free_port() -> int:
 class Server:
     """uvicorn serving ``create_app(...)`` in a background thread on a free loopback port."""
 
-    def __init__(self, directory, head, name="tiny", tokenizer=None, **app_kwargs):
+    def __init__(self, directory, head, name="tiny", tokenizer=None, max_batch_size=4, max_queue=32):
         import uvicorn
 
         from eagle_engine.serve import create_app
         from eagle_engine.tools.common import load_tokenizer
 
-        self.engine = EagleEngine.from_pretrained(directory, head, tree="chain")
+        self.engine = EagleEngine.from_pretrained(
+            directory, head, tree="chain", max_batch_size=max_batch_size
+        )
+        # references come from a second engine: the server's engine thread owns the first one's runner
+        self.reference = EagleEngine.from_pretrained(directory, head, tree="chain")
         self.tokenizer = tokenizer or load_tokenizer(directory)
-        self.app = create_app(self.engine, self.tokenizer, name, **app_kwargs)
+        self.app = create_app(self.engine, self.tokenizer, name, max_queue=max_queue)
         self.port = _free_port()
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
@@ -123,7 +127,7 @@ def _ids(server, text: str) -> list[int]:
 
 def reference(server, ids: list[int], max_tokens: int, **sampling) -> str:
     """The engine alone on this prompt: ``engine.generate`` (EAGLE), decoded."""
-    result = server.engine.generate(ids, max_tokens, **sampling)
+    result = server.reference.generate(ids, max_tokens, **sampling)
     return server.tokenizer.decode(result.tokens, skip_special_tokens=True)
 
 
@@ -184,7 +188,7 @@ def test_stop_strings_and_stop_ids(server):
     assert text == full[: full.find(stop)] and finish == "stop"
     streamed, finish, _ = complete(server, PROMPTS[1], stream=True, max_tokens=30, stop=stop)
     assert streamed == text and finish == "stop"
-    tokens = server.engine.generate(ids, 30).tokens
+    tokens = server.reference.generate(ids, 30).tokens
     r = server.client.completions.create(
         model="tiny",
         prompt=PROMPTS[1],
@@ -198,8 +202,9 @@ def test_stop_strings_and_stop_ids(server):
 
 
 def test_sixteen_concurrent_clients(server):
-    """Greedy and sampled requests mixed in one batch (4 slots, the rest queued): every one completes, and
-    each greedy one equals the engine alone on its prompt."""
+    """Greedy and seeded sampled requests mixed in one batch (4 slots, the rest queued): every one
+    completes, and each equals the engine alone on its prompt (greedy: the same tokens; seeded: the same
+    draws)."""
     jobs = []
     for i in range(16):
         sampled = i % 2 == 1
@@ -220,6 +225,9 @@ def test_sixteen_concurrent_clients(server):
         assert finish == "length" and usage.completion_tokens == kw["max_tokens"]
         if kw["temperature"] == 0:
             assert text == reference(server, _ids(server, prompt), kw["max_tokens"]), prompt
+        else:  # a seeded sequence samples from its own generator: the same in any batch
+            sampling = dict(temperature=0.9, top_p=0.9, top_k=40, seed=kw["seed"])
+            assert text == reference(server, _ids(server, prompt), kw["max_tokens"], **sampling), prompt
     assert server.scheduler.num_running == 0 and server.scheduler.runner.free_slots() == 4
 
 
@@ -370,7 +378,7 @@ def test_one_failing_request_fails_alone(server):
     assert done.wait(TIMEOUT)
     assert outputs["bad"][-1].finish_reason == "error" and "broken" in str(outputs["bad"][-1].error)
     good = [t for o in outputs["good"] for t in o.token_ids]
-    assert good == server.engine.generate(ids, 12).tokens and outputs["good"][-1].finish_reason == "length"
+    assert good == server.reference.generate(ids, 12).tokens and outputs["good"][-1].finish_reason == "length"
 
 
 def test_metrics_parse(server):

@@ -202,7 +202,7 @@ class Scheduler:
         for h in joining:
             self._running[h.seq] = h
         self._round_done("prefill", time.perf_counter() - t0, len(joining))
-        self._deliver_all({h.seq: first.get(h.seq, []) for h in joining}, after_step=False)
+        self._deliver_all({h.seq: first.get(h.seq, []) for h in joining})
 
     def _step(self) -> None:
         t0 = time.perf_counter()
@@ -214,7 +214,7 @@ class Scheduler:
                 self._fail(h, e)
             return
         self._round_done("round", time.perf_counter() - t0, batch)
-        self._deliver_all({seq: kept.get(seq, []) for seq in self._running}, after_step=True)
+        self._deliver_all({seq: kept.get(seq, []) for seq in self._running})
 
     def _round_done(self, kind: str, seconds: float, batch: int) -> None:
         if self.on_round is not None:
@@ -223,14 +223,15 @@ class Scheduler:
             except Exception:
                 pass
 
-    def _deliver_all(self, kept: dict, after_step: bool) -> None:
-        """``after_step``: the runner has already released the sequences that its step finished."""
+    def _deliver_all(self, kept: dict) -> None:
+        """Hand out the tokens ``add``/``step`` kept; the runner has already released the sequences they
+        finished."""
         for seq, tokens in kept.items():
             h = self._running.get(seq)
             if h is None:
                 continue
             try:
-                self._advance(h, list(tokens), runner_released=after_step and seq.done)
+                self._advance(h, list(tokens), runner_released=seq.done)
             except Exception as e:
                 self._fail(h, e)
 

@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ..engine.scheduler import QueueFullError, Scheduler
 from ..engine.scheduler import Request as EngineRequest
 from ..errors import InvalidRequestError
+from ..spec.sampling import check_seed
 from ..tools.detokenize import IncrementalDetokenizer
 from .errors import APIError, install_handlers, invalid
 from .metrics import Metrics
@@ -65,37 +66,38 @@ class LockedTokenizer:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
 
-def make_runner(engine, max_batch_size: int):
-    """``(runner, sequence class)``: the engine's step-wise runner, or the serial stand-in without one."""
-    runner = getattr(engine, "runner", None)
-    if runner is not None:
-        from ..engine.sequence import Sequence
+def make_runner(engine):
+    """``(runner, new_sequence)``: the engine's runner (EAGLE rounds with a draft head, else vanilla steps)
+    and a factory of its sequences, capped at the runner's ``max_model_len``."""
+    from ..engine.sequence import Sequence
 
-        return runner, Sequence
-    from ..engine.serial_runner import SerialRunner, SerialSequence
+    runner = engine.runner
 
-    return SerialRunner(engine, max_batch_size), SerialSequence
+    def new_sequence(prompt, params, max_new_tokens, stop_ids, seed):
+        return Sequence(prompt, params, max_new_tokens, stop_ids, seed, runner.max_model_len)
+
+    return runner, new_sequence
 
 
 class ServeState:
-    def __init__(self, engine, tokenizer, model_name: str, max_batch_size: int, max_queue: int):
+    def __init__(self, engine, tokenizer, model_name: str, max_queue: int):
         self.engine, self.model_name = engine, model_name
         self.tokenizer = LockedTokenizer(tokenizer)
         cfg = engine.target.config
         self.vocab_size, self.eos_ids = cfg.vocab_size, frozenset(cfg.eos_token_ids)
-        runner, sequence_cls = make_runner(engine, max_batch_size)
+        runner, new_sequence = make_runner(engine)
         self.max_model_len = runner.max_model_len
         self.metrics = Metrics(lambda: self.scheduler)
         self.scheduler = Scheduler(
-            runner, sequence_cls, max_queue, self.metrics.observe_round, self.metrics.observe_finish
+            runner, new_sequence, max_queue, self.metrics.observe_round, self.metrics.observe_finish
         )
         self.created = int(time.time())
 
 
-def create_app(
-    engine, tokenizer, model_name: str = "eagle", max_batch_size: int = 8, max_queue: int = 256
-) -> FastAPI:
-    state = ServeState(engine, tokenizer, model_name, max_batch_size, max_queue)
+def create_app(engine, tokenizer, model_name: str = "eagle", max_queue: int = 256) -> FastAPI:
+    """The app over ``engine.runner`` (its ``max_batch_size`` slots, its ``max_model_len``); at most
+    ``max_queue`` requests wait for a slot, more answer 503."""
+    state = ServeState(engine, tokenizer, model_name, max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -218,6 +220,11 @@ def _chat_prompt(state: ServeState, body: ChatCompletionRequest) -> list[int]:
 
 async def _respond(state: ServeState, request: Request, body, prompt: list[int], max_tokens: int, chat: bool):
     params = sampling_of(body)
+    if body.seed is not None:
+        try:
+            check_seed(body.seed)
+        except InvalidRequestError as e:
+            raise invalid(str(e), "seed") from None
     stop_ids = set(state.eos_ids)
     for t in body.stop_token_ids or []:
         if not 0 <= t < state.vocab_size:

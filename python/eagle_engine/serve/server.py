@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 
 from ..errors import EagleError
@@ -15,8 +14,6 @@ def model_name_of(base: str | None) -> str:
 def load(base: str | None, draft: str | None, device="cpu", dtype="float32", tree="auto", max_batch_size=8):
     """``(engine, tokenizer, model_name)``; no ``base``: the embedded demo pair (with its head unless
     ``draft`` names another)."""
-    import torch
-
     from ..engine.engine import EagleEngine
     from ..tools.common import load_tokenizer
     from ..tools.demo import demo_paths
@@ -28,12 +25,9 @@ def load(base: str | None, draft: str | None, device="cpu", dtype="float32", tre
     on_gpu = str(device).startswith("cuda")
     if tree == "auto":  # as `eagle demo`: a chain where verification costs compute, the dynamic tree on a GPU
         tree = "dynamic" if on_gpu else "chain"
-    if not on_gpu and torch.get_num_threads() > 1 and os.environ.get("OMP_NUM_THREADS") is None:
-        torch.set_num_threads(1)  # small models on shared CPUs: thread hand-offs cost more than they save
-    kwargs = dict(device=device, dtype=dtype, tree=tree)
-    if "max_batch_size" in inspect.signature(EagleEngine.from_pretrained).parameters:
-        kwargs["max_batch_size"] = max_batch_size
-    engine = EagleEngine.from_pretrained(base, draft, **kwargs)
+    engine = EagleEngine.from_pretrained(
+        base, draft, device=device, dtype=dtype, tree=tree, max_batch_size=max_batch_size
+    )
     return engine, load_tokenizer(base), name
 
 
@@ -42,12 +36,15 @@ def serve(args) -> None:
         import uvicorn
     except ImportError:
         raise EagleError("eagle serve needs the server extras: pip install 'eagle-spec[serve]'") from None
+    from ..tools.common import apply_threads
     from .app import create_app
+
+    apply_threads(args.threads)
 
     engine, tokenizer, name = load(
         args.base, args.draft, args.device, args.dtype, args.tree, args.max_batch_size
     )
-    app = create_app(engine, tokenizer, name, args.max_batch_size, args.max_queue)
+    app = create_app(engine, tokenizer, name, args.max_queue)
     mode = "EAGLE" if engine.draft is not None else "vanilla"
     print(f"eagle serve: {name} ({mode}) on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -143,8 +143,8 @@ def _add_serve_parser(sub) -> None:
     _add_model_args(sv)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together (default: 8)")
-    sv.add_argument("--max-queue", type=int, default=256, help="requests waiting before 503 (default: 256)")
+    sv.add_argument("--max-batch-size", type=positive_int, default=8, help="sequences decoded together")
+    sv.add_argument("--max-queue", type=positive_int, default=256, help="requests waiting before a 503")
     sv.add_argument(
         "--tree",
         default="auto",
@@ -152,6 +152,7 @@ def _add_serve_parser(sub) -> None:
         help="draft tree; auto (default): chain on CPU, the EAGLE-2 dynamic tree on a GPU",
     )
     sv.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
+    add_threads_arg(sv)
 
 
 def cmd_generate(args) -> None:
