@@ -225,7 +225,7 @@ async def _respond(state: ServeState, request: Request, body, prompt: list[int],
             check_seed(body.seed)
         except InvalidRequestError as e:
             raise invalid(str(e), "seed") from None
-    stop_ids = set(state.eos_ids)
+    stop_ids = set() if body.ignore_eos else set(state.eos_ids)
     for t in body.stop_token_ids or []:
         if not 0 <= t < state.vocab_size:
             raise invalid(f"stop_token_ids holds {t}, outside the vocabulary", "stop_token_ids")

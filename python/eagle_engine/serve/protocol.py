@@ -31,6 +31,7 @@ class _Common(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # extension: ids that end the sequence besides the model's eos
+    ignore_eos: bool = False  # extension: do not stop at the model's eos ids (benchmarks)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = None
