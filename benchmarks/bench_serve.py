@@ -194,6 +194,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
 
+    import torch
+
     from eagle_engine import demo_paths
     from eagle_engine.tools import corpus
     from eagle_engine.tools.bench import load_average, machine
@@ -205,6 +207,7 @@ def main(argv=None) -> int:
     texts = corpus.read_corpus(corpus.stdlib_files("heldout"))
     prompts = corpus.code_prompts(texts, max(args.concurrency) * args.requests_per_client, args.prompt_chars)
     model = os.path.basename(os.path.normpath(base))
+    torch.set_num_threads(args.threads)  # (this process only times clients) so machine() names the server's
     load_before = load_average()
     records = []
     for mode, head in (("eagle", draft), ("vanilla", None)):
@@ -230,6 +233,8 @@ def main(argv=None) -> int:
         load_average_after=load_average(),
         device=args.device,
         tree=args.tree,
+        server_threads=args.threads,
+        max_batch_size=max(args.concurrency),
         max_tokens=args.max_tokens,
         requests_per_client=args.requests_per_client,
         prompt_chars=args.prompt_chars,

@@ -11,6 +11,7 @@ request only; a failing runner step fails the sequences of that step, and the sc
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import random
 import threading
@@ -104,6 +105,11 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self._running)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread is running."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="eagle-engine", daemon=True)
         self._thread.start()
@@ -192,6 +198,9 @@ class Scheduler:
             if len(joining) == 1:
                 self._fail(joining[0], e)
                 return
+            for h in joining:  # a failed prefill may have left them in the batch
+                with contextlib.suppress(Exception):
+                    self.runner.release(h.seq)
             first = {}
             for h in joining:  # find the request that does not fit: add one at a time
                 try:
@@ -241,7 +250,7 @@ class Scheduler:
         text_ids = tokens
         if seq.done and seq.stop_reason == "stop_token" and tokens and tokens[-1] in r.stop_ids:
             text_ids = tokens[:-1]  # the stop token's own text is not part of the completion
-        finish = FINISH_REASONS.get(seq.stop_reason) if seq.done else None
+        finish = FINISH_REASONS.get(seq.stop_reason, seq.stop_reason) if seq.done else None
         piece = ""
         if r.detokenizer is not None:
             h.text += r.detokenizer.push(text_ids) if text_ids else ""

@@ -111,7 +111,7 @@ def create_app(engine, tokenizer, model_name: str = "eagle", max_queue: int = 25
 
     @app.get("/health")
     async def health():
-        if state.scheduler._thread is None or not state.scheduler._thread.is_alive():
+        if not state.scheduler.alive:
             return JSONResponse({"status": "engine thread not running"}, status_code=503)
         return {"status": "ok"}
 
