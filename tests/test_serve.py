@@ -398,3 +398,18 @@ def test_metrics_parse(server):
     assert samples["eagle_generation_tokens_total"] >= 4 and samples["eagle_round_seconds_count"] >= 1
     assert samples["eagle_mean_acceptance_length"] >= 1.0
     assert samples["eagle_queue_depth"] == 0 and samples["eagle_running_batch"] == 0
+
+
+def test_cli_serve_flags():
+    from eagle_engine.tools.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--port", "8123", "--max-batch-size", "16", "--tree", "chain"])
+    assert (args.command, args.port, args.max_batch_size, args.tree, args.host) == (
+        "serve",
+        8123,
+        16,
+        "chain",
+        "127.0.0.1",
+    )
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--max-batch-size", "0"])
