@@ -79,6 +79,23 @@ def cuda_extensions() -> tuple[list, dict]:
     return [extension], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
+# Triton kernels (Linux only; Triton 3.6's interpreter, used by the CPU tests, needs numpy < 2.3).
+TRITON = ['triton>=3.6; platform_system == "Linux"', "numpy<2.3"]
+# Everything `python -m pytest -q tests` and `ruff check .` need on a fresh machine, the server tests' HTTP
+# stack included; ninja runs the CUDA extension's compile test in parallel.
+TEST_TOOLS = [
+    "pytest",
+    "scipy",
+    "ruff",
+    "ninja",
+    "fastapi",
+    "uvicorn",
+    "openai",
+    "httpx",
+    "prometheus_client",
+    "matplotlib",
+]
+
 engine_packages = find_packages(where="python")
 ext_modules, cmdclass = cuda_extensions()
 
@@ -92,10 +109,10 @@ setup(
     package_dir={name: os.path.join("python", *name.split(".")) for name in engine_packages},
     package_data={"eagle_engine": ["data/**/*"]},
     include_package_data=True,
-    install_requires=["torch", "numpy", "safetensors", "transformers", "tokenizers"],
+    install_requires=["torch", "numpy", "safetensors", "transformers", "tokenizers", "tqdm"],
     extras_require={
-        "triton": ["triton"],
-        "test": ["pytest"],
+        "triton": TRITON,
+        "test": TRITON + TEST_TOOLS,
         "serve": ["fastapi", "uvicorn", "prometheus_client"],
     },
     entry_points={"console_scripts": ["eagle = eagle_engine.tools.cli:main"]},

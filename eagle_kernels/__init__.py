@@ -19,14 +19,17 @@ from . import reference
 from .reference import causal_tree_mask, pack_tree_mask, unpack_tree_mask
 
 try:  # Triton kernels, loaded before the public functions below so that their names rebind to the functions
+    from . import counter_uniform as _counter_uniform_triton
     from . import draft_fc as _draft_fc_triton
     from . import kv_compact as _kv_compact_triton
     from . import lm_head_topk as _lm_head_topk_triton
     from . import rms_norm as _rms_norm_triton
+    from . import rotary_store_kv as _rotary_store_kv_triton
+    from . import silu_mul as _silu_mul_triton
     from . import tree_attention as _tree_attention_triton
 except ImportError:  # no triton: these ops run the reference
     _draft_fc_triton = _kv_compact_triton = _lm_head_topk_triton = _rms_norm_triton = None
-    _tree_attention_triton = None
+    _tree_attention_triton = _counter_uniform_triton = _rotary_store_kv_triton = _silu_mul_triton = None
 
 HAS_TRITON = _tree_attention_triton is not None
 
@@ -89,12 +92,37 @@ def rotary_embedding(q, k, positions, cos_sin):
 
 def silu_mul(gate, up):
     """SwiGLU activation. Contract: :func:`eagle_kernels.reference.silu_mul`."""
+    if (_silu_mul_triton is not None and triton_enabled(gate) and gate.dim() > 0 and gate.shape == up.shape
+            and gate.dtype == up.dtype):
+        return _silu_mul_triton.silu_mul(gate, up)
     return reference.silu_mul(gate, up)
 
 
 def store_kv(k_cache, v_cache, k, v, lengths):
     """Write new K/V rows at ``lengths[b] + t``. Contract: :func:`eagle_kernels.reference.store_kv`."""
     return reference.store_kv(k_cache, v_cache, k, v, lengths)
+
+
+def rotary_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, rows,
+                    q_norm_weight=None, k_norm_weight=None, eps=1e-6):
+    """Optional q/k RMSNorm, rotary embedding and the K/V cache write, one launch.
+    Contract: :func:`eagle_kernels.reference.rotary_store_kv`."""
+    args = (q, k, v, positions, cos_sin, k_cache, v_cache, rows, q_norm_weight, k_norm_weight, eps)
+    if (_rotary_store_kv_triton is not None and triton_enabled(q)
+            and q.shape[-1] <= _rotary_store_kv_triton.MAX_HEAD_DIM and q.shape[-1] % 2 == 0
+            and q.dtype == k.dtype == v.dtype and cos_sin.dtype == torch.float32
+            and all(x.stride(-1) == 1 for x in (q, k, v, k_cache, v_cache, cos_sin))):
+        return _rotary_store_kv_triton.rotary_store_kv(*args)
+    return reference.rotary_store_kv(*args)
+
+
+def counter_uniform(seeds, offsets, n):
+    """Counter-based (SplitMix64) uniforms ``[B, n]``.
+    Contract: :func:`eagle_kernels.reference.counter_uniform`."""
+    if (_counter_uniform_triton is not None and triton_enabled(seeds) and seeds.dtype == torch.int64
+            and offsets.dtype == torch.int64):
+        return _counter_uniform_triton.counter_uniform(seeds, offsets, n)
+    return reference.counter_uniform(seeds, offsets, n)
 
 
 def kv_compact(cache, lengths, src, counts):
@@ -156,6 +184,8 @@ __all__ = [
     "rotary_embedding",
     "silu_mul",
     "store_kv",
+    "rotary_store_kv",
+    "counter_uniform",
     "kv_compact",
     "draft_fc",
     "lm_head_topk",

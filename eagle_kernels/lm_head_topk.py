@@ -1,8 +1,9 @@
 """Triton top-k LM head: top-k log-probabilities over the vocabulary without writing the logits.
 
 Each program computes the logits of a ``BLOCK_V`` slice of the vocabulary for ``BLOCK_R`` rows, and writes
-only a tile-local max, sum-exp and top-``K_PAD`` candidates; the candidates and log-sum-exp partials are then
-merged. Contract: :func:`eagle_kernels.reference.lm_head_topk`. No host synchronisation.
+only a tile-local max, sum-exp and top-``K_PAD`` candidates; a second kernel, one program per row, merges the
+log-sum-exp partials and takes the top-k of the candidates. Exactly two launches, no host synchronisation.
+Contract: :func:`eagle_kernels.reference.lm_head_topk`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ LM_HEAD_CONFIGS = {
 }
 K_PAD_CHOICES = (1, 4, 16)  # tile-local top-K_PAD, K_PAD the smallest choice >= k
 MAX_TOPK = K_PAD_CHOICES[-1]
+MERGE_BLOCK = 1024  # tile partials / candidates per step of the merge kernel
+MERGE_NUM_WARPS = 4
 
 
 @triton.jit
@@ -67,6 +70,53 @@ def _lm_head_topk_kernel(
         x = tl.where(offs_v[None, :] == arg[:, None], float("-inf"), x)
 
 
+@triton.jit
+def _lm_head_topk_merge_kernel(
+    cand_val_ptr, cand_idx_ptr, tile_max_ptr, tile_sum_ptr, out_val_ptr, out_idx_ptr,
+    num_tiles, num_cand, k,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    # Global log-sum-exp over the tile partials: the max, then the rescaled sum.
+    m = tl.full([], float("-inf"), dtype=tl.float32)
+    for t0 in range(0, num_tiles, BLOCK):
+        tiles = t0 + offs
+        tm = tl.load(tile_max_ptr + row * num_tiles + tiles, mask=tiles < num_tiles, other=float("-inf"))
+        m = tl.maximum(m, tl.max(tm, 0))
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for t0 in range(0, num_tiles, BLOCK):
+        tiles = t0 + offs
+        ok = tiles < num_tiles
+        tm = tl.load(tile_max_ptr + row * num_tiles + tiles, mask=ok, other=float("-inf"))
+        ts = tl.load(tile_sum_ptr + row * num_tiles + tiles, mask=ok, other=0.0)
+        total += tl.where(ok, ts * tl.exp(tm - m), 0.0)
+    lse = m + tl.log(tl.sum(total, 0))
+    # Top-k of the candidates in the order (value descending, position ascending): round i takes the best
+    # candidate strictly after round i-1's pick. Candidates of one tile are sorted with the leftmost index
+    # first on ties and tiles are in vocabulary order, so the smallest position is the smallest vocab index.
+    prev_v = tl.full([], float("inf"), dtype=tl.float32)
+    prev_p = tl.full([], -1, dtype=tl.int32)
+    for i in range(k):
+        best_v = tl.full([], float("-inf"), dtype=tl.float32)
+        best_p = tl.full([], 2147483647, dtype=tl.int32)
+        for c0 in range(0, num_cand, BLOCK):
+            pos = c0 + offs
+            vals = tl.load(cand_val_ptr + row * num_cand + pos, mask=pos < num_cand, other=float("-inf"))
+            eligible = (pos < num_cand) & ((vals < prev_v) | ((vals == prev_v) & (pos > prev_p)))
+            vals = tl.where(eligible, vals, float("-inf"))
+            c_v = tl.max(vals, 0)
+            c_p = tl.min(tl.where(eligible & (vals == c_v), pos, 2147483647), 0)
+            better = (c_v > best_v) | ((c_v == best_v) & (c_p < best_p))
+            best_v = tl.where(better, c_v, best_v)
+            best_p = tl.where(better, c_p, best_p)
+        idx = tl.load(cand_idx_ptr + row * num_cand + best_p)
+        tl.store(out_val_ptr + row * k + i, best_v - lse)
+        tl.store(out_idx_ptr + row * k + i, idx.to(tl.int64))
+        prev_v = best_v
+        prev_p = best_p
+
+
 def lm_head_config_name(n_rows: int) -> str:
     return "small" if n_rows <= 16 else "large"
 
@@ -109,12 +159,13 @@ def _lm_head_topk(hidden, weight, k, block_v=None):
         FP32_DOT=interpreter_needs_fp32_dot(_lm_head_topk_kernel, hidden.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
-    # Merge (small torch ops on [N, num_tiles * K_PAD]): global log-sum-exp and the top-k of the candidates.
-    m = tile_max.max(dim=1, keepdim=True).values
-    lse = m + torch.log((tile_sum * torch.exp(tile_max - m)).sum(dim=1, keepdim=True))
-    values, pos = torch.topk(cand_val.view(n, -1), k, dim=1)
-    indices = torch.gather(cand_idx.view(n, -1), 1, pos).to(torch.int64)
-    return values - lse, indices
+    values = torch.empty((n, k), dtype=torch.float32, device=dev)
+    indices = torch.empty((n, k), dtype=torch.int64, device=dev)
+    _lm_head_topk_merge_kernel[(n,)](
+        cand_val, cand_idx, tile_max, tile_sum, values, indices, num_tiles, num_tiles * k_pad, k,
+        BLOCK=MERGE_BLOCK, num_warps=MERGE_NUM_WARPS, num_stages=1,
+    )
+    return values, indices
 
 
 def lm_head_topk(hidden, weight, k):
@@ -142,6 +193,10 @@ def compile_variants(dtype: str) -> list[dict]:
         for k_pad in K_PAD_CHOICES:
             cx = dict(K_PAD=k_pad, BLOCK_R=block_r, BLOCK_V=block_v, BLOCK_H=block_h, FP32_DOT=False)
             out.append(aot_variant(_lm_head_topk_kernel, cx, types, num_warps, num_stages))
+    merge_types = {"cand_val_ptr": "*fp32", "cand_idx_ptr": "*i32", "tile_max_ptr": "*fp32",
+                   "tile_sum_ptr": "*fp32", "out_val_ptr": "*fp32", "out_idx_ptr": "*i64"}
+    out.append(aot_variant(_lm_head_topk_merge_kernel, dict(BLOCK=MERGE_BLOCK), merge_types,
+                           MERGE_NUM_WARPS, 1))
     return out
 
 

@@ -213,6 +213,85 @@ def kv_compact(cache: torch.Tensor, lengths: torch.Tensor, src: torch.Tensor, co
     view[batch_idx[valid], dst_rows[valid]] = rows[valid]
 
 
+def rotary_store_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rows: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Attention input step: optional per-head RMSNorm of q and k (Qwen3), rotary embedding, K/V cache write.
+
+    Parameters
+    ----------
+    q : ``[B, T, Hq, D]``; k, v : ``[B, T, Hkv, D]`` (views of one fused qkv output are fine)
+    positions : int ``[B, T]``; cos_sin : fp32 ``[P, D]`` as in :func:`rotary_embedding`
+    k_cache, v_cache : ``[B, Hkv, S, D]`` (may be strided views); rows : int ``[B]``: new row ``t`` of
+        sequence ``b`` goes to cache row ``rows[b] + t``
+    q_norm_weight, k_norm_weight : ``[D]`` or ``None``: :func:`rms_norm` over head_dim before the rotation
+    eps : the RMSNorm epsilon
+
+    Returns
+    -------
+    the rotated q, a new contiguous ``[B, T, Hq, D]`` in ``q.dtype``; the rotated k and the raw v are written
+    into the caches in place.
+    """
+    if q_norm_weight is not None:
+        q = rms_norm(q, q_norm_weight, eps)
+    if k_norm_weight is not None:
+        k = rms_norm(k, k_norm_weight, eps)
+    q_rot, k_rot = rotary_embedding(q, k, positions, cos_sin)
+    store_kv(k_cache, v_cache, k_rot, v, rows)
+    return q_rot.contiguous()
+
+
+# ------------------------------------------------------------------------------------------- sampling
+
+_SPLITMIX_GAMMA = 0x9E3779B97F4A7C15
+_SPLITMIX_M1 = 0xBF58476D1CE4E5B9
+_SPLITMIX_M2 = 0x94D049BB133111EB
+
+
+def _as_int64(c: int) -> int:
+    """An unsigned 64-bit constant as the signed int64 with the same bits."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's ``>>`` is arithmetic: mask off the copied sign bits)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def counter_uniform(seeds: torch.Tensor, offsets: torch.Tensor, n: int) -> torch.Tensor:
+    """Counter-based uniforms in ``[0, 1)`` (SplitMix64); no generator state, bit-exact with the kernel.
+
+    Element ``(b, i)``: ``z = seeds[b] + (offsets[b] + i + 1) * 0x9E3779B97F4A7C15`` (mod 2^64), then
+    ``z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9``, ``z = (z ^ (z >> 27)) * 0x94D049BB133111EB``,
+    ``z = z ^ (z >> 31)`` (logical shifts, mod 2^64), and ``u = (z >> 40) * 2^-24``.
+
+    Parameters
+    ----------
+    seeds, offsets : int64 ``[B]``; n : draws per row
+
+    Returns
+    -------
+    fp32 ``[B, n]``.
+    """
+    i = torch.arange(int(n), dtype=torch.int64, device=seeds.device).view(1, -1)
+    counter = offsets.to(torch.int64).view(-1, 1) + i + 1
+    z = seeds.to(torch.int64).view(-1, 1) + counter * _as_int64(_SPLITMIX_GAMMA)  # int64 multiply wraps
+    z = (z ^ _shr(z, 30)) * _as_int64(_SPLITMIX_M1)
+    z = (z ^ _shr(z, 27)) * _as_int64(_SPLITMIX_M2)
+    z = z ^ _shr(z, 31)
+    return _shr(z, 40).to(torch.float32) * 2.0**-24
+
+
 # ---------------------------------------------------------------------------------------- draft head
 
 
@@ -247,6 +326,45 @@ def lm_head_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[to
 # -------------------------------------------------------------------------------------- verification
 
 
+def _tree_structure(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(par, earlier_sibling)`` for parents int ``[B, T]`` (parents preceding children): ``par`` int64
+    with the root pointing at itself; ``earlier_sibling[b, c, j]`` (bool ``[B, T, T]``) when ``j < c`` share a
+    parent."""
+    t = parents.shape[1]
+    idx = torch.arange(t, device=parents.device)
+    par = torch.where(idx.view(1, t) == 0, 0, parents.long().clamp(min=0))
+    same = (par.unsqueeze(2) == par.unsqueeze(1)) & (idx.view(1, 1, t) < idx.view(1, t, 1))
+    return par, same & (idx.view(1, 1, t) > 0)
+
+
+def _path_closed(taken: torch.Tensor, par: torch.Tensor) -> torch.Tensor:
+    """``accepted[b, i]``: ``taken`` holds at ``i`` and at every ancestor of ``i`` (the root's ``taken`` must
+    be True). Pointer doubling: after ``s`` steps each node has AND-ed the ``2^s`` nodes above it."""
+    acc, anc = taken, par
+    for _ in range(max(par.shape[1] - 1, 0).bit_length()):  # ceil(log2(T)) steps, from the shape only
+        acc = acc & torch.gather(acc, 1, anc)
+        anc = torch.gather(anc, 1, anc)
+    return acc
+
+
+def _first_among_siblings(ok: torch.Tensor, earlier_sibling: torch.Tensor) -> torch.Tensor:
+    """``ok[b, c]`` and no earlier sibling of ``c`` is ``ok`` (the first passing child of each node)."""
+    blocked = (earlier_sibling & ok.unsqueeze(1)).any(-1)
+    return ok & ~blocked
+
+
+def _accepted_outputs(accepted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(num_accepted, accepted_nodes, deepest)`` from the accepted set (bool ``[B, T]``, one root path)."""
+    b, t = accepted.shape
+    idx = torch.arange(t, device=accepted.device).view(1, t).expand(b, t)
+    slot = torch.where(accepted, accepted.long().cumsum(1) - 1, t)  # column t: a dump for the others
+    nodes = torch.full((b, t + 1), -1, dtype=torch.int32, device=accepted.device)
+    nodes.scatter_(1, slot, torch.where(accepted, idx, -1).to(torch.int32))
+    num_accepted = (accepted.sum(1) - 1).to(torch.int32)
+    deepest = torch.where(accepted, idx, 0).amax(1, keepdim=True)  # the path is in increasing node order
+    return num_accepted, nodes[:, :t].contiguous(), deepest
+
+
 def tree_verify_greedy(
     tokens: torch.Tensor, parents: torch.Tensor, target_argmax: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -259,29 +377,24 @@ def tree_verify_greedy(
     target_argmax : int ``[B, T]``: the target's greedy next token after each node
 
     A node is accepted when its parent is accepted and its token equals ``target_argmax`` at its parent.
-    Siblings carry distinct tokens, so the accepted nodes form one root-to-node path.
+    Siblings carry distinct tokens, so the accepted nodes form one root-to-node path (were two siblings to
+    match, the earlier one would be taken).
 
     Returns
     -------
     num_accepted : int32 ``[B]``: accepted nodes after the root (emitted tokens this round = this + 1)
     accepted_nodes : int32 ``[B, T]``: the path from the root (``accepted_nodes[b, 0] = 0``), -1 padded
     bonus : int64 ``[B]``: ``target_argmax`` at the last accepted node
+
+    Vectorised torch with shapes fixed by ``[B, T]``: no host synchronisation (CUDA-graph capturable).
     """
-    b, t = tokens.shape
-    num_accepted = torch.zeros(b, dtype=torch.int32)
-    accepted_nodes = torch.full((b, t), -1, dtype=torch.int32)
-    bonus = torch.zeros(b, dtype=torch.int64)
-    toks, pars, amax = tokens.cpu().tolist(), parents.cpu().tolist(), target_argmax.cpu().tolist()
-    for s in range(b):
-        path = [0]
-        for i in range(1, t):  # parents precede children, so one pass finds the path
-            if pars[s][i] == path[-1] and toks[s][i] == amax[s][path[-1]]:
-                path.append(i)
-        num_accepted[s] = len(path) - 1
-        accepted_nodes[s, : len(path)] = torch.tensor(path, dtype=torch.int32)
-        bonus[s] = amax[s][path[-1]]
-    dev = tokens.device
-    return num_accepted.to(dev), accepted_nodes.to(dev), bonus.to(dev)
+    par, earlier_sibling = _tree_structure(parents)
+    amax = target_argmax.long()
+    match = tokens.long() == torch.gather(amax, 1, par)
+    match[:, 0] = True
+    accepted = _path_closed(_first_among_siblings(match, earlier_sibling), par)
+    num_accepted, accepted_nodes, deepest = _accepted_outputs(accepted)
+    return num_accepted, accepted_nodes, torch.gather(amax, 1, deepest).view(-1)
 
 
 def tree_verify_sampling(
@@ -307,36 +420,45 @@ def tree_verify_sampling(
     Returns
     -------
     ``(num_accepted, accepted_nodes, bonus)`` as in :func:`tree_verify_greedy`.
+
+    Vectorised (no host synchronisation): every child ``c`` of ``n`` is tested at once against
+    ``uniforms[c] * (sum(p_n) - sum of p_n[x_j] over earlier siblings j) < p_n[x_c]``; a child is taken when
+    it passes and no earlier sibling does; a node is accepted when it and all its ancestors are taken.
     """
     b, t = tokens.shape
-    num_accepted = torch.zeros(b, dtype=torch.int32)
-    accepted_nodes = torch.full((b, t), -1, dtype=torch.int32)
-    bonus = torch.zeros(b, dtype=torch.int64)
-    toks, pars = tokens.cpu().tolist(), parents.cpu().tolist()
-    probs, u = target_probs.float().cpu(), uniforms.float().cpu()
-    for s in range(b):
-        children: list[list[int]] = [[] for _ in range(t)]
-        for i in range(1, t):
-            children[pars[s][i]].append(i)
-        node, path = 0, [0]
-        p = probs[s, 0].clone()
-        while True:
-            moved = False
-            for c in children[node]:
-                x = toks[s][c]
-                if float(u[s, c]) * float(p.sum()) < float(p[x]):
-                    node, moved = c, True
-                    path.append(c)
-                    p = probs[s, c].clone()
-                    break
-                p[x] = 0.0
-            if not moved:
-                break
-        num_accepted[s] = len(path) - 1
-        accepted_nodes[s, : len(path)] = torch.tensor(path, dtype=torch.int32)
-        bonus[s] = sample_inverse_cdf(p, float(u[s, 0]))
-    dev = tokens.device
-    return num_accepted.to(dev), accepted_nodes.to(dev), bonus.to(dev)
+    v = target_probs.shape[-1]
+    par, earlier_sibling = _tree_structure(parents)
+    probs = target_probs.float()
+    tok = tokens.long()
+    p_tok = torch.gather(probs.reshape(b, t * v), 1, par * v + tok)  # p_parent[x_c], [B, T]
+    # A token repeated among siblings was zeroed by its first rejection: it can neither pass nor count twice.
+    repeated = (earlier_sibling & (tok.unsqueeze(2) == tok.unsqueeze(1))).any(-1)
+    p_tok = p_tok.masked_fill(repeated, 0.0)
+    total = torch.gather(probs.sum(-1), 1, par)  # sum(p_parent)
+    residual = total - (earlier_sibling.float() * p_tok.unsqueeze(1)).sum(-1)
+    passes = (uniforms.float() * residual < p_tok) & (p_tok > 0)
+    passes[:, 0] = True
+    accepted = _path_closed(_first_among_siblings(passes, earlier_sibling), par)
+    num_accepted, accepted_nodes, deepest = _accepted_outputs(accepted)
+    # Bonus: p at the deepest accepted node with its children's tokens (all rejected) zeroed.
+    p = torch.gather(probs, 1, deepest.view(b, 1, 1).expand(b, 1, v)).view(b, v)
+    is_child = (par == deepest) & (torch.arange(t, device=tokens.device).view(1, t) > 0)
+    zeroed = torch.zeros(b, v + 1, dtype=torch.bool, device=tokens.device)
+    zeroed.scatter_(1, torch.where(is_child, tok, v), True)  # column v: a dump for non-children
+    p = p.masked_fill(zeroed[:, :v], 0.0)
+    return num_accepted, accepted_nodes, sample_inverse_cdf_batched(p, uniforms[:, 0])
+
+
+def sample_inverse_cdf_batched(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Row-wise :func:`sample_inverse_cdf` without host synchronisation: p ``[B, V]``, u ``[B]`` -> int64
+    ``[B]``."""
+    cdf = torch.cumsum(p.double(), 1)
+    threshold = u.double().view(-1, 1) * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, threshold, right=True).clamp(max=p.shape[1] - 1)
+    # rounding at the top end: the last non-zero entry at or before idx (index 0 when there is none)
+    positions = torch.arange(p.shape[1], device=p.device).view(1, -1)
+    last_nonzero = torch.where(p > 0, positions, 0).cummax(1).values
+    return torch.gather(last_nonzero, 1, idx).view(-1)
 
 
 def sample_inverse_cdf(p: torch.Tensor, u: float) -> int:
@@ -362,10 +484,13 @@ __all__ = [
     "rotary_embedding",
     "silu_mul",
     "store_kv",
+    "rotary_store_kv",
+    "counter_uniform",
     "kv_compact",
     "draft_fc",
     "lm_head_topk",
     "tree_verify_greedy",
     "tree_verify_sampling",
     "sample_inverse_cdf",
+    "sample_inverse_cdf_batched",
 ]

@@ -11,7 +11,8 @@ from tiny import make_hf_model, save
 from eagle_engine import DraftMismatchError, EagleEngine, InvalidRequestError, ModelLoadError
 from eagle_engine.models.draft import init_random_head
 from eagle_engine.models.loading import load_draft, save_draft
-from eagle_engine.spec.tree import MC_SIM_7B_63, DraftTree, TreeConfig, build_tree
+from eagle_engine.spec.tree import MC_SIM_7B_63, TreeConfig
+from eagle_engine.spec.tree_build import DraftTree, build_tree
 
 pytestmark = pytest.mark.usefixtures("reference_ops")
 

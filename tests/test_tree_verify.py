@@ -191,6 +191,120 @@ def test_sampling_reference_frequencies():
     check_frequencies(tokens, outputs, draws)
 
 
+# ------------------------------------------------------------- the vectorised references vs the old loops
+
+
+VERIFY_SHAPES = [(1, 1, 5), (3, 2, 3), (16, 12, 4), (8, 63, 111), (4, 33, 7)]
+
+
+def loop_greedy(tokens, parents, target_argmax):
+    """The former reference: a Python walk per sequence (host syncs), kept as an independent oracle."""
+    b, t = tokens.shape
+    num_accepted = torch.zeros(b, dtype=torch.int32)
+    accepted_nodes = torch.full((b, t), -1, dtype=torch.int32)
+    bonus = torch.zeros(b, dtype=torch.int64)
+    toks, pars, amax = tokens.tolist(), parents.tolist(), target_argmax.tolist()
+    for s in range(b):
+        path = [0]
+        for i in range(1, t):
+            if pars[s][i] == path[-1] and toks[s][i] == amax[s][path[-1]]:
+                path.append(i)
+        num_accepted[s] = len(path) - 1
+        accepted_nodes[s, : len(path)] = torch.tensor(path, dtype=torch.int32)
+        bonus[s] = amax[s][path[-1]]
+    return num_accepted, accepted_nodes, bonus
+
+
+def loop_sampling(tokens, parents, target_probs, uniforms):
+    """The former sampling reference (a walk with a residual distribution); also returns, per sequence, the
+    smallest gap between a tested ``u * sum(p)`` and its threshold ``p[x]`` (near-ties may flip)."""
+    b, t = tokens.shape
+    num_accepted = torch.zeros(b, dtype=torch.int32)
+    accepted_nodes = torch.full((b, t), -1, dtype=torch.int32)
+    bonus = torch.zeros(b, dtype=torch.int64)
+    margins = []
+    toks, pars = tokens.tolist(), parents.tolist()
+    for s in range(b):
+        children = [[] for _ in range(t)]
+        for i in range(1, t):
+            children[pars[s][i]].append(i)
+        node, path, margin = 0, [0], float("inf")
+        p = target_probs[s, 0].clone()
+        while True:
+            moved = False
+            for c in children[node]:
+                x = toks[s][c]
+                lhs, rhs = float(uniforms[s, c]) * float(p.sum()), float(p[x])
+                margin = min(margin, abs(lhs - rhs))
+                if lhs < rhs:
+                    node, moved = c, True
+                    path.append(c)
+                    p = target_probs[s, c].clone()
+                    break
+                p[x] = 0.0
+            if not moved:
+                break
+        cdf = torch.cumsum(p.double(), 0)
+        threshold = float(uniforms[s, 0]) * float(cdf[-1])
+        margin = min([margin] + [abs(threshold - float(c)) for c in cdf])
+        num_accepted[s] = len(path) - 1
+        accepted_nodes[s, : len(path)] = torch.tensor(path, dtype=torch.int32)
+        bonus[s] = reference.sample_inverse_cdf(p, float(uniforms[s, 0]))
+        margins.append(margin)
+    return (num_accepted, accepted_nodes, bonus), torch.tensor(margins)
+
+
+@pytest.mark.parametrize("batch, num_nodes, vocab", VERIFY_SHAPES)
+def test_greedy_reference_matches_loop(batch, num_nodes, vocab):
+    for seed in range(3):
+        tokens, parents, probs, _ = random_batch(batch, num_nodes, vocab, seed=seed * 100 + num_nodes)
+        argmax = probs.argmax(-1)
+        assert_same_outputs(reference.tree_verify_greedy(tokens, parents, argmax),
+                            loop_greedy(tokens, parents, argmax))
+        assert_same_outputs(reference.tree_verify_greedy(tokens.int(), parents, argmax.int()),
+                            loop_greedy(tokens, parents, argmax))
+
+
+@pytest.mark.parametrize("batch, num_nodes, vocab", VERIFY_SHAPES)
+def test_sampling_reference_matches_loop(batch, num_nodes, vocab):
+    checked = 0
+    for seed in range(3):
+        tokens, parents, probs, uniforms = random_batch(batch, num_nodes, vocab, seed=seed * 100 + vocab)
+        actual = reference.tree_verify_sampling(tokens, parents, probs, uniforms)
+        expected, margins = loop_sampling(tokens, parents, probs, uniforms)
+        clear = margins > 1e-6  # a float comparison this close to its threshold may round either way
+        for a, e in zip(actual, expected):
+            assert a.dtype == e.dtype
+            assert torch.equal(a[clear], e[clear])
+        checked += int(clear.sum())
+    assert checked >= 3 * batch - 1
+
+
+@pytest.mark.parametrize("batch, num_nodes, vocab", [(1, 1, 5), (6, 12, 4), (4, 63, 111)])
+def test_greedy_equals_sampling_with_one_hot_probabilities(batch, num_nodes, vocab):
+    tokens, parents, probs, uniforms = random_batch(batch, num_nodes, vocab, seed=num_nodes)
+    argmax = probs.argmax(-1)
+    one_hot = torch.nn.functional.one_hot(argmax, vocab).float()
+    uniforms[:, 0] = 0.0  # the extremes of [0, 1)
+    uniforms[::2, 1:] = uniforms[::2, 1:].clamp(min=0.999999)
+    assert_same_outputs(reference.tree_verify_sampling(tokens, parents, one_hot, uniforms),
+                        reference.tree_verify_greedy(tokens, parents, argmax))
+
+
+def test_references_need_no_host_values():
+    """On the ``meta`` device (shapes without data) any host read (``.tolist()``, ``int()``, data-dependent
+    shapes) would raise: the references are capturable in a CUDA graph."""
+    meta = dict(device="meta")
+    tokens = torch.empty(3, 7, dtype=torch.int64, **meta)
+    parents = torch.empty(3, 7, dtype=torch.int32, **meta)
+    greedy = reference.tree_verify_greedy(tokens, parents, tokens)
+    sampling = reference.tree_verify_sampling(tokens, parents, torch.empty(3, 7, 11, **meta),
+                                              torch.empty(3, 7, **meta))
+    for outputs in (greedy, sampling):
+        assert [(o.shape, o.dtype) for o in outputs] == [((3,), torch.int32), ((3, 7), torch.int32),
+                                                         ((3,), torch.int64)]
+
+
 # ------------------------------------------------------------------------------------------------ CUDA
 
 needs_cuda_op = pytest.mark.skipif(

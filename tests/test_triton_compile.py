@@ -21,6 +21,9 @@ MODULES = [
     "eagle_kernels.draft_fc",
     "eagle_kernels.rms_norm",
     "eagle_kernels.lm_head_topk",
+    "eagle_kernels.rotary_store_kv",
+    "eagle_kernels.silu_mul",
+    "eagle_kernels.counter_uniform",
 ]
 DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 HOPPER_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
@@ -150,5 +153,42 @@ def test_draft_head_dispatch_uses_listed_variants(monkeypatch):
                 rms.rms_norm(x, w, 1e-6)
                 rms.add_rms_norm(x, x, w, 1e-6)
                 for k in range(1, lm.MAX_TOPK + 1):
+                    before = len(log)
                     lm.lm_head_topk(x, torch.empty(1000, h, dtype=dtype, **meta), k)
+                    assert len(log) == before + 2  # the tile kernel and the merge kernel, nothing else
                 assert log and set(log) <= allowed[name], (name, n, h, log)
+
+
+def test_round_kernels_dispatch_uses_listed_variants(monkeypatch):
+    rot, silu, cu = (
+        importlib.import_module(f"eagle_kernels.{m}")
+        for m in ("rotary_store_kv", "silu_mul", "counter_uniform")
+    )
+    allowed = {d: set().union(*(allowed_launches(m)[d] for m in (rot, silu, cu))) for d in DTYPES.values()}
+    log = []
+    for module in (rot, silu, cu):
+        record(monkeypatch, module, log)
+    meta = dict(device="meta")
+    for dtype, name in DTYPES.items():
+        for bsz, seq in ((1, 1), (3, 63), (8, 4096)):
+            for hq, hkv in ((8, 8), (32, 8), (40, 4)):
+                for d in (2, 24, 32, 64, 80, 128, 256):
+                    qkv = torch.empty(bsz, seq, (hq + 2 * hkv) * d, dtype=dtype, **meta)
+                    q = qkv[..., : hq * d].view(bsz, seq, hq, d)
+                    k = qkv[..., hq * d : (hq + hkv) * d].view(bsz, seq, hkv, d)
+                    cache = torch.empty(2, 2, bsz, hkv, seq + 10, d, dtype=dtype, **meta)
+                    pos = torch.empty(bsz, seq, dtype=torch.int64, **meta)
+                    rows = torch.empty(bsz, dtype=torch.int32, **meta)
+                    cos_sin = torch.empty(100, d, dtype=torch.float32, **meta)
+                    w = torch.empty(d, dtype=dtype, **meta)
+                    for qw, kw in ((None, None), (w, w), (None, w), (w, None)):
+                        log.clear()
+                        rot.rotary_store_kv(q, k, k, pos, cos_sin, cache[1, 0], cache[1, 1], rows, qw, kw)
+                        assert log and set(log) <= allowed[name], (name, bsz, seq, hq, d, log)
+            for inter in (1, 111, 1024, 14336):
+                gate_up = torch.empty(bsz, seq, 2 * inter, dtype=dtype, **meta)
+                log.clear()
+                silu.silu_mul(gate_up[..., :inter], gate_up[..., inter:])
+                cu.counter_uniform(torch.empty(bsz, dtype=torch.int64, **meta),
+                                   torch.empty(bsz, dtype=torch.int64, **meta), inter)
+                assert log and set(log) <= allowed[name], (name, bsz, seq, inter, log)

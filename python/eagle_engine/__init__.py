@@ -9,8 +9,10 @@ from .errors import (
     CheckpointMismatchError,
     DraftMismatchError,
     EagleError,
+    InvalidDeviceError,
     InvalidRequestError,
     ModelLoadError,
+    NonFiniteWeightsError,
     TrainingInputError,
     UnsupportedModelError,
 )
@@ -29,7 +31,9 @@ __all__ = [
     "ModelLoadError",
     "UnsupportedModelError",
     "CheckpointMismatchError",
+    "NonFiniteWeightsError",
     "DraftMismatchError",
     "InvalidRequestError",
+    "InvalidDeviceError",
     "TrainingInputError",
 ]

@@ -23,7 +23,8 @@ import eagle_kernels as ops
 
 from ..models.llama import ForwardOutput, LlamaModel
 from ..spec.sampling import probs_per_row, sample_from_probs, uniforms
-from ..spec.tree import TreeConfig, build_tree
+from ..spec.tree import TreeConfig
+from ..spec.tree_build import build_tree
 
 
 @dataclass(frozen=True)
@@ -146,10 +147,11 @@ def eagle_round(target: LlamaModel, head, tree: TreeConfig, s: BatchState, n: in
     tcache, dcache = s.tcache.slots(0, n), s.dcache.slots(0, n)
     aux_layers = head.aux_layers(target.config.num_hidden_layers)
 
-    def draft_step(tokens, features, level: int, row_mask: torch.Tensor) -> torch.Tensor:
-        positions = (dcache.lengths.long() + (level - 1)).view(n, 1).expand(n, tokens.shape[1])
-        packed = ops.pack_tree_mask(row_mask)
-        return head.step(tokens, features, positions, dcache, packed, row_mask.shape[-1])
+    level_positions = dcache.lengths.long().view(n, 1) - 1
+
+    def draft_step(tokens, features, level: int, packed_mask: torch.Tensor, rows: int) -> torch.Tensor:
+        positions = (level_positions + level).expand(n, tokens.shape[1])
+        return head.step(tokens, features, positions, dcache, packed_mask, rows)
 
     draft = build_tree(tree, s.root_token[sl], s.root_hidden[sl], draft_step, head.topk)
     t = draft.tokens.shape[1]

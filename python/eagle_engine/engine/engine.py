@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import random
 from collections import deque
 from collections.abc import Iterator
 
 import torch
 
-from ..errors import EagleError, InvalidRequestError
+from ..errors import EagleError, InvalidDeviceError
 from ..models import LlamaModel, load_target
 from ..models.weights import resolve_dtype
-from ..spec.sampling import SamplingParams, check_seed
+from ..spec.sampling import SamplingParams
 from ..spec.tree import TreeConfig
-from .inputs import check_max_new_tokens, normalize_prompts, normalize_stop_ids
+from .inputs import check_max_new_tokens, check_seeds, normalize_prompts, normalize_stop_ids
 from .runner import Runner
 from .sequence import Sequence
 
@@ -32,7 +31,7 @@ def resolve_tree(tree) -> TreeConfig:
     if isinstance(tree, str):
         return TreeConfig(kind=tree)
     if isinstance(tree, dict):
-        return TreeConfig(**tree)
+        return TreeConfig.from_dict(tree)
     raise EagleError(f"tree must be a TreeConfig, a kind name or a dict, got {type(tree).__name__}")
 
 
@@ -41,11 +40,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise EagleError(f"invalid device {device!r}: {e}") from None
+        raise InvalidDeviceError(f"invalid device {device!r}: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EagleError(f"device {device!r} requested but no CUDA GPU is available")
+        raise InvalidDeviceError(f"device {device!r} requested but no CUDA GPU is available")
     if dev.type not in ("cpu", "cuda"):
-        raise EagleError(f"unsupported device {device!r}; use cpu or cuda")
+        raise InvalidDeviceError(f"unsupported device {device!r}; use cpu or cuda")
     return dev
 
 
@@ -140,9 +139,9 @@ class EagleEngine:
         cfg = self.target.config
         prompts, is_batch = normalize_prompts(input_ids, cfg.vocab_size, self.max_length)
         max_new_tokens = check_max_new_tokens(max_new_tokens)
-        stop_ids = normalize_stop_ids(stop_token_ids, cfg.eos_token_ids)
+        stop_ids = normalize_stop_ids(stop_token_ids, cfg.eos_token_ids, cfg.vocab_size)
         params = SamplingParams(temperature, top_p, top_k)
-        seeds = _seeds(seed, len(prompts))
+        seeds = check_seeds(seed, len(prompts))
         limit = self.max_length
         seqs = [Sequence(p, params, max_new_tokens, stop_ids, sd, limit) for p, sd in zip(prompts, seeds)]
         return seqs, is_batch
@@ -263,15 +262,4 @@ class EagleEngine:
                 yield chunks
             elif chunks[0]:
                 yield chunks[0]
-
-
-def _seeds(seed, n: int) -> list[int]:
-    """One seed per sequence: an int for all, a list of ``n``, or None for a fresh random one."""
-    if seed is None:
-        return [random.SystemRandom().randrange(2**63)] * n
-    if isinstance(seed, (list, tuple)):
-        if len(seed) != n:
-            raise InvalidRequestError(f"seed: a list needs one seed per prompt ({n}), got {len(seed)}")
-        return [check_seed(s) for s in seed]
-    return [check_seed(seed)] * n
 

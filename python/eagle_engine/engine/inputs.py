@@ -1,8 +1,9 @@
-"""Validation of generation requests: prompts, token ids, stop ids, token budgets."""
+"""Validation of generation requests: prompts, token ids, stop ids, token budgets, seeds."""
 
 from __future__ import annotations
 
 import operator
+import random
 from collections.abc import Iterable
 
 import torch
@@ -63,19 +64,75 @@ def _token_ids(prompt) -> list[int]:
     return ids
 
 
-def normalize_stop_ids(stop_token_ids: Iterable[int] | int | None, default: Iterable[int]) -> frozenset[int]:
-    """``None`` -> the model's own end-of-sequence ids; an int or iterable of ints otherwise."""
+def _as_int(value) -> int:
+    """``value`` as a Python int when integer-like (``int``, NumPy or 0-d torch integers); bools, floats and
+    strings raise ``TypeError``."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError
+    return operator.index(value)
+
+
+def normalize_stop_ids(
+    stop_token_ids: Iterable[int] | int | None, default: Iterable[int], vocab_size: int | None = None
+) -> frozenset[int]:
+    """``None`` -> the model's own end-of-sequence ids (``default``); an id or an iterable of ids otherwise,
+    each an integer (NumPy integers too) in ``[0, vocab_size)`` (no range check when ``vocab_size`` is None).
+    """
     if stop_token_ids is None:
         return frozenset(default)
-    if isinstance(stop_token_ids, int):
-        return frozenset([stop_token_ids])
-    ids = list(stop_token_ids)
-    if not all(isinstance(t, int) for t in ids):
-        raise InvalidRequestError(f"stop_token_ids must be integers, got {ids!r}")
+    rule = "integer token ids" if vocab_size is None else f"integer token ids in [0, {vocab_size})"
+    try:
+        ids = [_as_int(stop_token_ids)]
+    except TypeError:
+        if isinstance(stop_token_ids, (str, bytes)) or not isinstance(stop_token_ids, Iterable):
+            raise InvalidRequestError(
+                f"stop_token_ids must be an id or a list of {rule}, got {stop_token_ids!r}"
+            ) from None
+        ids = list(stop_token_ids)
+        try:
+            ids = [_as_int(t) for t in ids]
+        except TypeError:
+            raise InvalidRequestError(f"stop_token_ids must be {rule}, got {ids!r}") from None
+    bad = [t for t in ids if vocab_size is not None and not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequestError(f"stop_token_ids must be {rule}, got {bad[0]!r}")
     return frozenset(ids)
 
 
 def check_max_new_tokens(max_new_tokens) -> int:
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+    """An integer >= 0 (NumPy integers accepted; bools and floats are errors)."""
+    try:
+        value = _as_int(max_new_tokens)
+    except TypeError:
+        value = -1
+    if value < 0:
         raise InvalidRequestError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    return max_new_tokens
+    return value
+
+
+SEED_MIN, SEED_MAX = -(2**63), 2**63  # int64: what torch.Generator.manual_seed and NumPy int64 hold
+
+
+def check_seeds(seed, batch: int) -> list[int]:
+    """One seed per sequence of a batch of ``batch``.
+
+    ``None`` -> one fresh random seed (``random.SystemRandom``) shared by all; an int (NumPy integers
+    accepted, bools rejected) -> that seed for every sequence, so a sequence samples alike alone or in a
+    batch; a list or tuple of ``batch`` ints -> one each. Every seed must lie in int64 ``[-2**63, 2**63)``.
+    Anything else is an :class:`InvalidRequestError` naming ``seed`` and this rule.
+    """
+    rule = f"seed must be None, an integer in [-2**63, 2**63) or a list of {batch} such integers"
+    if seed is None:
+        return [random.SystemRandom().randrange(2**63)] * batch
+    try:
+        seeds = [_as_int(seed)] * batch
+    except TypeError:
+        if not isinstance(seed, (list, tuple)) or len(seed) != batch:
+            raise InvalidRequestError(f"{rule}, got {seed!r}") from None
+        try:
+            seeds = [_as_int(s) for s in seed]
+        except TypeError:
+            raise InvalidRequestError(f"{rule}, got {seed!r}") from None
+    if not all(SEED_MIN <= s < SEED_MAX for s in seeds):
+        raise InvalidRequestError(f"{rule}, got {seed!r}")
+    return seeds

@@ -17,21 +17,24 @@ import eagle_kernels as ops
 
 from ..errors import DraftMismatchError
 from ..kv_cache import KVCache
-from .config import ModelConfig
+from .config import ConfigReader, ModelConfig
 from .llama import MLP, Attention, LlamaModel, RMSNorm, rotary_table
+
+HEAD_CONFIG = "draft head config.json"
 
 
 def head_config(raw: dict, target: ModelConfig) -> ModelConfig:
     """The head's attention/MLP shapes as a one-layer Llama config (absent fields: the target's)."""
-    fields = dict(raw)
+    fields = dict(ConfigReader(raw, HEAD_CONFIG).cfg)
+    fields.pop("eos_token_id", None)  # unused by a head (EAGLE-3 configs may list target ids)
     fields["model_type"] = "llama"
     fields["num_hidden_layers"] = 1
     fields.setdefault("vocab_size", target.vocab_size)
     fields.setdefault("max_position_embeddings", target.max_position_embeddings)
     if "rope_theta" not in fields and "rope_parameters" not in fields:
         fields["rope_parameters"] = {"rope_type": "default", "rope_theta": target.rope.theta}
-    cfg = ModelConfig.from_dict(fields)
-    cfg.attention_bias = bool(raw.get("qkv_bias", False))
+    cfg = ModelConfig.from_dict(fields, HEAD_CONFIG)
+    cfg.attention_bias = ConfigReader(raw, HEAD_CONFIG).flag("qkv_bias")
     cfg.o_proj_bias = cfg.mlp_bias = False
     # The draft must reach as far as the target does.
     cfg.max_position_embeddings = max(cfg.max_position_embeddings, target.max_length)
@@ -167,10 +170,22 @@ class Eagle3Head(_DraftHead):
         return logprobs.view(*hidden.shape[:-1], k), target_ids.view(*hidden.shape[:-1], k)
 
 
+def check_head_config(raw: dict, target: ModelConfig) -> ModelConfig:
+    """Type- and range-check every field of a head's ``config.json`` (any kind) before its weights are read;
+    returns the head's model config. Errors are :class:`UnsupportedModelError` naming the file and field."""
+    cfg = head_config(raw, target)
+    reader = ConfigReader(raw, HEAD_CONFIG)
+    reader.flag("bias", True)
+    reader.int("target_hidden_size", target.hidden_size)
+    reader.int("draft_vocab_size", cfg.vocab_size)
+    return cfg
+
+
 def build_head(kind: str, raw: dict, target: LlamaModel, state_keys: set[str] | None = None) -> _DraftHead:
     """An empty head of ``kind`` shaped by the head config ``raw`` and checked against ``target``."""
     tcfg = target.config
-    cfg = head_config(raw, tcfg)
+    cfg = check_head_config(raw, tcfg)
+    reader = ConfigReader(raw, HEAD_CONFIG)
     has_embedding = state_keys is not None and "embed_tokens.weight" in state_keys
     if cfg.hidden_size != tcfg.hidden_size and not (kind == "eagle3" and has_embedding):
         raise DraftMismatchError(
@@ -183,18 +198,18 @@ def build_head(kind: str, raw: dict, target: LlamaModel, state_keys: set[str] | 
                 f"draft head vocab_size {cfg.vocab_size} does not fit the target's "
                 f"vocab_size {tcfg.vocab_size}"
             )
-        return Eagle1Head(cfg, fc_bias=bool(raw.get("bias", True)))
+        return Eagle1Head(cfg, fc_bias=reader.flag("bias", True))
     if tcfg.num_hidden_layers < 3:
         raise DraftMismatchError(
             f"an EAGLE-3 head needs a target of >= 3 layers, got {tcfg.num_hidden_layers}"
         )
-    target_hidden = int(raw.get("target_hidden_size") or tcfg.hidden_size)
+    target_hidden = reader.int("target_hidden_size", tcfg.hidden_size)
     if target_hidden != tcfg.hidden_size:
         raise DraftMismatchError(
             f"EAGLE-3 head target_hidden_size {target_hidden} does not fit the target's "
             f"hidden_size {tcfg.hidden_size}"
         )
-    draft_vocab = int(raw.get("draft_vocab_size") or raw.get("vocab_size") or tcfg.vocab_size)
+    draft_vocab = reader.int("draft_vocab_size", reader.int("vocab_size", tcfg.vocab_size))
     return Eagle3Head(cfg, tcfg.vocab_size, draft_vocab, target_hidden)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import DraftMismatchError, ModelLoadError
 from .config import load_model_config, read_json
-from .draft import Eagle1Head, Eagle3Head, _DraftHead, build_head
+from .draft import Eagle1Head, Eagle3Head, _DraftHead, build_head, check_head_config
 from .llama import LlamaModel, rotary_table
 from .weights import iter_checkpoint, load_into, resolve_dtype
 
@@ -61,6 +61,7 @@ def load_draft(draft_dir: str, target: LlamaModel, *, device=None, dtype=None) -
     if not os.path.isdir(draft_dir):
         raise ModelLoadError(f"draft head directory not found: {draft_dir}")
     raw = read_json(os.path.join(draft_dir, "config.json"), "draft head config")
+    check_head_config(raw, target.config)  # every field, before the weights are read
     tensors = dict(iter_checkpoint(draft_dir, HEAD_WEIGHT_FILES))
     kind = detect_kind(set(tensors), raw)
     emb = target.model.embed_tokens.weight

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..errors import CheckpointMismatchError, ModelLoadError
+from ..errors import CheckpointMismatchError, ModelLoadError, NonFiniteWeightsError
 from .config import read_json
 
 WEIGHT_FILES = (
@@ -86,6 +86,17 @@ def _read_file(path: str) -> Iterator[tuple[str, torch.Tensor]]:
         raise ModelLoadError(f"cannot read weights from {path}: {type(e).__name__}: {e}") from None
 
 
+def check_finite(name: str, source: torch.Tensor, loaded: torch.Tensor) -> None:
+    """Raise :class:`NonFiniteWeightsError` naming ``name`` when ``loaded`` holds NaN or inf values."""
+    if not loaded.is_floating_point() or bool(torch.isfinite(loaded).all()):
+        return
+    if source.is_floating_point() and not bool(torch.isfinite(source).all()):
+        why = "holds NaN or infinite values"
+    else:
+        why = f"overflows {loaded.dtype} (finite in the checkpoint's {source.dtype})"
+    raise NonFiniteWeightsError(f"checkpoint tensor {name} {why}")
+
+
 def load_into(
     module: torch.nn.Module,
     tensors: Iterator[tuple[str, torch.Tensor]],
@@ -98,7 +109,8 @@ def load_into(
     materialised on ``device`` of the first real one). Every parameter must be found with its exact shape.
 
     Returns the set of loaded names. Raises :class:`CheckpointMismatchError` naming missing, unexpected or
-    misshapen tensors.
+    misshapen tensors, and its subclass :class:`NonFiniteWeightsError` naming a tensor with NaN or infinite
+    values (checked once per tensor, after conversion to the model's dtype, so overflow is caught too).
     """
     own = dict(module.named_parameters())
     own.update(dict(module.named_buffers()))
@@ -118,6 +130,7 @@ def load_into(
             )
         with torch.no_grad():
             target.copy_(tensor.to(target.dtype))
+        check_finite(raw_name, tensor, target)
         loaded.add(name)
     missing = sorted(set(own) - loaded - set(optional))
     if missing or unexpected:

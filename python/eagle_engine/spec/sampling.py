@@ -7,7 +7,6 @@ host round trip (what a CUDA graph needs).
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -26,12 +25,33 @@ class SamplingParams:
     top_k: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
-            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        import math
+        import numbers
+        import operator
+
+        def number(value) -> bool:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                return False
+            try:
+                return math.isfinite(value)
+            except OverflowError:  # an int too large for a float
+                return False
+
+        if not number(self.temperature) or not self.temperature >= 0:
+            raise InvalidRequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not number(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidRequestError(f"top_p must be a finite number in (0, 1], got {self.top_p!r}")
+        try:
+            if isinstance(self.top_k, bool):
+                raise TypeError
+            top_k = operator.index(self.top_k)  # NumPy integers too; floats are errors, never truncated
+        except TypeError:
+            top_k = -1
+        if top_k < 0:
             raise InvalidRequestError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        object.__setattr__(self, "top_k", top_k)
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_p", float(self.top_p))
 
     @property
     def greedy(self) -> bool:
@@ -103,19 +123,6 @@ def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tens
     nonzero_from_end = (probs > 0).flip(-1).to(torch.int8)
     last_nonzero = probs.shape[-1] - 1 - torch.argmax(nonzero_from_end, dim=-1, keepdim=True)
     return torch.minimum(idx, last_nonzero).squeeze(1)
-
-
-def check_seed(seed) -> int:
-    """A seed as a Python int in the int64 range (NumPy integers accepted)."""
-    try:
-        if isinstance(seed, bool):
-            raise TypeError
-        value = operator.index(seed)
-    except TypeError:
-        raise InvalidRequestError(f"seed must be an integer, got {seed!r}") from None
-    if not -(2**63) <= value < 2**63:
-        raise InvalidRequestError(f"seed must fit in 64 bits ([-2**63, 2**63)), got {value}")
-    return value
 
 
 def uniforms(seeds: torch.Tensor, offsets: torch.Tensor, n: int) -> torch.Tensor:

@@ -84,6 +84,7 @@ def collect_features(target: LlamaModel, ids: torch.Tensor, aux_layers: tuple[in
     """Run the target over ``ids`` long ``[B, T]`` (no padding) and keep what training needs."""
     b, t = ids.shape
     cache = target.allocate_cache(b, t)
+    target.ensure_positions(t)
     out = target(ids, torch.arange(t, device=ids.device).expand(b, t), cache, None, aux_layers)
     logp = torch.log_softmax(target.logits(out.hidden), -1)
     return FeatureBatch(ids, out.hidden.float(), None if out.aux is None else out.aux.float(), logp)
@@ -93,6 +94,7 @@ def _run_head(head, tokens, features):
     """Causal head forward over fresh caches, with autograd (reference ops)."""
     b, t = tokens.shape
     cache = head.allocate_cache(b, t)
+    head.ensure_positions(t)
     positions = torch.arange(t, device=tokens.device).expand(b, t)
     return head.step(tokens, features, positions, cache)
 
