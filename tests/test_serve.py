@@ -275,6 +275,8 @@ BAD = [
     ({"model": "gpt-17"}, 404, "model"),
     ({"temperature": "hot"}, 400, "temperature"),
     ({"n": 3}, 400, "n"),
+    ({"seed": 2**70}, 400, "seed"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
 ]
 
 

@@ -18,10 +18,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from ..engine.inputs import check_seeds
 from ..engine.scheduler import QueueFullError, Scheduler
 from ..engine.scheduler import Request as EngineRequest
 from ..errors import InvalidRequestError
-from ..spec.sampling import check_seed
 from ..tools.detokenize import IncrementalDetokenizer
 from .errors import APIError, install_handlers, invalid
 from .metrics import Metrics
@@ -220,11 +220,10 @@ def _chat_prompt(state: ServeState, body: ChatCompletionRequest) -> list[int]:
 
 async def _respond(state: ServeState, request: Request, body, prompt: list[int], max_tokens: int, chat: bool):
     params = sampling_of(body)
-    if body.seed is not None:
-        try:
-            check_seed(body.seed)
-        except InvalidRequestError as e:
-            raise invalid(str(e), "seed") from None
+    try:
+        seed = check_seeds(body.seed, 1)[0]  # None: a fresh random seed
+    except InvalidRequestError as e:
+        raise invalid(str(e), "seed") from None
     stop_ids = set() if body.ignore_eos else set(state.eos_ids)
     for t in body.stop_token_ids or []:
         if not 0 <= t < state.vocab_size:
@@ -234,7 +233,7 @@ async def _respond(state: ServeState, request: Request, body, prompt: list[int],
         prompt,
         max_tokens,
         params,
-        body.seed,
+        seed,
         frozenset(stop_ids),
         stop_strings_of(body),
         IncrementalDetokenizer(state.tokenizer, prompt),
