@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
+import logging
 import random
 import threading
 import time
@@ -23,6 +24,8 @@ import torch
 
 from ..errors import EagleError, InvalidRequestError
 from ..spec.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
 
 FINISH_REASONS = {"stop_token": "stop", "stop": "stop", "max_new_tokens": "length", "max_length": "length"}
 
@@ -156,10 +159,15 @@ class Scheduler:
                         self._cond.wait()
                     if self._stopping:
                         break
-                self._drop_cancelled()
-                self._admit()
-                if self._running:
-                    self._step()
+                try:
+                    self._drop_cancelled()
+                    self._admit()
+                    if self._running:
+                        self._step()
+                except Exception as e:  # a bug in the bookkeeping: fail what runs, keep the thread alive
+                    log.exception("engine loop error; failing the running requests")
+                    for h in list(self._running.values()):
+                        self._fail(h, e)
         for handle in list(self._running.values()) + list(self._waiting):
             self._fail(handle, EagleError("the server shut down"))
 
@@ -172,7 +180,7 @@ class Scheduler:
             h.seq.finish("cancelled")
             self._leave(h)
             out = Output([], "", "cancelled", len(h.request.prompt), len(h.seq.tokens))
-            if self.on_finish is not None:
+            if self.on_finish is not None:  # (a failing observer is caught by the loop)
                 self.on_finish(h, out)
 
     def _admit(self) -> None:
@@ -297,6 +305,8 @@ class Scheduler:
                 pass
 
     def _fail(self, h: Handle, error: BaseException) -> None:
+        if not isinstance(error, InvalidRequestError):
+            log.warning("request %d failed: %s: %s", h.id, type(error).__name__, error)
         if h.seq is not None:
             try:
                 h.seq.finish("error")
