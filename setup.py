@@ -110,7 +110,11 @@ setup(
     package_data={"eagle_engine": ["data/**/*"]},
     include_package_data=True,
     install_requires=["torch", "numpy", "safetensors", "transformers", "tokenizers", "tqdm"],
-    extras_require={"triton": TRITON, "test": TRITON + TEST_TOOLS},
+    extras_require={
+        "triton": TRITON,
+        "test": TRITON + TEST_TOOLS,
+        "serve": ["fastapi", "uvicorn", "prometheus_client"],
+    },
     entry_points={"console_scripts": ["eagle = eagle_engine.tools.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

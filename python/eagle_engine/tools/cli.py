@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_bench_parser(sub)
     _add_demo_parser(sub)
+    _add_serve_parser(sub)
     return parser
 
 
@@ -135,6 +136,23 @@ def _add_demo_parser(sub) -> None:
         help="CPU threads for torch (default: 1: the demo model is so small that more threads cost more "
         "in hand-offs than they save)",
     )
+
+
+def _add_serve_parser(sub) -> None:
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    _add_model_args(sv)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch-size", type=positive_int, default=8, help="sequences decoded together")
+    sv.add_argument("--max-queue", type=positive_int, default=256, help="requests waiting before a 503")
+    sv.add_argument(
+        "--tree",
+        default="auto",
+        choices=("auto", "dynamic", "static", "chain"),
+        help="draft tree; auto (default): chain on CPU, the EAGLE-2 dynamic tree on a GPU",
+    )
+    sv.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
+    add_threads_arg(sv)
 
 
 def cmd_generate(args) -> None:
@@ -216,11 +234,18 @@ def cmd_bench(args) -> None:
     run_bench(args)
 
 
+def cmd_serve(args) -> None:
+    from ..serve.server import serve
+
+    serve(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"generate": cmd_generate, "train-draft": cmd_train_draft, "bench": cmd_bench}
     commands["demo"] = cmd_demo
+    commands["serve"] = cmd_serve
     try:
         commands[args.command](args)
     except EagleError as e:

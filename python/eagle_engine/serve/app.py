@@ -1,0 +1,368 @@
+"""The FastAPI app: OpenAI-compatible completions and chat completions over the continuous-batching scheduler.
+
+``create_app(engine, tokenizer, model_name)`` builds it; the scheduler's engine thread starts and stops with
+the app's lifespan. Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
+GET /metrics (Prometheus text).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ..engine.inputs import check_seeds
+from ..engine.scheduler import QueueFullError, Scheduler
+from ..engine.scheduler import Request as EngineRequest
+from ..errors import InvalidRequestError
+from ..tools.detokenize import IncrementalDetokenizer
+from .errors import APIError, install_handlers, invalid
+from .metrics import Metrics
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_chunk,
+    chat_object,
+    check_unsupported,
+    completion_object,
+    max_tokens_of,
+    new_id,
+    sampling_of,
+    stop_strings_of,
+    usage,
+)
+
+DISCONNECT_POLL_S = 0.5
+
+
+class LockedTokenizer:
+    """The tokenizer behind one lock: the event loop encodes while the engine thread decodes, and a Hugging
+    Face fast tokenizer is not safe to share between threads."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.lock = tokenizer, threading.Lock()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        with self.lock:
+            return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def decode(self, ids, **kwargs) -> str:
+        with self.lock:
+            return self.tokenizer.decode(ids, **kwargs)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        with self.lock:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+
+def make_runner(engine):
+    """``(runner, new_sequence)``: the engine's runner (EAGLE rounds with a draft head, else vanilla steps)
+    and a factory of its sequences, capped at the runner's ``max_model_len``."""
+    from ..engine.sequence import Sequence
+
+    runner = engine.runner
+
+    def new_sequence(prompt, params, max_new_tokens, stop_ids, seed):
+        return Sequence(prompt, params, max_new_tokens, stop_ids, seed, runner.max_model_len)
+
+    return runner, new_sequence
+
+
+class ServeState:
+    def __init__(self, engine, tokenizer, model_name: str, max_queue: int):
+        self.engine, self.model_name = engine, model_name
+        self.tokenizer = LockedTokenizer(tokenizer)
+        cfg = engine.target.config
+        self.vocab_size, self.eos_ids = cfg.vocab_size, frozenset(cfg.eos_token_ids)
+        runner, new_sequence = make_runner(engine)
+        self.max_model_len = runner.max_model_len
+        self.metrics = Metrics(lambda: self.scheduler)
+        self.scheduler = Scheduler(
+            runner, new_sequence, max_queue, self.metrics.observe_round, self.metrics.observe_finish
+        )
+        self.created = int(time.time())
+
+
+def create_app(engine, tokenizer, model_name: str = "eagle", max_queue: int = 256) -> FastAPI:
+    """The app over ``engine.runner`` (its ``max_batch_size`` slots, its ``max_model_len``); at most
+    ``max_queue`` requests wait for a slot, more answer 503."""
+    state = ServeState(engine, tokenizer, model_name, max_queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        state.scheduler.start()
+        yield
+        state.scheduler.stop()
+
+    app = FastAPI(title="eagle", lifespan=lifespan)
+    app.state.serve = state
+    install_handlers(app)
+
+    @app.get("/health")
+    async def health():
+        if not state.scheduler.alive:
+            return JSONResponse({"status": "engine thread not running"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "eagle"}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        prompt = _completion_prompt(state, body)
+        max_tokens = max_tokens_of(body.max_tokens, len(prompt), state.max_model_len, "max_tokens")
+        return await _respond(state, request, body, prompt, max_tokens, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        prompt = _chat_prompt(state, body)
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = max_tokens_of(requested, len(prompt), state.max_model_len, param)
+        return await _respond(state, request, body, prompt, max_tokens, chat=True)
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+
+def _check_common(state: ServeState, body) -> None:
+    if body.model is not None and body.model != state.model_name:
+        raise APIError(
+            f"the model {body.model!r} does not exist; this server serves {state.model_name!r}",
+            404,
+            "model",
+            "model_not_found",
+        )
+    check_unsupported(body)
+
+
+def _check_length(state: ServeState, ids: list[int], param: str) -> list[int]:
+    if not ids:
+        raise invalid(f"{param} is empty", param)
+    if len(ids) >= state.max_model_len:
+        raise invalid(
+            f"{param} has {len(ids)} tokens; this model's maximum context length is {state.max_model_len}, "
+            "leaving no room to generate",
+            param,
+            "context_length_exceeded",
+        )
+    return ids
+
+
+def _completion_prompt(state: ServeState, body: CompletionRequest) -> list[int]:
+    _check_common(state, body)
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise invalid(f"one prompt per request, got a list of {len(prompt)}", "prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        ids = state.tokenizer.encode(prompt) if prompt else []
+    else:
+        ids = list(prompt)
+        bad = [t for t in ids if not 0 <= t < state.vocab_size]
+        if bad:
+            raise invalid(
+                f"prompt holds token id {bad[0]} outside the vocabulary [0, {state.vocab_size})", "prompt"
+            )
+    return _check_length(state, ids, "prompt")
+
+
+def _chat_prompt(state: ServeState, body: ChatCompletionRequest) -> list[int]:
+    _check_common(state, body)
+    if not state.tokenizer.has_chat_template:
+        raise invalid(
+            f"the model {state.model_name!r} has no chat template (tokenizer.chat_template is unset); "
+            "use /v1/completions",
+            "messages",
+            "no_chat_template",
+        )
+    if not body.messages:
+        raise invalid("messages is empty", "messages")
+    messages = []
+    for i, m in enumerate(body.messages):
+        content = m.content
+        if isinstance(content, list):
+            if any(part.get("type") != "text" for part in content):
+                raise invalid(
+                    f"messages[{i}].content: only text parts are supported", f"messages.{i}.content"
+                )
+            content = "".join(str(part.get("text", "")) for part in content)
+        messages.append({"role": m.role, "content": content or ""})
+    try:
+        text = state.tokenizer.render_chat(messages)
+    except Exception as e:  # the template rejects the conversation (jinja's TemplateError and friends)
+        raise invalid(f"the chat template cannot render these messages: {e}", "messages") from None
+    return _check_length(state, state.tokenizer.encode(text, add_special_tokens=False), "messages")
+
+
+# --------------------------------------------------------------------------------------------- generation
+
+
+async def _respond(state: ServeState, request: Request, body, prompt: list[int], max_tokens: int, chat: bool):
+    params = sampling_of(body)
+    try:
+        seed = check_seeds(body.seed, 1)[0]  # None: a fresh random seed
+    except InvalidRequestError as e:
+        raise invalid(str(e), "seed") from None
+    stop_ids = set() if body.ignore_eos else set(state.eos_ids)
+    for t in body.stop_token_ids or []:
+        if not 0 <= t < state.vocab_size:
+            raise invalid(f"stop_token_ids holds {t}, outside the vocabulary", "stop_token_ids")
+        stop_ids.add(t)
+    engine_request = EngineRequest(
+        prompt,
+        max_tokens,
+        params,
+        seed,
+        frozenset(stop_ids),
+        stop_strings_of(body),
+        IncrementalDetokenizer(state.tokenizer, prompt),
+    )
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def deliver(output):
+        loop.call_soon_threadsafe(queue.put_nowait, output)
+
+    try:
+        handle = state.scheduler.submit(engine_request, deliver)
+    except QueueFullError as e:
+        raise APIError(str(e), 503, None, "queue_full", "server_error") from None
+    except InvalidRequestError as e:
+        raise invalid(str(e), "prompt") from None
+    rid = new_id("chatcmpl" if chat else "cmpl")
+    try:
+        first = await _next(queue, request)
+    except BaseException:
+        state.scheduler.cancel(handle)
+        raise
+    if first is None:  # the client left
+        state.scheduler.cancel(handle)
+        return Response(status_code=499)
+    if first.error is not None:
+        _raise_for(first.error)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = _sse(state, rid, first, queue, chat, include_usage)
+        return _Stream(events, lambda: state.scheduler.cancel(handle))
+    return await _collect(state, request, handle, rid, first, queue, chat)
+
+
+def _raise_for(error: BaseException):
+    if isinstance(error, InvalidRequestError):
+        raise invalid(str(error)) from None
+    raise APIError(
+        f"generation failed: {type(error).__name__}: {error}", 500, None, "engine_error", "server_error"
+    )
+
+
+async def _next(queue: asyncio.Queue, request: Request | None):
+    """The next output, or ``None`` when the client disconnected while waiting (non-streaming)."""
+    while True:
+        try:
+            return await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            if request is not None and await request.is_disconnected():
+                return None
+
+
+async def _collect(state, request, handle, rid, first, queue, chat: bool):
+    parts, out = [first.text], first
+    while out.finish_reason is None:
+        out = await _next(queue, request)
+        if out is None:
+            state.scheduler.cancel(handle)
+            return Response(status_code=499)
+        if out.error is not None:
+            _raise_for(out.error)
+        parts.append(out.text)
+    text, use = "".join(parts), usage(out.prompt_tokens, out.completion_tokens)
+    if chat:
+        return chat_object(rid, state.model_name, text, out.finish_reason, use)
+    return completion_object(rid, state.model_name, text, out.finish_reason, use)
+
+
+def _event(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _sse(state, rid: str, first, queue: asyncio.Queue, chat: bool, include_usage: bool):
+    """Server-sent events exactly as the OpenAI API streams them, ``data: [DONE]`` last."""
+    model = state.model_name
+    if chat:
+        yield _event(chat_chunk(rid, model, {"role": "assistant", "content": ""}, None))
+    out = first
+    while True:
+        if out.error is not None:
+            body = APIError(
+                f"generation failed: {out.error}", 500, None, "engine_error", "server_error"
+            ).body()
+            yield _event(body)
+            break
+        if out.text or out.finish_reason is not None:
+            if chat:
+                delta = {"content": out.text} if out.text else {}
+                yield _event(chat_chunk(rid, model, delta, out.finish_reason))
+            else:
+                yield _event(completion_object(rid, model, out.text, out.finish_reason, None, chunk=True))
+        if out.finish_reason is not None:
+            if include_usage:
+                final = (
+                    chat_chunk(rid, model, {}, None)
+                    if chat
+                    else completion_object(rid, model, "", None, None)
+                )
+                final["choices"] = []
+                final["usage"] = usage(out.prompt_tokens, out.completion_tokens)
+                yield _event(final)
+            break
+        out = await queue.get()
+    yield "data: [DONE]\n\n"
+
+
+class _Stream(StreamingResponse):
+    """A streaming response that notices a client leaving even between chunks and calls ``on_close`` in
+    every case (finished, disconnected, failed), so a dropped client's sequence is cancelled at once."""
+
+    def __init__(self, events, on_close):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        async def stream():
+            try:
+                await self.stream_response(send)
+            except OSError:  # the client went away mid-send
+                pass
+            tg.cancel_scope.cancel()
+
+        async def watch():
+            await self.listen_for_disconnect(receive)
+            tg.cancel_scope.cancel()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stream)
+                tg.start_soon(watch)
+        finally:
+            self.on_close()

@@ -1,0 +1,50 @@
+"""``eagle serve``: load the model pair, build the app, run it under uvicorn."""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import EagleError
+
+
+def model_name_of(base: str | None) -> str:
+    return "eagle-demo" if base is None else os.path.basename(os.path.normpath(base))
+
+
+def load(base: str | None, draft: str | None, device="cpu", dtype="float32", tree="auto", max_batch_size=8):
+    """``(engine, tokenizer, model_name)``; no ``base``: the embedded demo pair (with its head unless
+    ``draft`` names another)."""
+    from ..engine.engine import EagleEngine
+    from ..tools.common import load_tokenizer
+    from ..tools.demo import demo_paths
+
+    name = model_name_of(base)
+    if base is None:
+        base, demo_head = demo_paths()
+        draft = draft or demo_head
+    on_gpu = str(device).startswith("cuda")
+    if tree == "auto":  # as `eagle demo`: a chain where verification costs compute, the dynamic tree on a GPU
+        tree = "dynamic" if on_gpu else "chain"
+    engine = EagleEngine.from_pretrained(
+        base, draft, device=device, dtype=dtype, tree=tree, max_batch_size=max_batch_size
+    )
+    return engine, load_tokenizer(base), name
+
+
+def serve(args) -> None:
+    try:
+        import uvicorn
+    except ImportError:
+        raise EagleError("eagle serve needs the server extras: pip install 'eagle-spec[serve]'") from None
+    from ..tools.common import apply_threads
+    from .app import create_app
+
+    apply_threads(args.threads)
+
+    engine, tokenizer, name = load(
+        args.base, args.draft, args.device, args.dtype, args.tree, args.max_batch_size
+    )
+    app = create_app(engine, tokenizer, name, args.max_queue)
+    mode = "EAGLE" if engine.draft is not None else "vanilla"
+    print(f"eagle serve: {name} ({mode}) on http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

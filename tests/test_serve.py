@@ -1,0 +1,417 @@
+"""`eagle serve`: the real HTTP server (uvicorn on a free loopback port, in a background thread) against the
+official `openai` client: completions and chat, streamed and not, 16 concurrent mixed clients, seeds, a
+client dropped mid-stream, every bad input, /metrics."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("prometheus_client")
+
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from tiny import make_head_dir, make_hf_model, make_tokenizer, save  # noqa: E402
+
+from eagle_engine import EagleEngine  # noqa: E402
+
+TIMEOUT = 30.0
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+PROMPTS = ["def main(", "import json\n", "class Foo:", "x = [", "return None", "for i in", "# note", "if a:"]
+
+
+@pytest.fixture(scope="module")
+def reference_env():
+    """Every op through its PyTorch reference, on every thread (the engine thread too): fast on CPU."""
+    old = os.environ.get("EAGLE_KERNELS_BACKEND")
+    os.environ["EAGLE_KERNELS_BACKEND"] = "reference"
+    yield
+    if old is None:
+        os.environ.pop("EAGLE_KERNELS_BACKEND")
+    else:
+        os.environ["EAGLE_KERNELS_BACKEND"] = old
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, reference_env):
+    """A tiny qwen2 model with its own tokenizer (with a chat template) and a random EAGLE head. No eos id:
+    sequences end at their budget, a stop string or a requested stop id, so lengths are under control."""
+    from transformers import AutoTokenizer
+
+    directory = str(tmp_path_factory.mktemp("serve_model"))
+    make_tokenizer(directory, vocab_size=300)
+    tok = AutoTokenizer.from_pretrained(directory)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(directory)
+    hf = make_hf_model("qwen2", vocab_size=len(tok), eos_token_id=None, bos_token_id=None)
+    save(hf, directory)
+    head = make_head_dir(
+        EagleEngine.from_pretrained(directory), "eagle1", str(tmp_path_factory.mktemp("head"))
+    )
+    return directory, head
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """uvicorn serving ``create_app(...)`` in a background thread on a free loopback port."""
+
+    def __init__(self, directory, head, name="tiny", tokenizer=None, max_batch_size=4, max_queue=32):
+        import uvicorn
+
+        from eagle_engine.serve import create_app
+        from eagle_engine.tools.common import load_tokenizer
+
+        self.engine = EagleEngine.from_pretrained(
+            directory, head, tree="chain", max_batch_size=max_batch_size
+        )
+        # references come from a second engine: the server's engine thread owns the first one's runner
+        self.reference = EagleEngine.from_pretrained(directory, head, tree="chain")
+        self.tokenizer = tokenizer or load_tokenizer(directory)
+        self.app = create_app(self.engine, self.tokenizer, name, max_queue=max_queue)
+        self.port = _free_port()
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + TIMEOUT
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", timeout=TIMEOUT, max_retries=0)
+
+    @property
+    def scheduler(self):
+        return self.app.state.serve.scheduler
+
+    def metrics(self) -> dict:
+        text = httpx.get(self.url + "/metrics", timeout=TIMEOUT).text
+        return {
+            s.name + json.dumps(s.labels, sort_keys=True): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        }
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    s = Server(*model, max_batch_size=4, max_queue=32)
+    yield s
+    s.stop()
+
+
+def _ids(server, text: str) -> list[int]:
+    return server.tokenizer(text)["input_ids"]
+
+
+def reference(server, ids: list[int], max_tokens: int, **sampling) -> str:
+    """The engine alone on this prompt: ``engine.generate`` (EAGLE), decoded."""
+    result = server.reference.generate(ids, max_tokens, **sampling)
+    return server.tokenizer.decode(result.tokens, skip_special_tokens=True)
+
+
+def complete(server, prompt, stream=False, **kwargs):
+    kwargs.setdefault("temperature", 0)
+    if not stream:
+        r = server.client.completions.create(model="tiny", prompt=prompt, **kwargs)
+        return r.choices[0].text, r.choices[0].finish_reason, r.usage
+    chunks = list(
+        server.client.completions.create(
+            model="tiny", prompt=prompt, stream=True, stream_options={"include_usage": True}, **kwargs
+        )
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+    return text, finish, chunks[-1].usage
+
+
+def test_models_and_health(server):
+    models = server.client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    assert httpx.get(server.url + "/health", timeout=TIMEOUT).json() == {"status": "ok"}
+
+
+def test_completion_streamed_and_not(server):
+    ids = _ids(server, PROMPTS[0])
+    want = reference(server, ids, 16)
+    text, finish, usage = complete(server, PROMPTS[0], max_tokens=16)
+    assert text == want and finish == "length"
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(ids), 16)
+    streamed, finish, usage = complete(server, PROMPTS[0], stream=True, max_tokens=16)
+    assert streamed == want and finish == "length" and usage.completion_tokens == 16
+
+
+def test_chat_streamed_and_not(server):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "def f(x):"}]
+    rendered = server.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = server.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    want = reference(server, ids, 12)
+    r = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == want
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 12
+    chunks = list(
+        server.client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=12, temperature=0, stream=True
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_stop_strings_and_stop_ids(server):
+    ids = _ids(server, PROMPTS[1])
+    full = reference(server, ids, 30)
+    stop = full[10:13]
+    text, finish, _ = complete(server, PROMPTS[1], max_tokens=30, stop=[stop])
+    assert text == full[: full.find(stop)] and finish == "stop"
+    streamed, finish, _ = complete(server, PROMPTS[1], stream=True, max_tokens=30, stop=stop)
+    assert streamed == text and finish == "stop"
+    tokens = server.reference.generate(ids, 30).tokens
+    r = server.client.completions.create(
+        model="tiny",
+        prompt=PROMPTS[1],
+        max_tokens=30,
+        temperature=0,
+        extra_body={"stop_token_ids": [tokens[5]]},
+    )
+    cut = tokens.index(tokens[5])
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == cut + 1
+    assert r.choices[0].text == server.tokenizer.decode(tokens[:cut])
+
+
+def test_sixteen_concurrent_clients(server):
+    """Greedy and seeded sampled requests mixed in one batch (4 slots, the rest queued): every one
+    completes, and each equals the engine alone on its prompt (greedy: the same tokens; seeded: the same
+    draws)."""
+    jobs = []
+    for i in range(16):
+        sampled = i % 2 == 1
+        kw = dict(max_tokens=6 + (i % 4) * 2, temperature=0.9 if sampled else 0)
+        if sampled:
+            kw.update(top_p=0.9, extra_body={"top_k": 40}, seed=i)
+        jobs.append((PROMPTS[i % len(PROMPTS)], i % 3 == 0, kw))
+
+    def run(job):
+        prompt, stream, kw = job
+        return complete(server, prompt, stream=stream, **kw)
+
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(run, jobs, timeout=TIMEOUT * 2))
+    assert time.monotonic() - t0 < TIMEOUT * 2
+    for (prompt, _, kw), (text, finish, usage) in zip(jobs, results):
+        assert finish == "length" and usage.completion_tokens == kw["max_tokens"]
+        if kw["temperature"] == 0:
+            assert text == reference(server, _ids(server, prompt), kw["max_tokens"]), prompt
+        else:  # a seeded sequence samples from its own generator: the same in any batch
+            sampling = dict(temperature=0.9, top_p=0.9, top_k=40, seed=kw["seed"])
+            assert text == reference(server, _ids(server, prompt), kw["max_tokens"], **sampling), prompt
+    assert server.scheduler.num_running == 0 and server.scheduler.runner.free_slots() == 4
+
+
+def test_seeded_sampling_is_reproducible(server):
+    kw = dict(max_tokens=10, temperature=1.0, top_p=0.95, seed=1234)
+    first = complete(server, PROMPTS[2], **kw)[0]
+    assert complete(server, PROMPTS[2], **kw)[0] == first
+    assert complete(server, PROMPTS[2], stream=True, **kw)[0] == first
+
+
+def test_dropped_client_frees_its_slot(server):
+    """A client that leaves mid-stream is cancelled at once; the requests around it are not disturbed."""
+    before = server.metrics().get('eagle_requests_total{"finish_reason": "cancelled"}', 0.0)
+    others = [(p, reference(server, _ids(server, p), 10)) for p in PROMPTS[3:6]]
+    body = {"model": "tiny", "prompt": PROMPTS[6], "max_tokens": 900, "temperature": 0, "stream": True}
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(complete, server, p, max_tokens=10) for p, _ in others]
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=TIMEOUT) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            for _ in range(3):
+                assert next(lines).startswith("data: ") or True
+        # the connection is closed here, long before 900 tokens
+        for f, (_, want) in zip(futures, others):
+            assert f.result(timeout=TIMEOUT)[0] == want
+    deadline = time.monotonic() + TIMEOUT
+    while server.scheduler.num_running or server.scheduler.runner.free_slots() != 4:
+        assert time.monotonic() < deadline, "the dropped client's slot never came back"
+        time.sleep(0.05)
+    after = server.metrics()['eagle_requests_total{"finish_reason": "cancelled"}']
+    assert after == before + 1
+    assert complete(server, PROMPTS[0], max_tokens=4)[1] == "length"
+
+
+BAD = [
+    ({"temperature": -0.5}, 400, "temperature"),
+    ({"top_p": 0}, 400, "top_p"),
+    ({"top_p": 1.5}, 400, "top_p"),
+    ({"top_k": -1}, 400, "top_k"),
+    ({"max_tokens": 0}, 400, "max_tokens"),
+    ({"max_tokens": 5000}, 400, "max_tokens"),
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": [5] * 1024}, 400, "prompt"),
+    ({"prompt": [999999]}, 400, "prompt"),
+    ({"model": "gpt-17"}, 404, "model"),
+    ({"temperature": "hot"}, 400, "temperature"),
+    ({"n": 3}, 400, "n"),
+    ({"seed": 2**70}, 400, "seed"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+]
+
+
+@pytest.mark.parametrize(
+    "change,status,param", BAD, ids=[next(iter(c)) + str(i) for i, (c, _, _) in enumerate(BAD)]
+)
+def test_bad_input(server, change, status, param):
+    body = {"model": "tiny", "prompt": "x = 1", "max_tokens": 4, **change}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=TIMEOUT)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
+    assert param in error["message"]
+
+
+def test_bad_input_through_the_client(server):
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        server.client.completions.create(model="tiny", prompt="x", top_p=2.0)
+    with pytest.raises(openai.NotFoundError, match="gpt-17"):
+        server.client.chat.completions.create(model="gpt-17", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_malformed_json_and_missing_fields(server):
+    r = httpx.post(
+        server.url + "/v1/completions",
+        content=b'{"prompt": "x",',
+        timeout=TIMEOUT,
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny"}, timeout=TIMEOUT)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = httpx.post(
+        server.url + "/v1/chat/completions", json={"model": "tiny", "messages": []}, timeout=TIMEOUT
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_full_queue_and_missing_chat_template(model):
+    """One slot and one waiting place: a third request is 503. A tokenizer without a chat template: chat
+    is 400."""
+    from eagle_engine.tools.common import load_tokenizer
+
+    tok = load_tokenizer(model[0])
+    tok.chat_template = None
+    s = Server(*model, tokenizer=tok, max_batch_size=1, max_queue=1)
+    try:
+        r = httpx.post(
+            s.url + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}]},
+            timeout=TIMEOUT,
+        )
+        assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
+        long = {"prompt": "x", "max_tokens": 900, "temperature": 0, "stream": True}
+        short = {"prompt": "y", "max_tokens": 2, "temperature": 0}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            with httpx.stream("POST", s.url + "/v1/completions", json=long, timeout=TIMEOUT) as running:
+                lines = running.iter_lines()  # (dropping this iterator would close the stream)
+                next(lines)  # it holds the only slot now
+                waiting = pool.submit(httpx.post, s.url + "/v1/completions", json=short, timeout=TIMEOUT)
+                deadline = time.monotonic() + TIMEOUT
+                while s.scheduler.queue_depth < 1:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.02)
+                r = httpx.post(s.url + "/v1/completions", json=short, timeout=TIMEOUT)
+                assert r.status_code == 503 and "queue is full" in r.json()["error"]["message"]
+            # the streaming client left: its slot goes to the waiting request
+            assert waiting.result(timeout=TIMEOUT).json()["choices"][0]["finish_reason"] == "length"
+    finally:
+        s.stop()
+
+
+def test_one_failing_request_fails_alone(server):
+    """An exception inside one request (here its detokenizer) fails that request only."""
+    from eagle_engine.engine.scheduler import Request
+
+    class Broken:
+        def push(self, ids):
+            raise RuntimeError("broken detokenizer")
+
+        def flush(self):
+            return ""
+
+    outputs = {}
+    done = threading.Event()
+
+    def collect(name):
+        def deliver(out):
+            outputs.setdefault(name, []).append(out)
+            if (
+                out.finish_reason is not None
+                and len([k for k in outputs if outputs[k][-1].finish_reason]) == 2
+            ):
+                done.set()
+
+        return deliver
+
+    ids = _ids(server, PROMPTS[4])
+    server.scheduler.submit(Request(ids, 12, detokenizer=Broken()), collect("bad"))
+    server.scheduler.submit(Request(ids, 12), collect("good"))
+    assert done.wait(TIMEOUT)
+    assert outputs["bad"][-1].finish_reason == "error" and "broken" in str(outputs["bad"][-1].error)
+    good = [t for o in outputs["good"] for t in o.token_ids]
+    assert good == server.reference.generate(ids, 12).tokens and outputs["good"][-1].finish_reason == "length"
+
+
+def test_metrics_parse(server):
+    complete(server, PROMPTS[0], max_tokens=4)
+    text = httpx.get(server.url + "/metrics", timeout=TIMEOUT).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in (
+        "eagle_requests",
+        "eagle_generation_tokens",
+        "eagle_queue_depth",
+        "eagle_running_batch",
+        "eagle_mean_acceptance_length",
+        "eagle_round_seconds",
+    ):
+        assert name in families, name
+    samples = {s.name: s.value for f in families.values() for s in f.samples if not s.labels}
+    assert samples["eagle_generation_tokens_total"] >= 4 and samples["eagle_round_seconds_count"] >= 1
+    assert samples["eagle_mean_acceptance_length"] >= 1.0
+    assert samples["eagle_queue_depth"] == 0 and samples["eagle_running_batch"] == 0
+
+
+def test_cli_serve_flags():
+    from eagle_engine.tools.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--port", "8123", "--max-batch-size", "16", "--tree", "chain"])
+    assert (args.command, args.port, args.max_batch_size, args.tree, args.host) == (
+        "serve",
+        8123,
+        16,
+        "chain",
+        "127.0.0.1",
+    )
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--max-batch-size", "0"])
