@@ -12,12 +12,14 @@ from eagle_engine.engine.sequence import Sequence
 from eagle_engine.spec.sampling import SamplingParams
 from eagle_engine.tools.round_cost import count_round_cost, step_costs
 
+pytestmark = pytest.mark.usefixtures("reference_ops")  # counts do not depend on the backend; this one is fast
+
 LAUNCH_BUDGET = 300  # per EAGLE round on the demo pair (4 target layers, 1 draft layer)
 VANILLA_BUDGET = 60  # per vanilla token
 
 
 @pytest.fixture(scope="module")
-def demo_engines():
+def demo_engines(reference_ops):
     target, head = demo_paths()
     trees = ("dynamic", "static", "chain")
     return {tree: EagleEngine.from_pretrained(target, head, tree=tree) for tree in trees}

@@ -100,20 +100,9 @@ class Attention(nn.Module):
         # The new rows are the last T of the tree region: write them at lengths + tree_len - T.
         rows = lengths if tree_len == t else lengths + (tree_len - t)
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
-        q = rotary_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, rows, *norms)
+        q = ops.rotary_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, rows, *norms)
         out = ops.tree_attention(q, k_cache, v_cache, lengths, tree_mask, tree_len)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
-
-
-def rotary_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, rows, q_norm=None, k_norm=None, eps=0.0):
-    """Optional q/k RMSNorm (Qwen3), rotary on q and k, K/V written at rows ``rows[b] + t``; returns q."""
-    if hasattr(ops, "rotary_store_kv"):
-        return ops.rotary_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, rows, q_norm, k_norm, eps)
-    if q_norm is not None:
-        q, k = ops.rms_norm(q, q_norm, eps), ops.rms_norm(k, k_norm, eps)
-    q, k = ops.rotary_embedding(q, k, positions, cos_sin)
-    ops.store_kv(k_cache, v_cache, k, v, rows)
-    return q
 
 
 def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor | None, torch.Tensor | None]:

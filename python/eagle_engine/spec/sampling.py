@@ -128,29 +128,6 @@ def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tens
 def uniforms(seeds: torch.Tensor, offsets: torch.Tensor, n: int) -> torch.Tensor:
     """``n`` uniforms per sequence from its seed and counter, then advance the counter in place (int64
     ``[B]`` each) -> fp32 ``[B, n]``."""
-    draw = ops.counter_uniform if hasattr(ops, "counter_uniform") else _splitmix
-    u = draw(seeds, offsets, n)
+    u = ops.counter_uniform(seeds, offsets, n)
     offsets += n
     return u
-
-
-def _signed(x: int) -> int:
-    return x - (1 << 64) if x >= 1 << 63 else x
-
-
-_GAMMA, _M1, _M2 = (_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
-
-
-def _splitmix(seeds: torch.Tensor, offsets: torch.Tensor, n: int) -> torch.Tensor:
-    """SplitMix64 (seed + (offset + i + 1) * gamma, mixed) -> top 24 bits as uniforms in [0, 1)."""
-    counter = offsets.view(-1, 1) + torch.arange(1, n + 1, device=offsets.device)
-    z = seeds.view(-1, 1) + counter * _GAMMA
-
-    def shr(x, k):
-        return (x >> k) & ((1 << (64 - k)) - 1)
-
-    z = (z ^ shr(z, 30)) * _M1
-    z = (z ^ shr(z, 27)) * _M2
-    z = z ^ shr(z, 31)
-    return shr(z, 40).float() * (2.0**-24)
-
