@@ -512,3 +512,40 @@ def test_numpy_settings_through_the_engine(engine):
         [1, 2, 3], np.int64(3), temperature=np.float32(0.8), top_k=np.int64(5), seed=0, stop_token_ids=[]
     )
     assert len(out.tokens) == 3 and not any(math.isnan(t) for t in out.tokens)
+
+
+# ------------------------------------------------------------------------------- sizes and the result
+
+
+def test_large_config_maximum_does_not_size_tables_or_caches(model_dir, tmp_path):
+    """max_position_embeddings 10**6 loads small: rotary tables and caches follow max_model_len."""
+    from eagle_engine import EagleEngine
+
+    edited = copy_dir(model_dir, tmp_path)
+    edit_json(edited, "config.json", max_position_embeddings=10**6)
+    engine = EagleEngine.from_pretrained(edited, max_model_len=256)
+    assert engine.target.cos_sin.shape[0] <= 4096 + 512  # bounded, whatever the config says
+    assert engine.runner.state.tcache.capacity <= 256 + 64
+    assert len(engine.generate_vanilla([1, 2, 3], 8, stop_token_ids=[]).tokens) == 8
+    default = EagleEngine.from_pretrained(edited)
+    assert default.max_length == 4096 and default.runner.state.tcache.capacity < 4200
+
+
+def test_accept_lengths_count_only_kept_tokens(target, head_dirs):
+    from eagle_engine import EagleEngine
+
+    engine = EagleEngine(target, load_draft(head_dirs["eagle1"], target), tree="chain")
+    for n in (1, 2, 5):
+        result = engine.generate([1, 2, 3], n, stop_token_ids=[])
+        assert len(result.tokens) == n
+        assert sum(result.accept_lengths) == n - 1 and all(a >= 1 for a in result.accept_lengths)
+
+
+def test_stream_validates_before_returning_the_iterator(target, head_dirs):
+    from eagle_engine import EagleEngine
+
+    engine = EagleEngine(target, load_draft(head_dirs["eagle1"], target))
+    with pytest.raises(InvalidRequestError):
+        engine.stream([], 5)  # no next(): the error comes from the call itself
+    with pytest.raises(InvalidRequestError, match="stop_token_ids"):
+        engine.stream([1, 2], 5, stop_token_ids=[-5])

@@ -13,6 +13,7 @@ from eagle_engine.models.draft import init_random_head
 from eagle_engine.models.loading import load_draft, save_draft
 from eagle_engine.spec.tree import MC_SIM_7B_63, TreeConfig
 from eagle_engine.spec.tree_build import DraftTree, build_tree
+from eagle_kernels import unpack_tree_mask
 
 pytestmark = pytest.mark.usefixtures("reference_ops")
 
@@ -152,8 +153,8 @@ class FakeDraft:
         self.logprobs = torch.tensor(logprobs)
         self.calls = []
 
-    def step(self, tokens, features, level, row_mask):
-        self.calls.append((tokens.clone(), level, row_mask.clone()))
+    def step(self, tokens, features, level, packed_mask, rows):
+        self.calls.append((tokens.clone(), level, unpack_tree_mask(packed_mask, rows)))
         return tokens.unsqueeze(-1).float()  # the "hidden" carries the node's token
 
     def topk(self, hidden, k):
@@ -208,7 +209,15 @@ def test_tree_invariants(cfg):
     assert bool((parents[:, 0] == -1).all())
     assert bool((parents[:, 1:] < torch.arange(1, cfg.num_nodes)).all()) and bool((parents[:, 1:] >= 0).all())
     rebuilt = DraftTree.from_parents(tree.tokens, tree.parents)
-    assert torch.equal(rebuilt.mask, tree.mask)
+    assert torch.equal(rebuilt.mask, tree.mask) and torch.equal(rebuilt.depths, tree.depths)
+    for s in range(b):  # the device-built mask equals a walk up the parents
+        walked = torch.zeros(cfg.num_nodes, cfg.num_nodes, dtype=torch.bool)
+        for i in range(cfg.num_nodes):
+            a = i
+            while a >= 0:
+                walked[i, a] = True
+                a = int(parents[s, a])
+        assert torch.equal(tree.mask[s], walked)
     assert torch.equal(tree.mask.sum(-1) - 1, tree.depths)  # a node sees itself and its depth ancestors
     assert int(tree.depths.max()) <= cfg.max_depth
     for s in range(b):  # siblings have distinct tokens, and a child token derives from its parent's
