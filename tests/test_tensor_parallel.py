@@ -1,0 +1,136 @@
+"""Tensor parallelism (N=2, gloo on CPU): the same tokens as N=1 and transformers, on every rank.
+
+One ``torchrun`` launch of ``tests/tp_worker.py`` runs every job (greedy EAGLE and vanilla on a GQA Llama and
+a Qwen2 with q/k/v bias and tied embeddings, seeded and unseeded sampling, bad sizes) and each rank writes its
+results; this process runs the same jobs with N=1 and compares.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from tiny import hf_greedy, make_head_dir, make_hf_model, random_prompts, save
+
+from eagle_engine import EagleEngine
+from eagle_engine.models.parallel import count_parameters
+
+pytestmark = pytest.mark.usefixtures("reference_ops")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "tp_worker.py")
+NEW_TOKENS = 40
+PROMPTS = random_prompts([5, 17, 9], seed=3)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(jobs: list[dict], tmp_path, nproc: int = 2) -> list[dict]:
+    """Run the jobs on ``nproc`` ranks; returns each rank's results (rank order)."""
+    jobs_path = tmp_path / "jobs.json"
+    jobs_path.write_text(json.dumps(jobs))
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, EAGLE_KERNELS_BACKEND="reference", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "python"), ROOT, env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}", WORKER, str(jobs_path), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, reference_ops):
+    """Models, heads and jobs; the N=2 results of every rank and the N=1 results, by job name."""
+    tmp = tmp_path_factory.mktemp("tp")
+    llama = make_hf_model("llama", num_attention_heads=8, num_key_value_heads=2, hidden_size=64)
+    qwen2 = make_hf_model("qwen2")  # q/k/v bias, tied embeddings
+    bad = make_hf_model("llama", num_attention_heads=6, num_key_value_heads=3, hidden_size=48)
+    dirs = {name: save(m, str(tmp / name)) for name, m in (("llama", llama), ("qwen2", qwen2), ("bad", bad))}
+    heads = {}
+    for model, kind in (("llama", "eagle1"), ("qwen2", "eagle1"), ("qwen2", "eagle3")):
+        base = EagleEngine.from_pretrained(dirs[model])
+        heads[model, kind] = make_head_dir(base, kind, str(tmp / f"{model}-{kind}"))
+    jobs = []
+
+    def job(name, model, method, head=None, tree="dynamic", **kw):
+        jobs.append(dict(name=name, model=dirs[model], head=heads.get((model, head)), tree=tree,
+                         method=method, prompts=PROMPTS, new_tokens=NEW_TOKENS, tp=2, **kw))
+
+    job("bad-kv-heads", "bad", "error")  # first: before any process group exists
+    job("llama-vanilla", "llama", "vanilla")
+    job("llama-eagle1", "llama", "generate", "eagle1")
+    job("llama-sampled", "llama", "generate", "eagle1", temperature=0.8, seed=[7, 8, 9])
+    job("llama-vanilla-sampled", "llama", "vanilla", temperature=0.8, seed=11)
+    job("llama-unseeded", "llama", "generate", "eagle1", temperature=1.0, seed=None)
+    job("qwen2-vanilla", "qwen2", "vanilla")
+    job("qwen2-eagle1-static", "qwen2", "generate", "eagle1", tree="static")
+    job("qwen2-eagle3", "qwen2", "generate", "eagle3")
+    job("world-size", "llama", "error")
+    jobs[-1]["tp"] = 4
+    ranks = torchrun(jobs, tmp)
+
+    single, engines = {}, {}
+    for j in jobs:
+        if j["method"] == "error" or ("seed" in j and j["seed"] is None):
+            continue
+        key = (j["model"], j["head"], j["tree"])
+        if key not in engines:
+            engines[key] = EagleEngine.from_pretrained(j["model"], j["head"], tree=j["tree"])
+        engine = engines[key]
+        method = engine.generate if j["method"] == "generate" else engine.generate_vanilla
+        res = method(PROMPTS, NEW_TOKENS, temperature=j.get("temperature", 0.0), seed=j.get("seed"),
+                     stop_token_ids=[])
+        single[j["name"]] = {"tokens": [r.tokens for r in res], "target_parameters": count_parameters(
+            engine.target), "kv_heads": engine.runner.state.tcache.data.shape[3]}
+    hf = {"llama": llama, "qwen2": qwen2}
+    return ranks, single, hf
+
+
+GREEDY = ["llama-vanilla", "llama-eagle1", "qwen2-vanilla", "qwen2-eagle1-static", "qwen2-eagle3"]
+
+
+@pytest.mark.parametrize("name", GREEDY)
+def test_greedy_matches_single_device_and_transformers(run, name):
+    ranks, single, hf = run
+    assert ranks[0][name]["tokens"] == ranks[1][name]["tokens"]
+    assert ranks[0][name]["tokens"] == single[name]["tokens"]
+    model = hf[name.split("-")[0]]
+    for prompt, tokens in zip(PROMPTS, ranks[0][name]["tokens"]):
+        assert tokens == hf_greedy(model, prompt, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("name", ["llama-sampled", "llama-vanilla-sampled"])
+def test_seeded_sampling_matches_single_device(run, name):
+    ranks, single, _ = run
+    assert ranks[0][name]["tokens"] == ranks[1][name]["tokens"] == single[name]["tokens"]
+
+
+def test_unseeded_sampling_is_the_same_on_every_rank(run):
+    ranks, _, _ = run
+    tokens = ranks[0]["llama-unseeded"]["tokens"]
+    assert len(tokens) == len(PROMPTS) and tokens == ranks[1]["llama-unseeded"]["tokens"]
+
+
+@pytest.mark.parametrize("model", ["llama", "qwen2"])
+def test_each_rank_holds_half_the_target(run, model):
+    ranks, single, _ = run
+    total = single[f"{model}-vanilla"]["target_parameters"]
+    for r in ranks:
+        held = r[f"{model}-vanilla"]["target_parameters"]
+        assert 0.5 * total <= held <= 0.52 * total, (held, total)  # norms and row-parallel biases are whole
+        assert r[f"{model}-vanilla"]["kv_heads"] * 2 == single[f"{model}-vanilla"]["kv_heads"]
+
+
+def test_bad_sizes_raise_on_every_rank(run):
+    ranks, _, _ = run
+    for r in ranks:
+        assert "num_key_value_heads (3)" in r["bad-kv-heads"]["error"]
+        assert "differs from the world size 2" in r["world-size"]["error"]
