@@ -46,6 +46,17 @@ def torchrun(jobs: list[dict], tmp_path, nproc: int = 2) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
+def torchrun_module(args: list[str], tmp_path, nproc: int = 2) -> str:
+    """``torchrun -m eagle_engine ARGS`` on ``nproc`` ranks; returns the ranks' stdout."""
+    env = dict(os.environ, EAGLE_KERNELS_BACKEND="reference", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "python"), ROOT, env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "eagle_engine", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, reference_ops):
     """Models, heads and jobs; the N=2 results of every rank and the N=1 results, by job name."""
@@ -54,6 +65,8 @@ def run(tmp_path_factory, reference_ops):
     qwen2 = make_hf_model("qwen2")  # q/k/v bias, tied embeddings
     bad = make_hf_model("llama", num_attention_heads=6, num_key_value_heads=3, hidden_size=48)
     dirs = {name: save(m, str(tmp / name)) for name, m in (("llama", llama), ("qwen2", qwen2), ("bad", bad))}
+    for fmt in ("bin", "sharded"):  # pytorch_model.bin: loaded whole, then sliced; sharded safetensors
+        dirs[f"llama-{fmt}"] = save(llama, str(tmp / f"llama-{fmt}"), fmt)
     heads = {}
     for model, kind in (("llama", "eagle1"), ("qwen2", "eagle1"), ("qwen2", "eagle3")):
         base = EagleEngine.from_pretrained(dirs[model])
@@ -67,6 +80,8 @@ def run(tmp_path_factory, reference_ops):
     job("bad-kv-heads", "bad", "error")  # first: before any process group exists
     job("llama-vanilla", "llama", "vanilla")
     job("llama-eagle1", "llama", "generate", "eagle1")
+    job("llama-bin-vanilla", "llama-bin", "vanilla")
+    job("llama-sharded-vanilla", "llama-sharded", "vanilla")
     job("llama-sampled", "llama", "generate", "eagle1", temperature=0.8, seed=[7, 8, 9])
     job("llama-vanilla-sampled", "llama", "vanilla", temperature=0.8, seed=11)
     job("llama-unseeded", "llama", "generate", "eagle1", temperature=1.0, seed=None)
@@ -79,7 +94,8 @@ def run(tmp_path_factory, reference_ops):
 
     single, engines = {}, {}
     for j in jobs:
-        if j["method"] == "error" or ("seed" in j and j["seed"] is None):
+        if j["method"] == "error" or ("seed" in j and j["seed"] is None) or "-bin" in j["name"] or (
+                "-sharded" in j["name"]):
             continue
         key = (j["model"], j["head"], j["tree"])
         if key not in engines:
@@ -105,6 +121,13 @@ def test_greedy_matches_single_device_and_transformers(run, name):
     model = hf[name.split("-")[0]]
     for prompt, tokens in zip(PROMPTS, ranks[0][name]["tokens"]):
         assert tokens == hf_greedy(model, prompt, NEW_TOKENS)
+
+
+def test_every_checkpoint_format_loads_its_shard(run):
+    ranks, _, _ = run
+    for r in ranks:
+        assert r["llama-bin-vanilla"]["tokens"] == r["llama-sharded-vanilla"]["tokens"] == r["llama-vanilla"][
+            "tokens"]
 
 
 @pytest.mark.parametrize("name", ["llama-sampled", "llama-vanilla-sampled"])
@@ -134,3 +157,20 @@ def test_bad_sizes_raise_on_every_rank(run):
     for r in ranks:
         assert "num_key_value_heads (3)" in r["bad-kv-heads"]["error"]
         assert "differs from the world size 2" in r["world-size"]["error"]
+
+
+def test_cli_generate_prints_once(tmp_path):
+    """``torchrun --nproc-per-node 2 -m eagle_engine generate --tensor-parallel-size 2``: rank 0 prints."""
+    from tiny import make_tokenizer
+    from transformers import AutoTokenizer
+
+    directory = str(tmp_path / "model")
+    make_tokenizer(directory, vocab_size=300)
+    vocab = len(AutoTokenizer.from_pretrained(directory))
+    save(make_hf_model("qwen2", vocab_size=vocab + vocab % 2), directory)
+    head = make_head_dir(EagleEngine.from_pretrained(directory), "eagle1", str(tmp_path / "head"))
+    args = ["generate", "--base", directory, "--draft", head, "--prompt", "import os",
+            "--max-new-tokens", "12", "--compare", "--tensor-parallel-size", "2"]
+    out = torchrun_module(args, tmp_path)
+    assert out.count("[eagle] 12 tokens") == 1 and out.count("[vanilla] 12 tokens") == 1, out
+    assert "outputs identical: yes" in out and out.count("import os") == 1  # the text, once

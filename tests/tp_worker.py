@@ -19,7 +19,7 @@ sys.path.insert(0, ROOT)
 
 from eagle_engine import EagleEngine  # noqa: E402
 from eagle_engine.errors import EagleError  # noqa: E402
-from eagle_engine.models.parallel import count_parameters  # noqa: E402
+from eagle_engine.models.parallel import count_parameters, shutdown  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -62,8 +62,7 @@ def main() -> None:
     rank = int(os.environ.get("RANK", 0))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":

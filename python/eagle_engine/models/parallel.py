@@ -121,6 +121,14 @@ def setup(size: int, cfg: ModelConfig, device: torch.device) -> tuple[TensorPara
     return TensorParallel(dist.get_rank(), size), device
 
 
+def shutdown() -> None:
+    """Leave the default process group, if one was joined: a barrier first, so that no rank tears its
+    connections down while another still uses them (gloo aborts then)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # -------------------------------------------------------------------------------- forward pieces
 
 
