@@ -174,3 +174,36 @@ def test_cli_generate_prints_once(tmp_path):
     out = torchrun_module(args, tmp_path)
     assert out.count("[eagle] 12 tokens") == 1 and out.count("[vanilla] 12 tokens") == 1, out
     assert "outputs identical: yes" in out and out.count("import os") == 1  # the text, once
+
+
+@pytest.mark.parametrize(
+    "field, value, others",
+    [
+        ("num_attention_heads", 3, dict(num_key_value_heads=1)),
+        ("num_key_value_heads", 3, dict(num_attention_heads=6)),
+        ("intermediate_size", 129, {}),
+        ("vocab_size", 255, {}),
+    ],
+)
+def test_every_split_size_is_checked(field, value, others):
+    from eagle_engine.errors import EagleError
+    from eagle_engine.models.config import ModelConfig
+    from eagle_engine.models.parallel import check_divisible
+
+    fields = dict(model_type="llama", hidden_size=48, intermediate_size=128, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256, head_dim=8)
+    fields.update(others, **{field: value})
+    cfg = ModelConfig.from_dict(fields, "test")
+    with pytest.raises(EagleError, match=f"{field} \\({value}\\)"):
+        check_divisible(cfg, 2)
+
+
+def test_tensor_parallel_outside_torchrun_is_an_error(tmp_path, monkeypatch):
+    from eagle_engine.errors import EagleError
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    directory = save(make_hf_model("qwen2"), str(tmp_path / "m"))
+    with pytest.raises(EagleError, match="launch with torchrun --nproc-per-node 2"):
+        EagleEngine.from_pretrained(directory, tensor_parallel_size=2)
+    with pytest.raises(EagleError, match="tensor_parallel_size must be an integer >= 1"):
+        EagleEngine.from_pretrained(directory, tensor_parallel_size=0)
