@@ -63,8 +63,11 @@ def run(tmp_path_factory, reference_ops):
     tmp = tmp_path_factory.mktemp("tp")
     llama = make_hf_model("llama", num_attention_heads=8, num_key_value_heads=2, hidden_size=64)
     qwen2 = make_hf_model("qwen2")  # q/k/v bias, tied embeddings
+    bias = make_hf_model("llama-bias")  # o_proj and down_proj biases: added once, after the all-reduce
+    qwen3 = make_hf_model("qwen3")  # q/k RMSNorm (whole on every rank), head_dim 24
     bad = make_hf_model("llama", num_attention_heads=6, num_key_value_heads=3, hidden_size=48)
-    dirs = {name: save(m, str(tmp / name)) for name, m in (("llama", llama), ("qwen2", qwen2), ("bad", bad))}
+    models = {"llama": llama, "qwen2": qwen2, "llama-bias": bias, "qwen3": qwen3, "bad": bad}
+    dirs = {name: save(m, str(tmp / name)) for name, m in models.items()}
     for fmt in ("bin", "sharded"):  # pytorch_model.bin: loaded whole, then sliced; sharded safetensors
         dirs[f"llama-{fmt}"] = save(llama, str(tmp / f"llama-{fmt}"), fmt)
     heads = {}
@@ -86,6 +89,8 @@ def run(tmp_path_factory, reference_ops):
     job("llama-vanilla-sampled", "llama", "vanilla", temperature=0.8, seed=11)
     job("llama-unseeded", "llama", "generate", "eagle1", temperature=1.0, seed=None)
     job("qwen2-vanilla", "qwen2", "vanilla")
+    job("llama-bias-vanilla", "llama-bias", "vanilla")
+    job("qwen3-vanilla", "qwen3", "vanilla")
     job("qwen2-eagle1-static", "qwen2", "generate", "eagle1", tree="static")
     job("qwen2-eagle3", "qwen2", "generate", "eagle3")
     job("world-size", "llama", "error")
@@ -106,11 +111,18 @@ def run(tmp_path_factory, reference_ops):
                      stop_token_ids=[])
         single[j["name"]] = {"tokens": [r.tokens for r in res], "target_parameters": count_parameters(
             engine.target), "kv_heads": engine.runner.state.tcache.data.shape[3]}
-    hf = {"llama": llama, "qwen2": qwen2}
-    return ranks, single, hf
+    return ranks, single, models
 
 
-GREEDY = ["llama-vanilla", "llama-eagle1", "qwen2-vanilla", "qwen2-eagle1-static", "qwen2-eagle3"]
+GREEDY = {  # job name: model
+    "llama-vanilla": "llama",
+    "llama-eagle1": "llama",
+    "qwen2-vanilla": "qwen2",
+    "qwen2-eagle1-static": "qwen2",
+    "qwen2-eagle3": "qwen2",
+    "llama-bias-vanilla": "llama-bias",
+    "qwen3-vanilla": "qwen3",
+}
 
 
 @pytest.mark.parametrize("name", GREEDY)
@@ -118,7 +130,7 @@ def test_greedy_matches_single_device_and_transformers(run, name):
     ranks, single, hf = run
     assert ranks[0][name]["tokens"] == ranks[1][name]["tokens"]
     assert ranks[0][name]["tokens"] == single[name]["tokens"]
-    model = hf[name.split("-")[0]]
+    model = hf[GREEDY[name]]
     for prompt, tokens in zip(PROMPTS, ranks[0][name]["tokens"]):
         assert tokens == hf_greedy(model, prompt, NEW_TOKENS)
 

@@ -75,7 +75,7 @@ class TensorParallel:
     def broadcast_ints(self, values: list[int], device: torch.device) -> list[int]:
         """Rank 0's ``values`` on every rank (int64)."""
         t = torch.tensor(values, dtype=torch.long, device=device)
-        dist.broadcast(t, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
+        dist.broadcast(t, src=0, group=self.group)
         return t.tolist()
 
 
