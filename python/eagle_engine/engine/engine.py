@@ -9,7 +9,8 @@ from collections.abc import Iterator
 import torch
 
 from ..errors import EagleError, InvalidDeviceError
-from ..models import LlamaModel, load_target
+from ..models import LlamaModel, load_target, parallel
+from ..models.config import load_model_config
 from ..models.weights import resolve_dtype
 from ..spec.sampling import SamplingParams
 from ..spec.tree import TreeConfig
@@ -95,6 +96,7 @@ class EagleEngine:
         max_batch_size: int | None = None,
         max_model_len: int | None = None,
         cuda_graphs: bool | None = None,
+        tensor_parallel_size: int = 1,
     ) -> "EagleEngine":
         """Load a Hugging Face target directory and, if given, an EAGLE head directory.
 
@@ -105,10 +107,17 @@ class EagleEngine:
         ``max_batch_size`` (default 8): sequences decoded together; more prompts than that are queued and
         join as others finish. ``max_model_len`` (default: the model's maximum length, at most 4096): prompt
         plus generated tokens per sequence. The caches for both are allocated once, here.
-        ``cuda_graphs`` (default: on for CUDA): replay each decoding step from a CUDA graph.
+        ``cuda_graphs`` (default: on for CUDA without tensor parallelism): replay each step from a CUDA graph.
+        ``tensor_parallel_size`` N > 1: shard the target over N processes launched by ``torchrun
+        --nproc-per-node N`` (the process group is initialised from torchrun's environment unless the caller
+        did; on CUDA each rank uses ``cuda:LOCAL_RANK``); every rank calls the same methods with the same
+        arguments and gets the same tokens. See :mod:`eagle_engine.models.parallel`.
         """
         dev, dt = resolve_device(device), resolve_dtype(dtype)
-        target = load_target(base_path, device=dev, dtype=dt)
+        tp, dev = parallel.setup(tensor_parallel_size, load_model_config(base_path), dev)
+        target = load_target(base_path, device=dev, dtype=dt, tp=tp)
+        if tp is not None and cuda_graphs is None:
+            cuda_graphs = False  # collectives inside captured graphs: not yet tried on GPUs
         draft = None
         if draft_path is not None:
             from ..models.loading import load_draft
@@ -153,6 +162,8 @@ class EagleEngine:
         stop_ids = normalize_stop_ids(stop_token_ids, cfg.eos_token_ids, cfg.vocab_size)
         params = SamplingParams(temperature, top_p, top_k)
         seeds = check_seeds(seed, len(prompts))
+        if seed is None and self.target.tp is not None:  # rank 0's random seed, so all ranks draw alike
+            seeds = self.target.tp.broadcast_ints(seeds, self.device)
         limit = self.max_length
         seqs = [Sequence(p, params, max_new_tokens, stop_ids, sd, limit) for p, sd in zip(prompts, seeds)]
         return seqs, is_batch

@@ -19,6 +19,7 @@ from ..errors import DraftMismatchError
 from ..kv_cache import KVCache
 from .config import ConfigReader, ModelConfig
 from .llama import MLP, Attention, LlamaModel, RMSNorm, rotary_table
+from .parallel import whole_vocab_weight
 
 HEAD_CONFIG = "draft head config.json"
 
@@ -213,6 +214,18 @@ def build_head(kind: str, raw: dict, target: LlamaModel, state_keys: set[str] | 
     return Eagle3Head(cfg, tcfg.vocab_size, draft_vocab, target_hidden)
 
 
+def head_lm_head(target: LlamaModel, whole_embedding: torch.Tensor) -> torch.Tensor:
+    """The lm_head an EAGLE-1/2 head ranks its drafts with: the target's own (shared, not owned), or under
+    tensor parallelism a whole copy gathered once from the vocabulary shards (the embedding when tied), so
+    the head runs unchanged and identically on every rank. Cost per rank: ``V x H`` elements for the
+    embedding the head holds whole, plus ``V x H`` for an untied lm_head."""
+    if target.tp is None:
+        return target.lm_head_weight.detach()
+    if target.config.tie_word_embeddings:
+        return whole_embedding
+    return whole_vocab_weight(target.lm_head_weight.detach(), target.tp)
+
+
 def init_random_head(
     kind: str,
     target: LlamaModel,
@@ -242,7 +255,7 @@ def init_random_head(
     }
     if kind == "eagle3":
         raw["draft_vocab_size"] = draft_vocab or tcfg.vocab_size
-    emb = target.model.embed_tokens.weight
+    emb = whole_vocab_weight(target.model.embed_tokens.weight, target.tp)
     gen = torch.Generator().manual_seed(seed)
     head = build_head(kind, raw, target)
     with torch.no_grad():
@@ -255,7 +268,7 @@ def init_random_head(
     head.embed_tokens.weight.data = emb.data
     head.owns_embedding = False
     if kind == "eagle1":
-        head.lm_head_weight = target.lm_head_weight.detach()  # shared, not owned
+        head.lm_head_weight = head_lm_head(target, emb)  # shared, not owned (without TP)
     else:
         head.t2d[: head.d2t.numel()] = True
     head.cos_sin = rotary_table(head.config, emb.device)

@@ -17,6 +17,7 @@ import eagle_kernels as ops
 
 from ..kv_cache import KVCache
 from .config import ModelConfig
+from .parallel import TensorParallel, row_parallel, vocab_embedding, vocab_logits
 
 POSITION_SLACK = 256  # tree positions may run this far past the maximum length (their tokens are never kept)
 DEFAULT_ROTARY_POSITIONS = 4096  # built at load time; the runner grows it to its max_model_len
@@ -45,15 +46,18 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Self-attention over the KV cache; ``in_features`` defaults to the hidden size (EAGLE-3 feeds 2H)."""
+    """Self-attention over the KV cache; ``in_features`` defaults to the hidden size (EAGLE-3 feeds 2H).
+    With tensor parallelism ``tp``, this rank's heads only (q/k/v column-, o row-parallel)."""
 
-    def __init__(self, cfg: ModelConfig, in_features: int | None = None):
+    def __init__(self, cfg: ModelConfig, in_features: int | None = None, tp: TensorParallel | None = None):
         super().__init__()
+        n = 1 if tp is None else tp.size
         self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
+            cfg.num_attention_heads // n,
+            cfg.num_key_value_heads // n,
             cfg.head_dim,
         )
+        self.tp = tp
         h, d = cfg.hidden_size, cfg.head_dim
         x = in_features or h
         self.q_proj = nn.Linear(x, self.num_heads * d, bias=cfg.attention_bias)
@@ -102,7 +106,7 @@ class Attention(nn.Module):
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
         q = ops.rotary_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, rows, *norms)
         out = ops.tree_attention(q, k_cache, v_cache, lengths, tree_mask, tree_len)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+        return row_parallel(self.o_proj, out.reshape(b, t, self.num_heads * self.head_dim), self.tp)
 
 
 def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -126,8 +130,11 @@ def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor | None, torch.Tensor
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden: int, inter: int, bias: bool):
+    """SwiGLU MLP; with tensor parallelism ``tp``, ``inter`` is this rank's part (down_proj row-parallel)."""
+
+    def __init__(self, hidden: int, inter: int, bias: bool, tp: TensorParallel | None = None):
         super().__init__()
+        self.tp = tp
         self.gate_proj = nn.Linear(hidden, inter, bias=bias)
         self.up_proj = nn.Linear(hidden, inter, bias=bias)
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
@@ -141,16 +148,17 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is None:
-            return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
+            return row_parallel(self.down_proj, ops.silu_mul(self.gate_proj(x), self.up_proj(x)), self.tp)
         gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, -1)
-        return self.down_proj(ops.silu_mul(gate, up))
+        return row_parallel(self.down_proj, ops.silu_mul(gate, up), self.tp)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None):
         super().__init__()
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+        n = 1 if tp is None else tp.size
+        self.self_attn = Attention(cfg, tp=tp)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size // n, cfg.mlp_bias, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -168,10 +176,11 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        vocab = cfg.vocab_size // (1 if tp is None else tp.size)
+        self.embed_tokens = nn.Embedding(vocab, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -185,19 +194,22 @@ class ForwardOutput:
 
 
 class LlamaModel(nn.Module):
-    """A Llama-family causal LM over a preallocated :class:`KVCache`."""
+    """A Llama-family causal LM over a preallocated :class:`KVCache`. With tensor parallelism ``tp`` (see
+    :mod:`.parallel`) it holds this rank's shard; ``config`` stays the whole model's."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None):
         super().__init__()
         self.config = cfg
-        self.model = Backbone(cfg)
+        self.tp = tp
+        self.model = Backbone(cfg, tp)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = nn.Linear(cfg.hidden_size, self.model.embed_tokens.num_embeddings, bias=False)
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        """``[V, H]``: the output projection (the input embedding when tied)."""
+        """``[V, H]``: the output projection (the input embedding when tied); this rank's vocabulary shard
+        ``[V / N, H]`` under tensor parallelism."""
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
     def init_rotary(self, device: torch.device | str, num_positions: int | None = None) -> None:
@@ -221,7 +233,7 @@ class LlamaModel(nn.Module):
         return KVCache.allocate(
             cfg.num_hidden_layers,
             batch,
-            cfg.num_key_value_heads,
+            cfg.num_key_value_heads // (1 if self.tp is None else self.tp.size),  # this rank's kv heads
             capacity,
             cfg.head_dim,
             dtype=w.dtype,
@@ -245,7 +257,7 @@ class LlamaModel(nn.Module):
         tree_mask : packed int32 ``[B, T, ceil(T / 32)]`` (see :mod:`eagle_kernels.reference`), None = causal
         aux_layers : layer indices whose input residual stream to return (EAGLE-3 features)
         """
-        h = self.model.embed_tokens(input_ids)
+        h = vocab_embedding(self.model.embed_tokens, input_ids, self.tp)
         residual, aux = None, {}
         for i, layer in enumerate(self.model.layers):
             if i in aux_layers:
@@ -266,5 +278,5 @@ class LlamaModel(nn.Module):
         return ForwardOutput(hidden, aux_cat)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[..., H]`` features -> fp32 logits ``[..., V]``."""
-        return torch.nn.functional.linear(hidden, self.lm_head_weight).float()
+        """``[..., H]`` features -> fp32 logits ``[..., V]`` (whole on every rank under TP)."""
+        return vocab_logits(hidden, self.lm_head_weight, self.tp)

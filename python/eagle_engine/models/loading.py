@@ -9,8 +9,9 @@ import torch
 
 from ..errors import DraftMismatchError, ModelLoadError
 from .config import load_model_config, read_json
-from .draft import Eagle1Head, Eagle3Head, _DraftHead, build_head, check_head_config
+from .draft import Eagle1Head, Eagle3Head, _DraftHead, build_head, check_head_config, head_lm_head
 from .llama import LlamaModel, rotary_table
+from .parallel import TensorParallel, whole_vocab_weight
 from .weights import iter_checkpoint, load_into, resolve_dtype
 
 # The official loader tries pytorch_model.bin first.
@@ -18,9 +19,14 @@ HEAD_WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
 
 
 def load_target(
-    model_dir: str, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = torch.float32
+    model_dir: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+    tp: TensorParallel | None = None,
 ) -> LlamaModel:
-    """Load ``config.json`` + weights (safetensors, sharded safetensors or ``pytorch_model.bin``).
+    """Load ``config.json`` + weights (safetensors, sharded safetensors or ``pytorch_model.bin``); with
+    tensor parallelism ``tp``, only this rank's shard (see :mod:`.parallel`).
 
     Raises :class:`~eagle_engine.errors.ModelLoadError`, ``UnsupportedModelError`` or
     ``CheckpointMismatchError`` with a message naming the problem; never runs checkpoint code.
@@ -28,7 +34,7 @@ def load_target(
     config = load_model_config(model_dir)
     dtype = resolve_dtype(dtype)
     with torch.device("meta"):
-        model = LlamaModel(config)
+        model = LlamaModel(config, tp)
     model = model.to_empty(device=device).to(dtype)
 
     def ignore(name: str) -> bool:
@@ -37,7 +43,8 @@ def load_target(
             config.tie_word_embeddings and name == "lm_head.weight"
         )
 
-    load_into(model, iter_checkpoint(model_dir), ignore=ignore, optional=("cos_sin",))
+    shard = None if tp is None else tp.shard_index
+    load_into(model, iter_checkpoint(model_dir, shard=shard), ignore=ignore, optional=("cos_sin",))
     model.init_rotary(device)
     return model.eval().requires_grad_(False)
 
@@ -64,7 +71,7 @@ def load_draft(draft_dir: str, target: LlamaModel, *, device=None, dtype=None) -
     check_head_config(raw, target.config)  # every field, before the weights are read
     tensors = dict(iter_checkpoint(draft_dir, HEAD_WEIGHT_FILES))
     kind = detect_kind(set(tensors), raw)
-    emb = target.model.embed_tokens.weight
+    emb = whole_vocab_weight(target.model.embed_tokens.weight, target.tp)  # the head holds it whole
     device = emb.device if device is None else device
     dtype = emb.dtype if dtype is None else dtype
     with torch.device("meta"):
@@ -87,7 +94,7 @@ def load_draft(draft_dir: str, target: LlamaModel, *, device=None, dtype=None) -
         head, iter(tensors.items()), ignore=lambda k: k.endswith("rotary_emb.inv_freq"), optional=optional
     )
     if kind == "eagle1":
-        head.lm_head_weight = target.lm_head_weight.detach()  # shared, not owned
+        head.lm_head_weight = head_lm_head(target, emb)
     else:
         check_vocab_maps(head, target.config.vocab_size)
     head.cos_sin = rotary_table(head.config, device)

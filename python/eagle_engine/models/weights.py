@@ -42,11 +42,13 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def iter_checkpoint(
-    model_dir: str, order: tuple[str, ...] = WEIGHT_FILES
+    model_dir: str, order: tuple[str, ...] = WEIGHT_FILES, shard=None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` on the CPU from the first weight file of ``order`` found in ``model_dir``.
 
     Pickled ``.bin`` files are read with ``weights_only=True``: no code from a checkpoint ever runs.
+    ``shard(name, shape)``: an index selecting the part of a tensor to read (None: all of it); safetensors
+    read only that part from the file (tensor parallelism: no rank holds the whole model).
     """
     for name in order:
         path = os.path.join(model_dir, name)
@@ -58,28 +60,36 @@ def iter_checkpoint(
         shards = sorted(set(read_json(path, "weight index").get("weight_map", {}).values()))
         if not shards:
             raise ModelLoadError(f"weight index {path} lists no shards")
-        for shard in shards:
-            shard_path = os.path.join(model_dir, shard)
+        for file in shards:
+            shard_path = os.path.join(model_dir, file)
             if not os.path.isfile(shard_path):
                 raise ModelLoadError(f"weight shard listed in {name} not found: {shard_path}")
-            yield from _read_file(shard_path)
+            yield from _read_file(shard_path, shard)
     else:
-        yield from _read_file(path)
+        yield from _read_file(path, shard)
 
 
-def _read_file(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _read_file(path: str, shard=None) -> Iterator[tuple[str, torch.Tensor]]:
     try:
         if path.endswith(".safetensors"):
             from safetensors import safe_open
 
             with safe_open(path, framework="pt", device="cpu") as f:
                 for key in f.keys():
-                    yield key, f.get_tensor(key)
+                    if shard is None:
+                        yield key, f.get_tensor(key)
+                        continue
+                    part = f.get_slice(key)
+                    index = shard(key, tuple(part.get_shape()))
+                    yield key, part[index] if index is not None else part[:]
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(state, dict):
                 raise ModelLoadError(f"{path} does not hold a state dict")
-            yield from state.items()
+            for key, tensor in state.items():
+                # A pickle cannot be read in parts: the whole file is loaded, then sliced (and freed).
+                index = None if shard is None else shard(key, tuple(tensor.shape))
+                yield key, tensor if index is None else tensor[index].clone()
     except ModelLoadError:
         raise
     except Exception as e:  # corrupt file, unsupported pickle content, truncated download...

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 
 from ..errors import EagleError
@@ -54,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="dynamic",
         choices=("dynamic", "static", "chain"),
         help="draft tree: EAGLE-2 dynamic (default: 60 nodes, depth 6, top-k 10), EAGLE-1 static, chain",
+    )
+    gen.add_argument(
+        "--tensor-parallel-size",
+        type=positive_int,
+        default=1,
+        help="shard the target over N ranks: launch with torchrun --nproc-per-node N -m eagle_engine "
+        "generate ...; only rank 0 prints (default: 1)",
     )
     _add_sampling_args(gen)
     add_threads_arg(gen)
@@ -157,7 +166,6 @@ def _add_serve_parser(sub) -> None:
 
 def cmd_generate(args) -> None:
     from ..engine.engine import EagleEngine
-    from .detokenize import decode_new
 
     apply_threads(args.threads)
     if args.base is None:
@@ -168,8 +176,23 @@ def cmd_generate(args) -> None:
     check_model_dir(args.base)  # a missing directory or config.json is named before any tokenizer problem
     tokenizer = load_tokenizer(args.base)
     engine = EagleEngine.from_pretrained(
-        args.base, args.draft, device=args.device, dtype=args.dtype, tree=args.tree
+        args.base, args.draft, device=args.device, dtype=args.dtype, tree=args.tree,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
+    with contextlib.ExitStack() as stack:
+        if args.tensor_parallel_size > 1 and _rank() != 0:  # only rank 0 prints
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        _generate(args, engine, tokenizer)
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _generate(args, engine, tokenizer) -> None:
+    from .detokenize import decode_new
+
     ids = tokenizer(args.prompt, add_special_tokens=True)["input_ids"]
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     sampling["stop_token_ids"] = args.stop_token_ids
@@ -249,8 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands[args.command](args)
     except EagleError as e:
-        print(f"eagle: error: {e}", file=sys.stderr)
+        rank = f" (rank {_rank()})" if _rank() else ""  # every rank raises alike under torchrun
+        print(f"eagle: error{rank}: {e}", file=sys.stderr)
         return 2
+    finally:
+        from ..models.parallel import shutdown
+
+        shutdown()  # a tensor-parallel run leaves the process group the engine joined
     return 0
 
 
