@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_suite.sh
 #
 # 1. installs the package in place (pip install -e . --no-build-isolation --no-deps);
-# 2. runs the tests on the GPU (pytest -x -q tests, without TRITON_INTERPRET);
+# 2. runs the tests on the GPU (pytest -x -q tests, without TRITON_INTERPRET; the AOT compile test, ~10 CPU
+#    minutes, is left to CI, which runs it on every submission);
 # 3. runs every benchmarks/bench_*.py it finds (new benchmarks join automatically), each under a time limit;
 # 4. records the run (device, date, commit, exit codes, durations) in benchmarks/results/gpu_suite.json and
 #    prints a summary table of every result recorded during this run, last.
@@ -40,7 +41,7 @@ if [ "${SKIP_INSTALL:-0}" != 1 ]; then
   run_step install 300 "$PYTHON" -m pip install -e . --no-build-isolation --no-deps -q
 fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  run_step tests "$TEST_TIMEOUT" "$PYTHON" -m pytest -x -q tests
+  run_step tests "$TEST_TIMEOUT" "$PYTHON" -m pytest -x -q tests --ignore tests/test_triton_compile.py
 fi
 for bench in benchmarks/bench_*.py; do
   [ -e "$bench" ] || continue
