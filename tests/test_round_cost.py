@@ -173,3 +173,22 @@ def test_graph_cache_runs_each_step_exactly_once(monkeypatch):
         for _ in range(3):
             cache.run(("eagle", 2), broken)
     assert runs == ["eager-broken"] * 3
+
+
+def test_a_released_slot_is_reset_and_a_failed_prefill_frees_its_slots(demo_engines, monkeypatch):
+    runner = demo_engines["chain"].runner
+    seqs = _sequences(2, new_tokens=6)
+    runner.add(seqs)
+    while runner.has_running():
+        runner.step()
+    assert int(runner.state.tcache.lengths[:2].abs().sum()) == 0 and not bool(runner.state.active.any())
+
+    import eagle_engine.engine.runner as runner_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("prefill failed")
+
+    monkeypatch.setattr(runner_module, "prefill", broken)
+    with pytest.raises(RuntimeError):
+        runner.add(_sequences(1))
+    assert runner.free_slots() == runner.max_batch_size and not runner.running

@@ -4,7 +4,8 @@ sequences join (prefill) and leave between steps, and runs each step with one de
 Sequences occupy slots ``0 .. n - 1`` (a sequence that finishes frees its slot; the last one moves into the
 hole, so running sequences stay packed and finished ones stop drafting). A step runs over the smallest batch
 bucket holding them, as one CUDA graph per bucket and mode on a GPU, eagerly elsewhere — the same code. All
-calls must come from one thread.
+calls must come from one thread, and one user at a time: while ``eagle serve``'s scheduler owns the runner,
+the engine's own ``generate`` must not be called on it.
 """
 
 from __future__ import annotations
@@ -67,7 +68,6 @@ class Runner:
         self.graphs = GraphCache(self.device, enabled=cuda_graphs and self.device.type == "cuda")
         pin = self.device.type == "cuda"
         self.host_out = torch.zeros(self.state.out.shape, dtype=torch.long, pin_memory=pin)
-        self.rounds = 0
 
     # ------------------------------------------------------------------------------------- membership
 
@@ -103,7 +103,11 @@ class Runner:
         longest = max(len(q.prompt) for q in seqs)
         ids = torch.tensor([q.prompt + [0] * (longest - len(q.prompt)) for q in seqs]).to(self.device)
         lens = torch.tensor([len(q.prompt) for q in seqs], dtype=torch.int32).to(self.device)
-        first = prefill(self.target, self.head, s, start, ids, lens, self._mode(seqs)).tolist()
+        try:
+            first = prefill(self.target, self.head, s, start, ids, lens, self._mode(seqs)).tolist()
+        except BaseException:
+            del self.running[start:]  # nothing joined: the slots stay free
+            raise
         s.active[sl] = True
         elapsed = time.perf_counter() - t0
         kept = {}
@@ -120,7 +124,12 @@ class Runner:
         if slot != last:
             self._move(last, slot)
         self.running.pop()
+        # A finished sequence may have committed rows past its limit; a free slot still runs in a padded
+        # bucket, so it must not keep a length near the end of the cache.
         self.state.active[last] = False
+        self.state.tcache.lengths[last] = 0
+        if self.state.dcache is not None:
+            self.state.dcache.lengths[last] = 0
 
     def _release_done(self) -> None:
         for seq in [q for q in self.running if q.done]:
@@ -144,6 +153,8 @@ class Runner:
         if not sampled:
             return Mode()
         top_k, top_p = max(p.top_k for p in sampled), any(p.top_p < 1 for p in sampled)
+        # Graphs are keyed by the mode: round top-k up to a power of two so few keys ever exist.
+        top_k = 1 << (top_k - 1).bit_length() if top_k else 0
         return Mode(greedy=False, max_top_k=top_k, top_p=top_p)
 
     def step(self) -> dict[Sequence, list[int]]:
@@ -164,7 +175,6 @@ class Runner:
             self.graphs.run(("eagle", n, mode), fn)
         rows = self._read_out(n_run)
         elapsed = time.perf_counter() - t0
-        self.rounds += 1
         kept = {}
         w = self.state.width
         for seq, row in zip(self.running, rows):

@@ -215,7 +215,7 @@ class Scheduler:
                     first.update(self.runner.add([h.seq]))
                 except Exception as e:
                     self._fail(h, e)
-            joining = [h for h in joining if h.seq in first]
+            joining = [h for h in joining if h.seq in first or h.seq.done]
         for h in joining:
             self._running[h.seq] = h
         self._round_done("prefill", time.perf_counter() - t0, len(joining))

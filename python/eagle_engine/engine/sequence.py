@@ -50,8 +50,9 @@ class Sequence:
 
     ``max_new_tokens`` is cut to what ``max_length`` leaves after the prompt (the stop reason then says
     ``max_length``). The runner appends tokens with :meth:`append`, which applies stop tokens and the limit
-    exactly as the device does; :meth:`finish` ends a sequence for a reason the host decides (stop strings,
-    a cancelled request): the runner releases it at its next step.
+    (the host does; the device commits every accepted token, and a finished sequence's extra rows are
+    dropped with its slot); :meth:`finish` ends a sequence for a reason the host decides (stop strings, a
+    cancelled request): the runner releases it at its next step.
     """
 
     def __init__(

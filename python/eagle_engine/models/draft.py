@@ -237,8 +237,8 @@ def init_random_head(
 ) -> _DraftHead:
     """A randomly initialised head shaped for ``target`` (tests, benchmarks, the start of training).
 
-    EAGLE-3 heads get an identity-like vocabulary map over the ``draft_vocab`` most frequent... here simply
-    the first ``draft_vocab`` target ids (``d2t = 0``), unless ``draft_vocab`` equals the target's vocab.
+    EAGLE-3 heads get the identity vocabulary map onto the first ``draft_vocab`` target ids (``d2t = 0``;
+    a trained head would map its most frequent tokens instead).
     """
     tcfg = target.config
     raw = {

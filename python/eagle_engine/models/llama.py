@@ -24,7 +24,7 @@ DEFAULT_ROTARY_POSITIONS = 4096  # built at load time; the runner grows it to it
 
 
 def rotary_table(cfg: ModelConfig, device, num_positions: int | None = None) -> torch.Tensor:
-    """fp32 ``[num_positions, D]`` cos|sin table for :func:`eagle_kernels.rotary_embedding`; by default
+    """fp32 ``[num_positions, D]`` cos|sin table for :func:`eagle_kernels.rotary_store_kv`; by default
     ``min(max_length, DEFAULT_ROTARY_POSITIONS) + POSITION_SLACK`` rows (the slack covers draft-tree rows
     past the last kept token). Sized by what is run, never by a config's maximum alone."""
     if num_positions is None:
