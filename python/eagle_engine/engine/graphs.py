@@ -23,6 +23,11 @@ class GraphCache:
         self.failed: set[Hashable] = set()
         self.pool = None  # one memory pool shared by all graphs (they never run concurrently)
 
+    def clear(self) -> None:
+        """Forget every graph (e.g. after a tensor they read was replaced); the next calls warm up again."""
+        self.graphs.clear()
+        self.warmed.clear()
+
     def run(self, key: Hashable, step: Callable[[], None]) -> None:
         """Run ``step`` once: eagerly, or by capturing then replaying, or by replaying (see the module)."""
         if not self.enabled or key in self.failed:
