@@ -115,14 +115,8 @@ def probs_per_row(
 
 def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw per row: ``probs`` ``[N, V]`` (unnormalised is fine), ``uniforms`` ``[N]`` in [0, 1)
-    -> int64 ``[N]``; a zero-probability entry is never returned."""
-    cdf = torch.cumsum(probs.double(), dim=-1)
-    threshold = (uniforms.double() * cdf[:, -1]).unsqueeze(1)
-    idx = torch.searchsorted(cdf, threshold, right=True).clamp(max=probs.shape[-1] - 1)
-    # Rounding at the top end can land past the last non-zero entry: step back to it.
-    nonzero_from_end = (probs > 0).flip(-1).to(torch.int8)
-    last_nonzero = probs.shape[-1] - 1 - torch.argmax(nonzero_from_end, dim=-1, keepdim=True)
-    return torch.minimum(idx, last_nonzero).squeeze(1)
+    -> int64 ``[N]``; the same draw verification makes for its bonus token, no host synchronisation."""
+    return ops.reference.sample_inverse_cdf_batched(probs, uniforms)
 
 
 def uniforms(seeds: torch.Tensor, offsets: torch.Tensor, n: int) -> torch.Tensor:
