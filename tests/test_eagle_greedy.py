@@ -163,7 +163,7 @@ def test_caches_equal_a_recompute_from_scratch_after_every_round(agreeing):
     _, path, head_dir, prompts = agreeing
     engine = EagleEngine.from_pretrained(path, head_dir)
     target, head, runner = engine.target, engine.draft, engine.runner
-    state = runner.state
+    state, drafter = runner.state, runner.drafter
     prompts = [prompts[0], prompts[1] + prompts[2]]
     seqs = [Sequence(p, SamplingParams(), 60, frozenset(), 0, runner.max_model_len) for p in prompts]
     runner.add(seqs)
@@ -173,7 +173,7 @@ def test_caches_equal_a_recompute_from_scratch_after_every_round(agreeing):
         for b, s in enumerate(seqs):
             committed = s.prompt + s.tokens[:-1]  # the last emitted token is the root: no KV yet
             n = len(committed)
-            assert int(state.tcache.lengths[b]) == int(state.dcache.lengths[b]) == n
+            assert int(state.tcache.lengths[b]) == int(drafter.dcache.lengths[b]) == n
             assert int(state.root_token[b]) == s.tokens[-1]
             ids = torch.tensor([committed])
             fresh = target.allocate_cache(1, n)
@@ -184,9 +184,9 @@ def test_caches_equal_a_recompute_from_scratch_after_every_round(agreeing):
             draft_ids = torch.tensor([committed[1:] + [s.tokens[-1]]])
             draft_cache = head.allocate_cache(1, n)
             hidden = head.step(draft_ids, head.target_features(out), torch.arange(n).view(1, -1), draft_cache)
-            torch.testing.assert_close(state.root_hidden[b], hidden[0, -1], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(drafter.root_hidden[b], hidden[0, -1], rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(
-                state.dcache.data[:, :, b, :, :n], draft_cache.data[:, :, 0], rtol=1e-4, atol=1e-4
+                drafter.dcache.data[:, :, b, :, :n], draft_cache.data[:, :, 0], rtol=1e-4, atol=1e-4
             )
         runner.step()
         longest_path = max([longest_path] + [s.accept_lengths[-1] for s in seqs])

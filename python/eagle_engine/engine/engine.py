@@ -144,13 +144,18 @@ class EagleEngine:
 
     def _runner(self, speculative: bool) -> Runner:
         if speculative not in self._runners:
-            head = self.draft if speculative else None
+            drafter = self._make_drafter() if speculative else None
             table = self.target.cos_sin.data_ptr()
-            self._runners[speculative] = Runner(self.target, head, self.tree, **self._runner_args)
+            self._runners[speculative] = Runner(self.target, drafter, **self._runner_args)
             if self.target.cos_sin.data_ptr() != table:  # grown: graphs read the old table
                 for other in self._runners.values():
                     other.graphs.clear()
         return self._runners[speculative]
+
+    def _make_drafter(self):
+        from ..spec.eagle import EagleDrafter
+
+        return EagleDrafter(self.draft, self.tree, self.target.config.num_hidden_layers)
 
     @property
     def max_length(self) -> int:

@@ -16,8 +16,8 @@ import torch
 
 from ..errors import EagleError, InvalidRequestError
 from ..models.llama import LlamaModel
-from ..spec.tree import TreeConfig
-from .batch import BatchState, Mode, eagle_round, prefill, vanilla_step
+from ..spec.drafter import Drafter
+from .batch import BatchState, Mode, prefill, speculative_round, vanilla_step
 from .graphs import GraphCache
 from .sequence import Sequence
 
@@ -32,14 +32,13 @@ def batch_buckets(max_batch_size: int) -> list[int]:
 
 
 class Runner:
-    """Runs prefills and decoding steps (EAGLE rounds with a draft head, else vanilla steps) for the
+    """Runs prefills and decoding steps (speculative rounds with a drafter, else vanilla steps) for the
     sequences that :meth:`add` took in; :meth:`step` returns each one's new kept tokens."""
 
     def __init__(
         self,
         target: LlamaModel,
-        head=None,
-        tree: TreeConfig | None = None,
+        drafter: Drafter | None = None,
         *,
         max_batch_size: int,
         max_model_len: int,
@@ -52,17 +51,17 @@ class Runner:
                 f"max_model_len must be in [2, {target.config.max_length}] (the model's maximum length), "
                 f"got {max_model_len}"
             )
-        self.target, self.head, self.tree = target, head, tree
+        self.target, self.drafter = target, drafter
         self.max_batch_size, self.max_model_len = max_batch_size, max_model_len
         self.device = target.lm_head_weight.device
         target.fuse()
-        if head is not None:
-            head.fuse()
-        self.state = BatchState(target, head, tree, max_batch_size, max_model_len)
+        if drafter is not None:
+            drafter.fuse()
+        self.state = BatchState(target, drafter, max_batch_size, max_model_len)
         positions = self.state.tcache.capacity + 1
         target.ensure_positions(positions)
-        if head is not None:
-            head.ensure_positions(positions)
+        if drafter is not None:
+            drafter.ensure_positions(positions)
         self.running: list[Sequence] = []  # running[i] holds slot i
         self.buckets = batch_buckets(max_batch_size) if cuda_graphs else None
         self.graphs = GraphCache(self.device, enabled=cuda_graphs and self.device.type == "cuda")
@@ -104,7 +103,7 @@ class Runner:
         ids = torch.tensor([q.prompt + [0] * (longest - len(q.prompt)) for q in seqs]).to(self.device)
         lens = torch.tensor([len(q.prompt) for q in seqs], dtype=torch.int32).to(self.device)
         try:
-            first = prefill(self.target, self.head, s, start, ids, lens, self._mode(seqs)).tolist()
+            first = prefill(self.target, s, start, ids, lens, self._mode(seqs)).tolist()
         except BaseException:
             del self.running[start:]  # nothing joined: the slots stay free
             raise
@@ -127,9 +126,8 @@ class Runner:
         # A finished sequence may have committed rows past its limit; a free slot still runs in a padded
         # bucket, so it must not keep a length near the end of the cache.
         self.state.active[last] = False
-        self.state.tcache.lengths[last] = 0
-        if self.state.dcache is not None:
-            self.state.dcache.lengths[last] = 0
+        for cache in self.state.caches():
+            cache.lengths[last] = 0
 
     def _release_done(self) -> None:
         for seq in [q for q in self.running if q.done]:
@@ -139,9 +137,8 @@ class Runner:
         """Move the sequence in slot ``src`` to slot ``dst``: its committed cache rows and per-slot state."""
         seq, s = self.running[src], self.state
         rows = seq.committed_length
-        s.tcache.data[:, :, dst, :, :rows] = s.tcache.data[:, :, src, :, :rows]
-        if s.dcache is not None:
-            s.dcache.data[:, :, dst, :, :rows] = s.dcache.data[:, :, src, :, :rows]
+        for cache in s.caches():
+            cache.data[:, :, dst, :, :rows] = cache.data[:, :, src, :, :rows]
         for buf in s.per_slot():
             buf[dst] = buf[src]
         self.running[dst] = seq
@@ -158,7 +155,7 @@ class Runner:
         return Mode(greedy=False, max_top_k=top_k, top_p=top_p)
 
     def step(self) -> dict[Sequence, list[int]]:
-        """One EAGLE round (or one vanilla step without a draft head) over every running sequence; returns
+        """One speculative round (or one vanilla step without a drafter) over every running sequence; returns
         each one's newly kept tokens. Sequences done afterwards — including those :meth:`Sequence.finish`
         ended before the step — leave the batch."""
         self._release_done()
@@ -168,11 +165,11 @@ class Runner:
         n_run = len(self.running)
         n = n_run if self.buckets is None else next(b for b in self.buckets if b >= n_run)
         mode = self._mode(self.running)
-        if self.head is None:
+        if self.drafter is None:
             self.graphs.run(("vanilla", n, mode), lambda: vanilla_step(self.target, self.state, n, mode))
         else:
-            fn = lambda: eagle_round(self.target, self.head, self.tree, self.state, n, mode)  # noqa: E731
-            self.graphs.run(("eagle", n, mode), fn)
+            fn = lambda: speculative_round(self.target, self.state, n, mode)  # noqa: E731
+            self.graphs.run((self.drafter.method, n, mode), fn)
         rows = self._read_out(n_run)
         elapsed = time.perf_counter() - t0
         kept = {}
@@ -180,7 +177,7 @@ class Runner:
         for seq, row in zip(self.running, rows):
             seq.decode_seconds += elapsed
             kept[seq] = seq.append(row[: row[w]])
-            if self.head is not None:
+            if self.drafter is not None:
                 seq.accept_lengths.append(len(kept[seq]))
         self._release_done()
         return kept
