@@ -131,7 +131,7 @@ def test_heads_that_do_not_fit(target, tmp_path):
 
 def test_generate_without_a_head_is_an_error(target):
     path, _ = target
-    with pytest.raises(Exception, match="needs a draft head"):
+    with pytest.raises(Exception, match="needs a speculative method: a draft head"):
         EagleEngine.from_pretrained(path).generate([1, 2], 4)
 
 

@@ -12,6 +12,7 @@ from ..errors import EagleError, InvalidDeviceError
 from ..models import LlamaModel, load_target, parallel
 from ..models.config import load_model_config
 from ..models.weights import resolve_dtype
+from ..spec.methods import MedusaConfig, head_method, make_drafter, resolve_method, resolve_settings
 from ..spec.sampling import SamplingParams
 from ..spec.tree import TreeConfig
 from .inputs import check_max_new_tokens, check_seeds, normalize_prompts, normalize_stop_ids
@@ -20,6 +21,10 @@ from .sequence import Sequence
 
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_MAX_MODEL_LEN = 4096  # capped by the model's own maximum length
+NO_METHOD = (
+    "{} needs a speculative method: a draft head (from_pretrained(base, draft_path)) or "
+    "method='lookahead' / 'prompt_lookup'"
+)
 
 
 def resolve_tree(tree) -> TreeConfig:
@@ -65,13 +70,23 @@ class EagleEngine:
         draft=None,
         tree=None,
         *,
+        method: str | None = None,
+        medusa=None,
+        lookahead=None,
+        prompt_lookup=None,
         max_batch_size: int | None = None,
         max_model_len: int | None = None,
         cuda_graphs: bool | None = None,
     ):
+        given = {"tree": tree, "medusa": medusa, "lookahead": lookahead, "prompt_lookup": prompt_lookup}
+        self.method = resolve_method(method, draft, given)
         self.target = target
-        self.draft = draft
+        self._draft = draft
         self.tree = resolve_tree(tree)
+        if self.method in (None, "eagle"):
+            self.settings = self.tree if self.method else None
+        else:
+            self.settings = resolve_settings(self.method, given[self.method])
         self.device = target.model.embed_tokens.weight.device
         self.dtype = target.model.embed_tokens.weight.dtype
         if max_model_len is None:
@@ -92,18 +107,30 @@ class EagleEngine:
         *,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = torch.float32,
+        method: str | None = None,
         tree=None,
+        medusa=None,
+        lookahead=None,
+        prompt_lookup=None,
         max_batch_size: int | None = None,
         max_model_len: int | None = None,
         cuda_graphs: bool | None = None,
         tensor_parallel_size: int = 1,
     ) -> "EagleEngine":
-        """Load a Hugging Face target directory and, if given, an EAGLE head directory.
+        """Load a Hugging Face target directory and, if given, a draft head directory: an EAGLE-1/2 or
+        EAGLE-3 head (official EAGLE format) or Medusa-1 heads (official Medusa format), told apart by their
+        files.
 
         ``dtype``: ``torch.float32``/``float16``/``bfloat16`` or a name (``"fp32"``, ``"bf16"``, ...).
-        ``tree``: draft tree for :meth:`generate`: a :class:`~eagle_engine.spec.tree.TreeConfig`,
-        ``"dynamic"`` (EAGLE-2, default: 60 nodes, depth 6, top-k 10), ``"static"`` (EAGLE-1
-        ``mc_sim_7b_63``), ``"chain"``, or a dict of TreeConfig fields.
+        ``method``: ``"eagle"``, ``"medusa"`` (both implied by the head), ``"lookahead"`` or
+        ``"prompt_lookup"`` (no head); None with no head: vanilla only. See :mod:`eagle_engine.spec.methods`.
+        Each method takes its own settings (a settings object or a dict of its fields):
+        ``tree`` (EAGLE): a :class:`~eagle_engine.spec.tree.TreeConfig`, ``"dynamic"`` (EAGLE-2, default: 60
+        nodes, depth 6, top-k 10), ``"static"`` (EAGLE-1 ``mc_sim_7b_63``), ``"chain"``, or ``"auto"`` (sized
+        to the device, see :mod:`eagle_engine.spec.auto_tree`); ``medusa``: a
+        :class:`~eagle_engine.spec.methods.MedusaConfig`; ``lookahead``: a
+        :class:`~eagle_engine.spec.methods.LookaheadConfig`; ``prompt_lookup``: a
+        :class:`~eagle_engine.spec.methods.PromptLookupConfig`.
         ``max_batch_size`` (default 8): sequences decoded together; more prompts than that are queued and
         join as others finish. ``max_model_len`` (default: the model's maximum length, at most 4096): prompt
         plus generated tokens per sequence. The caches for both are allocated once, here.
@@ -123,24 +150,29 @@ class EagleEngine:
             from ..models.loading import load_draft
 
             draft = load_draft(draft_path, target, device=dev, dtype=dt)
-        return cls(target, draft, tree, max_batch_size=max_batch_size, max_model_len=max_model_len,
+        return cls(target, draft, tree, method=method, medusa=medusa, lookahead=lookahead,
+                   prompt_lookup=prompt_lookup, max_batch_size=max_batch_size, max_model_len=max_model_len,
                    cuda_graphs=cuda_graphs)
 
     @property
     def runner(self) -> Runner:
-        """The runner :meth:`generate` uses (EAGLE rounds with a draft head, else vanilla steps)."""
-        return self._runner(self.draft is not None)
+        """The runner :meth:`generate` uses (the method's rounds, else vanilla steps)."""
+        return self._runner(self.method is not None)
 
     @property
     def draft(self):
-        """The draft head (None: vanilla only). Setting another one rebuilds the EAGLE runner's caches."""
+        """The draft head (EAGLE or Medusa; None for the other methods). Setting a head (default settings
+        for Medusa) switches the method to the head's and rebuilds the speculative runner's caches."""
         return self._draft
 
     @draft.setter
     def draft(self, head) -> None:
+        if self.method in ("lookahead", "prompt_lookup"):
+            raise EagleError(f"method {self.method!r} takes no draft head; build a new engine instead")
+        self.method = head_method(head)
+        self.settings = self.tree if self.method == "eagle" else MedusaConfig() if self.method else None
         self._draft = head
-        if hasattr(self, "_runners"):
-            self._runners.pop(True, None)
+        self._runners.pop(True, None)
 
     def _runner(self, speculative: bool) -> Runner:
         if speculative not in self._runners:
@@ -153,9 +185,7 @@ class EagleEngine:
         return self._runners[speculative]
 
     def _make_drafter(self):
-        from ..spec.eagle import EagleDrafter
-
-        return EagleDrafter(self.draft, self.tree, self.target.config.num_hidden_layers)
+        return make_drafter(self.method, self.target, self.draft, self.settings)
 
     @property
     def max_length(self) -> int:
@@ -179,8 +209,8 @@ class EagleEngine:
 
     def _steps(self, seqs: list[Sequence], speculative: bool) -> Iterator[dict[Sequence, list[int]]]:
         """Continuous batching over ``seqs``: they join as slots free up; yields each step's kept tokens."""
-        if speculative and self.draft is None:
-            raise EagleError("generate() needs a draft head: load one with from_pretrained(base, draft_path)")
+        if speculative and self.method is None:
+            raise EagleError(NO_METHOD.format("generate()"))
         runner = self._runner(speculative)
         if runner.has_running():
             raise EagleError("the engine is busy: another generation is running on it (one at a time)")
@@ -282,8 +312,8 @@ class EagleEngine:
         """
         seqs, is_batch = self._sequences(input_ids, max_new_tokens, temperature, top_p, top_k, seed,
                                          stop_token_ids)
-        if self.draft is None:
-            raise EagleError("stream() needs a draft head: load one with from_pretrained(base, draft_path)")
+        if self.method is None:
+            raise EagleError(NO_METHOD.format("stream()"))
         return self._stream(seqs, is_batch)
 
     def _stream(self, seqs: list[Sequence], is_batch: bool) -> Iterator:

@@ -19,6 +19,35 @@ MC_SIM_7B_63 = (
 MAX_TREE_DEPTH = 128
 
 
+def config_int(value, what: str) -> int:
+    """``value`` as an int (NumPy integers too); bools, floats and strings are errors naming ``what``."""
+    import operator
+
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise InvalidRequestError(f"{what} must be an integer, got {value!r}") from None
+
+
+def settings_from_dict(cls, d, what: str):
+    """A frozen settings dataclass ``cls`` from a mapping (JSON, the CLI, a request); unknown keys are
+    :class:`InvalidRequestError` naming the known ones."""
+    from collections.abc import Mapping
+    from dataclasses import fields
+
+    if not isinstance(d, Mapping):
+        raise InvalidRequestError(f"{what} settings must be a dict of fields, got {type(d).__name__}")
+    known = [f.name for f in fields(cls)]
+    unknown = [k for k in d if k not in known]
+    if unknown:
+        raise InvalidRequestError(
+            f"unknown {what} field(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}"
+        )
+    return cls(**d)
+
+
 @dataclass(frozen=True)
 class TreeConfig:
     """How a round drafts.
@@ -48,18 +77,7 @@ class TreeConfig:
     @classmethod
     def from_dict(cls, d) -> "TreeConfig":
         """A tree from a dict of fields (JSON, the CLI, a server request); unknown keys are errors."""
-        from collections.abc import Mapping
-        from dataclasses import fields
-
-        if not isinstance(d, Mapping):
-            raise InvalidRequestError(f"a tree must be given as a dict of fields, got {type(d).__name__}")
-        known = [f.name for f in fields(cls)]
-        unknown = [k for k in d if k not in known]
-        if unknown:
-            raise InvalidRequestError(
-                f"unknown tree field(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}"
-            )
-        return cls(**d)
+        return settings_from_dict(cls, d, "tree")
 
     def __post_init__(self):
         if not isinstance(self.kind, str) or self.kind not in ("dynamic", "static", "chain"):
@@ -83,17 +101,7 @@ class TreeConfig:
                 f"{self.top_k} (never above {self.MAX_TOKENS}), got {self.total_tokens}"
             )
 
-    @staticmethod
-    def _int(value, what: str) -> int:
-        """``value`` as an int (NumPy integers too); bools, floats and strings are errors naming ``what``."""
-        import operator
-
-        try:
-            if isinstance(value, bool):
-                raise TypeError
-            return operator.index(value)
-        except TypeError:
-            raise InvalidRequestError(f"{what} must be an integer, got {value!r}") from None
+    _int = staticmethod(config_int)
 
     def _check_choices(self):
         import reprlib
