@@ -21,6 +21,12 @@ for path in (ROOT, os.path.join(ROOT, "python")):
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Measured settings (the auto tree) are cached per machine: tests keep theirs in a throw-away directory.
+if "EAGLE_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["EAGLE_CACHE_DIR"] = tempfile.mkdtemp(prefix="eagle-test-cache-")
+
 # The test models are tiny: threading overhead dominates their ops, and CI has two cores.
 torch.set_num_threads(1)
 

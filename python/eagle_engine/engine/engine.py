@@ -28,14 +28,15 @@ NO_METHOD = (
 
 
 def resolve_tree(tree) -> TreeConfig:
-    """``None`` -> the EAGLE-2 dynamic default; a kind name (``"dynamic"``, ``"static"``, ``"chain"``);
+    """``None`` -> the EAGLE-2 dynamic default; a kind name (``"dynamic"``, ``"static"``, ``"chain"``) or
+    ``"auto"`` (``TreeConfig(total_tokens="auto")``);
     a dict of :class:`TreeConfig` fields; or a :class:`TreeConfig`."""
     if tree is None:
         return TreeConfig()
     if isinstance(tree, TreeConfig):
         return tree
     if isinstance(tree, str):
-        return TreeConfig(kind=tree)
+        return TreeConfig(total_tokens="auto") if tree == "auto" else TreeConfig(kind=tree)
     if isinstance(tree, dict):
         return TreeConfig.from_dict(tree)
     raise EagleError(f"tree must be a TreeConfig, a kind name or a dict, got {type(tree).__name__}")
@@ -185,6 +186,11 @@ class EagleEngine:
         return self._runners[speculative]
 
     def _make_drafter(self):
+        if self.method == "eagle" and self.tree.is_auto:
+            from ..spec.auto_tree import auto_tree
+
+            graphs = self._runner_args["cuda_graphs"]
+            self.tree = self.settings = auto_tree(self.target, self.draft, cuda_graphs=graphs)
         return make_drafter(self.method, self.target, self.draft, self.settings)
 
     @property

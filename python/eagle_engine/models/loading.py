@@ -50,6 +50,21 @@ def load_target(
 
 
 
+MEDUSA_WEIGHT_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
+
+
+def is_medusa_dir(directory: str) -> bool:
+    """Whether ``directory`` holds Medusa heads (official format): a ``medusa_lm_head.*`` weight file or a
+    ``config.json`` with ``medusa_num_heads``."""
+    if any(os.path.isfile(os.path.join(directory, f)) for f in MEDUSA_WEIGHT_FILES):
+        return True
+    try:
+        with open(os.path.join(directory, "config.json")) as f:
+            return "medusa_num_heads" in json.load(f)
+    except (OSError, ValueError):
+        return False
+
+
 def detect_kind(keys: set[str], raw: dict) -> str:
     """``"eagle3"`` when the checkpoint has ``midlayer.*`` keys (or a draft vocabulary), else ``"eagle1"``."""
     if any(k.startswith("midlayer.") for k in keys) or "draft_vocab_size" in raw:

@@ -156,7 +156,7 @@ def resolve_method(method: str | None, draft, given: dict) -> str | None:
         raise EagleError(f"method {method!r} needs no draft head; do not pass draft_path")
     settings_of = {"eagle": "tree", "medusa": "medusa", "lookahead": "lookahead"}
     for m, key in {**settings_of, "prompt_lookup": "prompt_lookup"}.items():
-        if m != method and given.get(key) is not None:
+        if method is not None and m != method and given.get(key) is not None:
             raise EagleError(f"{key} settings are for method {m!r}, but the method is {method!r}")
     return method
 

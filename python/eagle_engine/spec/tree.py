@@ -52,7 +52,8 @@ def settings_from_dict(cls, d, what: str):
 class TreeConfig:
     """How a round drafts.
 
-    ``kind="dynamic"`` (EAGLE-2): ``total_tokens`` nodes including the root, chosen by cumulative draft
+    ``kind="dynamic"`` (EAGLE-2): ``total_tokens`` nodes including the root (``"auto"``: the size, depth and
+    top-k that maximise tokens/s on the engine's device, measured once), chosen by cumulative draft
     log-probability among the candidates of ``depth`` expansion steps of a ``top_k`` beam; as in the official
     code, paths hold up to ``depth + 1`` draft tokens. ``kind="static"`` (EAGLE-1): the fixed tree of
     ``choices`` (paths of child ranks, default ``mc_sim_7b_63``). ``kind="chain"``: one path of ``depth + 1``
@@ -82,6 +83,10 @@ class TreeConfig:
     def __post_init__(self):
         if not isinstance(self.kind, str) or self.kind not in ("dynamic", "static", "chain"):
             raise InvalidRequestError(f"tree kind must be dynamic, static or chain, got {self.kind!r}")
+        if self.is_auto:
+            if self.kind != "dynamic":
+                raise InvalidRequestError(f"total_tokens='auto' sizes a dynamic tree, not a {self.kind} one")
+            return  # the engine measures and replaces it (see spec/auto_tree.py)
         for name in ("total_tokens", "depth", "top_k"):
             object.__setattr__(self, name, self._int(getattr(self, name), f"tree {name}"))
         self._check_choices()  # every field is type-checked, whatever the kind
@@ -139,6 +144,11 @@ class TreeConfig:
             if len(path) > 1 and path[:-1] not in unique:
                 raise InvalidRequestError(f"static tree path {list(path)} lacks its parent {list(path[:-1])}")
         object.__setattr__(self, "choices", tuple(paths))
+
+    @property
+    def is_auto(self) -> bool:
+        """``total_tokens="auto"``: sized to the device by :func:`eagle_engine.spec.auto_tree.auto_tree`."""
+        return isinstance(self.total_tokens, str) and self.total_tokens == "auto"
 
     @property
     def num_nodes(self) -> int:

@@ -8,6 +8,7 @@ import os
 import sys
 
 from ..errors import EagleError
+from ..spec.methods import METHODS
 from .common import (
     add_stop_arg,
     add_threads_arg,
@@ -19,6 +20,8 @@ from .common import (
     seed_int,
 )
 
+TREE_CHOICES = ("dynamic", "static", "chain", "auto")
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -29,7 +32,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--draft",
         default=None,
-        help="EAGLE draft head directory (official format); omit: vanilla (with --base), the demo head",
+        help="draft head directory: an EAGLE-1/2/3 head or Medusa-1 heads (official formats, told apart by "
+        "their files); omit: vanilla (with --base), the demo's EAGLE head (without --base)",
+    )
+    p.add_argument(
+        "--method",
+        default=None,
+        choices=METHODS,
+        help="speculative method (default: the --draft head's, eagle or medusa); lookahead and prompt_lookup "
+        "need no --draft",
+    )
+    p.add_argument(
+        "--method-settings",
+        default=None,
+        metavar="JSON",
+        help='settings of a medusa, lookahead or prompt_lookup method as JSON, e.g. \'{"window": 5, '
+        '"ngram": 4, "guesses": 5}\' (default: the method\'s defaults)',
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default: float32)")
@@ -54,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--tree",
         default="dynamic",
-        choices=("dynamic", "static", "chain"),
-        help="draft tree: EAGLE-2 dynamic (default: 60 nodes, depth 6, top-k 10), EAGLE-1 static, chain",
+        choices=TREE_CHOICES,
+        help="EAGLE draft tree: EAGLE-2 dynamic (default: 60 nodes, depth 6, top-k 10), EAGLE-1 static, "
+        "chain, or auto (the size that maximises tokens/s on this device, measured once and cached)",
     )
     gen.add_argument(
         "--tensor-parallel-size",
@@ -134,8 +153,8 @@ def _add_demo_parser(sub) -> None:
         "--tree",
         default="auto",
         choices=("auto", "dynamic", "static", "chain"),
-        help="draft tree; auto (default): chain on CPU, where verifying a big tree costs as much compute as "
-        "decoding its tokens one by one, the EAGLE-2 dynamic tree on a GPU",
+        help="draft tree; auto (default): sized to the device, measured once and cached (a short chain on a "
+        "CPU, where verifying a big tree costs as much compute as decoding its tokens one by one)",
     )
     demo.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     demo.add_argument(
@@ -157,8 +176,8 @@ def _add_serve_parser(sub) -> None:
     sv.add_argument(
         "--tree",
         default="auto",
-        choices=("auto", "dynamic", "static", "chain"),
-        help="draft tree; auto (default): chain on CPU, the EAGLE-2 dynamic tree on a GPU",
+        choices=TREE_CHOICES,
+        help="EAGLE draft tree; auto (default): sized to the device, measured once and cached",
     )
     sv.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
     add_threads_arg(sv)
@@ -172,17 +191,41 @@ def cmd_generate(args) -> None:
         from .demo import demo_paths
 
         args.base, demo_head = demo_paths()
-        args.draft = args.draft or demo_head
+        if args.method in (None, "eagle"):
+            args.draft = args.draft or demo_head
     check_model_dir(args.base)  # a missing directory or config.json is named before any tokenizer problem
     tokenizer = load_tokenizer(args.base)
     engine = EagleEngine.from_pretrained(
-        args.base, args.draft, device=args.device, dtype=args.dtype, tree=args.tree,
-        tensor_parallel_size=args.tensor_parallel_size,
+        args.base, args.draft, device=args.device, dtype=args.dtype,
+        tensor_parallel_size=args.tensor_parallel_size, **method_kwargs(args),
     )
     with contextlib.ExitStack() as stack:
         if args.tensor_parallel_size > 1 and _rank() != 0:  # only rank 0 prints
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
         _generate(args, engine, tokenizer)
+
+
+def method_kwargs(args) -> dict:
+    """``from_pretrained`` keywords for ``--method``, ``--method-settings`` and ``--tree``."""
+    import json
+
+    kwargs = {"method": args.method}
+    method = args.method
+    if method is None and args.draft is not None:
+        from ..models.loading import is_medusa_dir
+
+        method = "medusa" if is_medusa_dir(args.draft) else "eagle"
+    if args.method_settings is not None:
+        try:
+            settings = json.loads(args.method_settings)
+        except json.JSONDecodeError as e:
+            raise EagleError(f"--method-settings is not valid JSON: {e}") from None
+        if method in (None, "eagle"):
+            raise EagleError("--method-settings is for medusa, lookahead or prompt_lookup (EAGLE: --tree)")
+        kwargs[method] = settings
+    if method in (None, "eagle"):
+        kwargs["tree"] = args.tree
+    return kwargs
 
 
 def _rank() -> int:
@@ -197,13 +240,13 @@ def _generate(args, engine, tokenizer) -> None:
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     sampling["stop_token_ids"] = args.stop_token_ids
     eagle = None
-    if args.draft is not None:
+    if engine.method is not None:
         eagle = engine.generate(ids, args.max_new_tokens, **sampling)
-        report("eagle", eagle, args.prompt + decode_new(tokenizer, ids, eagle.tokens))
-    if args.draft is None or args.compare:
+        report(engine.method, eagle, args.prompt + decode_new(tokenizer, ids, eagle.tokens))
+    if engine.method is None or args.compare:
         vanilla = engine.generate_vanilla(ids, args.max_new_tokens, **sampling)
         text = args.prompt + decode_new(tokenizer, ids, vanilla.tokens)
-        report("vanilla", vanilla, text if args.draft is None else None)
+        report("vanilla", vanilla, text if engine.method is None else None)
         if eagle is not None:
             same = eagle.tokens == vanilla.tokens
             print(f"outputs identical: {'yes' if same else 'no'}")
@@ -251,9 +294,9 @@ def cmd_bench(args) -> None:
     from .bench import run_bench
 
     if args.draft is None:
-        from ..errors import EagleError
-
         raise EagleError("eagle bench needs --draft: the EAGLE head measured against vanilla decoding")
+    if args.method not in (None, "eagle"):
+        raise EagleError("eagle bench measures EAGLE trees; benchmarks/methods.py compares the methods")
     run_bench(args)
 
 

@@ -50,13 +50,11 @@ def run_demo(
     """``eagle demo``: complete ``prompt`` (default :data:`DEMO_PROMPT`) with EAGLE on the embedded pair, then
     with vanilla decoding; print the completion, the mean acceptance length and both tokens/s.
 
-    ``tree="auto"`` drafts a chain on the CPU (compute-bound: a 60-node tree costs about what decoding 60
-    tokens does) and the EAGLE-2 dynamic tree on a GPU (verifying 60 tokens costs about what one does)."""
+    ``tree="auto"`` sizes the tree to the device (measured once, cached; see
+    :mod:`eagle_engine.spec.auto_tree`): a short chain on a CPU, where a 60-node tree costs about what
+    decoding 60 tokens does, a bigger tree on a GPU, where verifying 60 tokens costs about what one does."""
     from ..engine.engine import EagleEngine
 
-    on_gpu = str(device).startswith("cuda")
-    if tree == "auto":
-        tree = "dynamic" if on_gpu else "chain"
     # A 3.4M-parameter model: thread hand-offs cost more than they save, hence 1 thread unless told.
     torch.set_num_threads(1 if threads is None else threads)
     print(f"[demo] draft tree: {tree}, device: {device}")
@@ -64,6 +62,9 @@ def run_demo(
     prompt = DEMO_PROMPT if prompt is None else prompt
     tokenizer = load_tokenizer(target_dir)
     engine = EagleEngine.from_pretrained(target_dir, head_dir, device=device, dtype="float32", tree=tree)
+    if tree == "auto":
+        t = engine.tree
+        print(f"[demo] auto tree: {t.num_nodes} nodes, depth {t.depth}, top-k {t.top_k}")
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if not ids:
         raise EagleError("the prompt is empty")
