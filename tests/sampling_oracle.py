@@ -13,6 +13,15 @@ VOCAB = 16
 SAMPLES = 3000
 PROMPT = [3, 1, 4, 1, 5]
 
+# (drafter, settings) of each method's test: a random and an agreeing drafter, two temperatures, filters.
+CASES = [
+    ("random", SamplingParams(temperature=1.0)),
+    ("random", SamplingParams(temperature=0.7)),
+    ("agreeing", SamplingParams(temperature=1.0)),
+    ("agreeing", SamplingParams(temperature=0.7)),
+    ("random", SamplingParams(temperature=0.9, top_p=0.8, top_k=6)),
+]
+
 
 def exact_marginals(hf, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
     """P(x2) and P(x3) after PROMPT, summing over x1 (and x2), under the processed target distribution."""
@@ -57,3 +66,12 @@ def sample_tokens(engine, params: SamplingParams, eagle: bool) -> tuple[list[int
     results = generate(prompts, 3, **kwargs)
     assert all(len(r.tokens) == 3 for r in results)
     return [r.tokens[1] for r in results], [r.tokens[2] for r in results]
+
+
+def check_follows_target(hf, engine, params: SamplingParams) -> None:
+    """The 2nd and 3rd tokens of the engine's speculative method fit the target's exact marginals, and the
+    test has power: the same samples are far from a plausible wrong answer (x3 drawn like x2)."""
+    p2, p3 = exact_marginals(hf, params)
+    x2, x3 = sample_tokens(engine, params, eagle=True)
+    assert fit_pvalue(x2, p2) > 1e-3 and fit_pvalue(x3, p3) > 1e-3
+    assert fit_pvalue(x3, p2) < 1e-6 or fit_pvalue(x2, p3) < 1e-6
