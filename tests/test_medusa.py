@@ -359,3 +359,6 @@ def test_train_draft_medusa_writes_official_heads(text_model, tmp_path, capsys):
     assert engine.method == "medusa"
     prompt = [5, 6, 7, 8]
     assert engine.generate(prompt, 24).tokens == engine.generate_vanilla(prompt, 24).tokens
+    generate = ["generate", "--base", model_dir, "--draft", str(out), "--prompt", "import os\n"]
+    assert main(generate + ["--max-new-tokens", "12", "--compare"]) == 0
+    assert "outputs identical: yes" in capsys.readouterr().out

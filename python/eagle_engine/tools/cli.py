@@ -54,9 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compare", action="store_true", help="also run vanilla decoding and compare")
     gen.add_argument(
         "--tree",
-        default="dynamic",
+        default=None,
         choices=("dynamic", "static", "chain"),
-        help="draft tree: EAGLE-2 dynamic (default: 60 nodes, depth 6, top-k 10), EAGLE-1 static, chain",
+        help="EAGLE draft tree: EAGLE-2 dynamic (default: 60 nodes, depth 6, top-k 10), EAGLE-1 static, "
+        "chain (Medusa heads draft their own static tree)",
     )
     gen.add_argument(
         "--tensor-parallel-size",
