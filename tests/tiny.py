@@ -137,20 +137,32 @@ def make_head_dir(
 
 
 def train_agreeing_head(
-    engine, kind: str, num_prompts: int = 32, length: int = 96, steps: int = 300, seed: int = 7
+    engine,
+    kind: str,
+    num_prompts: int = 32,
+    length: int = 96,
+    steps: int = 300,
+    seed: int = 7,
+    lr: float = 3e-3,
+    warmup_steps: int = 20,
 ):
-    """Train a head on the target's own greedy text so that it agrees often; returns (head, prompts)."""
+    """Train a head (an EAGLE ``kind``, or ``"medusa"``: 4 Medusa heads of one block from Medusa's start) on
+    the target's own greedy text so that it agrees often; returns (head, prompts)."""
     from eagle_engine.models.draft import init_random_head
+    from eagle_engine.models.medusa import init_random_medusa
     from eagle_engine.tools.train import TrainConfig, train_head
 
     prompts = random_prompts([4] * num_prompts, seed=seed, vocab=engine.target.config.vocab_size)
     outs = engine.generate_vanilla(prompts, length, stop_token_ids=[])
     sequences = torch.tensor([p + o.tokens for p, o in zip(prompts, outs)])
-    head = init_random_head(kind, engine.target, std=0.05)
+    if kind == "medusa":
+        head = init_random_medusa(engine.target, from_lm_head=True)
+    else:
+        head = init_random_head(kind, engine.target, std=0.05)
     train_head(
         head,
         engine.target,
         sequences,
-        TrainConfig(steps=steps, lr=3e-3, batch_size=8, warmup_steps=20, seed=seed),
+        TrainConfig(steps=steps, lr=lr, batch_size=8, warmup_steps=warmup_steps, seed=seed),
     )
     return head, prompts

@@ -1,4 +1,4 @@
-"""Loading (and saving) of models: Hugging Face targets and EAGLE heads in the official format."""
+"""Loading (and saving) of models: Hugging Face targets; EAGLE and Medusa heads in their official formats."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from ..errors import DraftMismatchError, ModelLoadError
 from .config import load_model_config, read_json
 from .draft import Eagle1Head, Eagle3Head, _DraftHead, build_head, check_head_config, head_lm_head
 from .llama import LlamaModel, rotary_table
+from .medusa import MedusaHeads, is_medusa_dir, load_medusa, save_medusa
 from .parallel import TensorParallel, whole_vocab_weight
 from .weights import iter_checkpoint, load_into, resolve_dtype
 
@@ -50,21 +51,6 @@ def load_target(
 
 
 
-MEDUSA_WEIGHT_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
-
-
-def is_medusa_dir(directory: str) -> bool:
-    """Whether ``directory`` holds Medusa heads (official format): a ``medusa_lm_head.*`` weight file or a
-    ``config.json`` with ``medusa_num_heads``."""
-    if any(os.path.isfile(os.path.join(directory, f)) for f in MEDUSA_WEIGHT_FILES):
-        return True
-    try:
-        with open(os.path.join(directory, "config.json")) as f:
-            return "medusa_num_heads" in json.load(f)
-    except (OSError, ValueError):
-        return False
-
-
 def detect_kind(keys: set[str], raw: dict) -> str:
     """``"eagle3"`` when the checkpoint has ``midlayer.*`` keys (or a draft vocabulary), else ``"eagle1"``."""
     if any(k.startswith("midlayer.") for k in keys) or "draft_vocab_size" in raw:
@@ -74,14 +60,17 @@ def detect_kind(keys: set[str], raw: dict) -> str:
     raise ModelLoadError("not an EAGLE head: no layers.0.* (EAGLE-1/2) or midlayer.* (EAGLE-3) weights")
 
 
-def load_draft(draft_dir: str, target: LlamaModel, *, device=None, dtype=None) -> _DraftHead:
-    """Load an official-format EAGLE head (``config.json`` + ``pytorch_model.bin`` or ``model.safetensors``).
+def load_draft(draft_dir: str, target: LlamaModel, *, device=None, dtype=None) -> _DraftHead | MedusaHeads:
+    """Load an official-format EAGLE head (``config.json`` + ``pytorch_model.bin`` or ``model.safetensors``),
+    or Medusa heads when the directory is one (:func:`~.medusa.is_medusa_dir`: :func:`~.medusa.load_medusa`).
 
     The kind is told apart by keys; the embedding (and for EAGLE-1/2 the lm_head) come from the target when
     the head has none. Raises :class:`DraftMismatchError` naming both sizes when it does not fit the target.
     """
     if not os.path.isdir(draft_dir):
         raise ModelLoadError(f"draft head directory not found: {draft_dir}")
+    if is_medusa_dir(draft_dir):
+        return load_medusa(draft_dir, target, device=device, dtype=dtype)
     raw = read_json(os.path.join(draft_dir, "config.json"), "draft head config")
     check_head_config(raw, target.config)  # every field, before the weights are read
     tensors = dict(iter_checkpoint(draft_dir, HEAD_WEIGHT_FILES))
@@ -124,8 +113,11 @@ def check_vocab_maps(head: Eagle3Head, target_vocab: int) -> None:
         )
 
 
-def save_draft(head: _DraftHead, directory: str, fmt: str = "safetensors") -> str:
-    """Write ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``) in the official format."""
+def save_draft(head: _DraftHead | MedusaHeads, directory: str, fmt: str = "safetensors") -> str:
+    """Write ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``) in the official format;
+    Medusa heads in theirs (:func:`~.medusa.save_medusa`; ``"bin"`` means ``medusa_lm_head.pt``)."""
+    if getattr(head, "kind", "") == "medusa":
+        return save_medusa(head, directory, "pt" if fmt == "bin" else fmt)
     os.makedirs(directory, exist_ok=True)
     cfg = head.config
     raw = {

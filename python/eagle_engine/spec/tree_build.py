@@ -184,6 +184,22 @@ class _StaticPlan:
     levels: tuple
 
 
+def paths_in_node_order(choices) -> tuple[list[tuple[int, ...]], dict, list[int]]:
+    """A static tree's paths in node order (by length, then ranks: parents precede children), the node of
+    each path (the root is node 0) and each node's parent (-1 at the root)."""
+    choices = sorted(choices, key=lambda c: (len(c), c))
+    index = {c: i + 1 for i, c in enumerate(choices)}
+    return choices, index, [-1] + [index.get(c[:-1], 0) for c in choices]
+
+
+def static_structure(parents: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(parents long [T], depths long [T], packed ancestor mask int32 [1, T, ceil(T / 32)])`` of a tree
+    given by its parent list."""
+    parent_t = torch.tensor(parents, dtype=torch.long, device=device).view(1, -1)
+    mask, depths = ancestor_mask(parent_t, len(parents))
+    return parent_t[0], depths[0], ops.pack_tree_mask(mask)
+
+
 _STATIC_PLANS: dict = {}
 
 
@@ -191,9 +207,7 @@ def _static_plan(cfg: TreeConfig, device: torch.device) -> _StaticPlan:
     key = (cfg.choices, str(device))
     if key in _STATIC_PLANS:
         return _STATIC_PLANS[key]
-    choices = sorted(cfg.choices, key=lambda c: (len(c), c))
-    index = {c: i + 1 for i, c in enumerate(choices)}  # path -> node
-    parents = [-1] + [index.get(c[:-1], 0) for c in choices]
+    choices, index, parents = paths_in_node_order(cfg.choices)
     width = max(c[-1] for c in choices) + 1
     source_of = {0: 0}  # node -> index into the stacked outputs (0: the root's hidden)
     rows: list[int] = []  # draft rows of this round, by node
@@ -222,9 +236,7 @@ def _static_plan(cfg: TreeConfig, device: torch.device) -> _StaticPlan:
             tensor([source_of[p] for p in expanded]), tensor(nodes), tensor(pick), tensor(expand),
             tensor(step_src), ops.pack_tree_mask(row_mask.to(device)), len(rows),
         ))
-    parent_t = tensor(parents).view(1, -1)
-    mask, depths = ancestor_mask(parent_t, len(parents))
-    plan = _StaticPlan(parent_t[0], depths[0], ops.pack_tree_mask(mask), width, tuple(levels))
+    plan = _StaticPlan(*static_structure(parents, device), width, tuple(levels))
     _STATIC_PLANS[key] = plan
     return plan
 

@@ -71,10 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compare", action="store_true", help="also run vanilla decoding and compare")
     gen.add_argument(
         "--tree",
-        default="dynamic",
+        default=None,
         choices=TREE_CHOICES,
         help="EAGLE draft tree: EAGLE-2 dynamic (default: 60 nodes, depth 6, top-k 10), EAGLE-1 static, "
-        "chain, or auto (the size that maximises tokens/s on this device, measured once and cached)",
+        "chain, or auto (the size that maximises tokens/s on this device, measured once and cached); Medusa "
+        "heads draft their own static tree",
     )
     gen.add_argument(
         "--tensor-parallel-size",
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train_parser(sub) -> None:
-    tr = sub.add_parser("train-draft", help="train an EAGLE draft head for a target on text files")
+    tr = sub.add_parser("train-draft", help="train an EAGLE draft head (or Medusa heads) for a target")
     tr.add_argument("--base", required=True, help="target model directory (HF format, with tokenizer)")
     tr.add_argument(
         "--corpus",
@@ -104,7 +105,12 @@ def _add_train_parser(sub) -> None:
     )
     tr.add_argument("--doc-separator", default=None, help="split text files into documents on this string")
     tr.add_argument("--out", required=True, help="output directory: head, eval.json, checkpoint/")
-    tr.add_argument("--kind", choices=("eagle1", "eagle3"), default="eagle1", help="head kind")
+    tr.add_argument(
+        "--method", choices=("eagle", "medusa"), default="eagle", help="an EAGLE head or Medusa-1 heads"
+    )
+    tr.add_argument("--kind", choices=("eagle1", "eagle3"), default=None, help="EAGLE head kind (eagle1)")
+    tr.add_argument("--medusa-heads", type=int, default=None, help="Medusa heads: tokens drafted ahead (4)")
+    tr.add_argument("--medusa-layers", type=int, default=None, help="residual blocks per Medusa head (1)")
     tr.add_argument("--steps", type=int, default=1000)
     tr.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
     tr.add_argument("--batch-size", type=int, default=8)
@@ -258,11 +264,15 @@ def cmd_train_draft(args) -> None:
     from .train import DraftTrainJob, train_draft
 
     apply_threads(args.threads)
+    _check_method_flags(args)
+    medusa = {"medusa_heads": args.medusa_heads, "medusa_layers": args.medusa_layers}
     job = DraftTrainJob(
         base=args.base,
         corpus=args.corpus,
         out=args.out,
-        kind=args.kind,
+        method=args.method,
+        kind=args.kind or "eagle1",
+        **{k: v for k, v in medusa.items() if v is not None},
         steps=args.steps,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
@@ -282,6 +292,17 @@ def cmd_train_draft(args) -> None:
     if "mean_accept_length" in summary:
         where = "held-out" if summary["held_out"] else "training"
         print(f"mean acceptance length: {summary['mean_accept_length']:.2f} ({where} text, greedy)")
+
+
+def _check_method_flags(args) -> None:
+    """Flags of the other method are errors, not silently ignored."""
+    from .train import TrainingInputError
+
+    if args.method == "medusa" and args.kind is not None:
+        raise TrainingInputError("--kind is for --method eagle (Medusa: --medusa-heads, --medusa-layers)")
+    given = [f for f in ("medusa_heads", "medusa_layers") if getattr(args, f) is not None]
+    if args.method == "eagle" and given:
+        raise TrainingInputError(f"--{given[0].replace('_', '-')} is for --method medusa")
 
 
 def cmd_demo(args) -> None:

@@ -6,6 +6,8 @@ with uniform noise on the input features, AdamW(0.9, 0.95), warm-up then constan
 EAGLE-3: the head reads ``(fc(aux_i), token_{i+1})`` and is trained by cross-entropy against the target's
 next-token distribution, unrolled over ``unroll`` steps that feed back its own output (training-time test),
 the i-th step weighted ``0.8 ** i``.
+Medusa-1 heads (:func:`medusa_loss`): head ``i`` reads the target's feature at ``t`` and is trained by
+cross-entropy against the text's token at ``t + i + 2``, weighted ``0.8 ** i``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import eagle_kernels as ops
 from ..errors import TrainingInputError
 from ..models.draft import Eagle1Head, Eagle3Head
 from ..models.llama import LlamaModel
-from .checks import check_number, check_output_dir
+from ..models.medusa import MAX_HEADS, MAX_LAYERS
+from .checks import check_number, check_output_dir, flag
 from .corpus import code_prompts, corpus_files, prompt_pool, read_documents, token_stream
 
 
@@ -99,8 +102,27 @@ def _run_head(head, tokens, features):
     return head.step(tokens, features, positions, cache)
 
 
+def medusa_loss(heads, batch: FeatureBatch, decay: float = 0.8) -> torch.Tensor:
+    """Medusa-1's loss: ``sum_i decay ** i * CE(head_i(f_t), x_{t+i+2})`` over positions ``t`` that have
+    that token, ``decay`` the official ``medusa_decay_coefficient``.
+
+    Labels are the text's own tokens, as in Medusa-1 (whose data is the target's own generations, so that
+    they are the target's next tokens); the target's soft distribution after ``t + i + 1`` would be the
+    self-distillation alternative. The heads see the target's features exactly (no noise)."""
+    b, t, h = batch.hidden.shape
+    features = heads.features(batch.hidden.to(heads.projection(0).dtype).reshape(b * t, h)).view(-1, b, t, h)
+    loss = 0.0
+    for i in range(min(heads.num_heads, t - 2)):
+        n = t - (i + 2)  # positions whose token i + 2 ahead is in the sequence
+        logits = F.linear(features[i, :, :n], heads.projection(i)).float()
+        loss = loss + decay**i * F.cross_entropy(logits.flatten(0, 1), batch.ids[:, i + 2 :].flatten())
+    return loss
+
+
 def head_loss(head, target: LlamaModel, batch: FeatureBatch, cfg: TrainConfig) -> torch.Tensor:
     """The training loss of ``head`` on one batch (see the module docstring)."""
+    if getattr(head, "kind", "") == "medusa":
+        return medusa_loss(head, batch)
     tokens = batch.ids[:, 1:]  # row i pairs position i's feature with token i + 1
     target_logp = batch.target_logp[:, 1:]  # the distribution row i must predict (after token i + 1)
     dtype = head.fc.weight.dtype
@@ -195,7 +217,8 @@ def train_head(
 @dataclass
 class DraftTrainJob:
     """One ``eagle train-draft`` run: train a head for ``base`` on the text files ``corpus``; write it to
-    ``out``.
+    ``out``. ``method="eagle"``: an EAGLE head of ``kind``; ``method="medusa"``: ``medusa_heads`` Medusa-1
+    heads of ``medusa_layers`` residual blocks each (started from the target's lm_head, as Medusa does).
 
     ``out`` receives the final head (official format) and ``eval.json``; ``out/checkpoint`` the head, the
     optimizer state and the step every ``checkpoint_every`` steps (``resume`` continues from there).
@@ -206,6 +229,9 @@ class DraftTrainJob:
     corpus: list[str]
     out: str
     kind: str = "eagle1"
+    method: str = "eagle"
+    medusa_heads: int = 4
+    medusa_layers: int = 1
     steps: int = 1000
     seq_len: int = 256
     batch_size: int = 8
@@ -223,12 +249,20 @@ class DraftTrainJob:
     show_progress: bool = True
 
     def __post_init__(self):
+        if self.method not in ("eagle", "medusa"):
+            raise TrainingInputError(f"unknown method {self.method!r} (--method): use eagle or medusa")
         if self.kind not in ("eagle1", "eagle3"):
             raise TrainingInputError(f"unknown head kind {self.kind!r} (--kind): use eagle1 or eagle3")
-        ints = (("steps", 1), ("seq_len", 2), ("batch_size", 1), ("checkpoint_every", 1), ("eval_prompts", 0),
-                ("eval_prompt_chars", 1), ("eval_new_tokens", 1), ("seed", None))  # fmt: skip
+        medusa = self.method == "medusa"
+        ints = (("steps", 1), ("seq_len", 3 if medusa else 2), ("batch_size", 1), ("checkpoint_every", 1),
+                ("eval_prompts", 0), ("eval_prompt_chars", 1), ("eval_new_tokens", 1), ("seed", None),
+                ("medusa_heads", 1), ("medusa_layers", 0))  # fmt: skip
         for name, low in ints:
             check_number(name, getattr(self, name), "int", low=low)
+        for name, most in (("medusa_heads", MAX_HEADS), ("medusa_layers", MAX_LAYERS)):
+            value = getattr(self, name)
+            if value > most:
+                raise TrainingInputError(f"{name} ({flag(name)}) must be <= {most}, got {value}")
         if self.warmup_steps is not None:
             check_number("warmup_steps", self.warmup_steps, "int", low=0)
         check_number("lr", self.lr, "float", positive=True)
@@ -289,7 +323,8 @@ def load_checkpoint(directory: str, target: LlamaModel, cfg: TrainConfig):
 
 
 def evaluate_acceptance(engine, tokenizer, texts: list[str], job: DraftTrainJob) -> dict:
-    """Greedy EAGLE on ``job.eval_prompts`` prompts cut from ``texts``: the mean acceptance length."""
+    """Greedy speculative decoding (the head's method) on ``job.eval_prompts`` prompts cut from ``texts``:
+    the mean acceptance length."""
 
     prompts = code_prompts(texts, job.eval_prompts, job.eval_prompt_chars, seed=job.seed)
     rounds, new_tokens, seconds = [], 0, 0.0
@@ -306,8 +341,17 @@ def evaluate_acceptance(engine, tokenizer, texts: list[str], job: DraftTrainJob)
         "rounds": len(rounds),
         "new_tokens": new_tokens,
         "tokens_per_second": new_tokens / max(seconds, 1e-9),
-        "tree": {k: v for k, v in asdict(engine.tree).items() if k != "choices"},
+        "method": engine.method,
+        **_settings_summary(engine),
     }
+
+
+def _settings_summary(engine) -> dict:
+    if engine.method == "medusa":
+        heads = engine.draft
+        nodes = engine.settings.tree(heads.num_heads).num_nodes
+        return {"medusa": {"heads": heads.num_heads, "layers": heads.num_layers, "tree_nodes": nodes}}
+    return {"tree": {k: v for k, v in asdict(engine.tree).items() if k != "choices"}}
 
 
 TREE_ROOM = 80  # positions an evaluation prompt leaves free for a draft tree beyond its new tokens
@@ -378,6 +422,32 @@ def _check_evaluation(job: DraftTrainJob, corpus) -> list[str]:
     return pool
 
 
+def _initial_head(job: DraftTrainJob, target: LlamaModel):
+    """The head a fresh run starts from, in fp32: Medusa's start (the target's lm_head, identity blocks)
+    or a small random EAGLE head."""
+    from ..models.draft import init_random_head
+    from ..models.medusa import init_random_medusa
+
+    if job.method == "medusa":
+        return init_random_medusa(target, job.medusa_heads, job.medusa_layers, from_lm_head=True).float()
+    return init_random_head(job.kind, target, seed=job.seed, std=0.02).float()
+
+
+def _check_resumed(head, job: DraftTrainJob) -> None:
+    """A checkpoint resumed by a job asking for another head is an error, not a silent switch."""
+
+    def name(kind: str, num_heads: int = 0, num_layers: int = 0) -> str:
+        return f"medusa ({num_heads} heads, {num_layers} layers)" if kind == "medusa" else kind
+
+    found = name(head.kind, *((head.num_heads, head.num_layers) if head.kind == "medusa" else ()))
+    asked = name(job.kind if job.method == "eagle" else "medusa", job.medusa_heads, job.medusa_layers)
+    if found != asked:
+        raise TrainingInputError(
+            f"--resume: the checkpoint in {job.out}/checkpoint holds a {found} head; this run asks for "
+            f"{asked}"
+        )
+
+
 def train_draft(job: DraftTrainJob) -> dict:
     """The ``eagle train-draft`` workflow (see :class:`DraftTrainJob`); returns what ``eval.json`` holds.
 
@@ -386,7 +456,6 @@ def train_draft(job: DraftTrainJob) -> dict:
 
     from ..engine.engine import EagleEngine, resolve_device
     from ..models import load_target
-    from ..models.draft import init_random_head
     from ..models.loading import load_draft, save_draft
 
     device = resolve_device(job.device)
@@ -397,8 +466,9 @@ def train_draft(job: DraftTrainJob) -> dict:
     ckpt = os.path.join(job.out, "checkpoint")
     if job.resume and os.path.isfile(os.path.join(ckpt, "trainer_state.pt")):
         head, optimizer, start, losses = load_checkpoint(ckpt, target, cfg)
+        _check_resumed(head, job)
     else:
-        head = init_random_head(job.kind, target, seed=job.seed, std=0.02).float()
+        head = _initial_head(job, target)
         optimizer, start, losses = make_optimizer(head, cfg), 0, []
     torch.manual_seed(job.seed + start)  # feature noise
     bar = tqdm(total=job.steps, initial=start, desc="train-draft", file=sys.stderr,
