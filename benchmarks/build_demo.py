@@ -79,8 +79,8 @@ class Preset:
             raise ValueError("sequence length beyond max_position_embeddings")
 
 
-# head3 (EAGLE-3): each step unrolls the head 3 times (training-time test), about 2.2x an EAGLE-1/2 step on a
-# CPU (about 1.8 s at 6 x 384 tokens with one thread): the CPU preset's 550 steps take about 17 minutes.
+# head3 (EAGLE-3): each step unrolls the head 3 times (training-time test), about twice an EAGLE-1/2 step on a
+# CPU (about 1.8 s at 6 x 384 tokens, one thread): the CPU preset's 550 steps took 19 minutes, eval included.
 # fmt: off
 PRESETS = {
     "cpu": Preset(4096, 256, 512, 4, 4, 2, 1024, 1600, 4, 512, 2e-3, 1000, 6, 384, 2e-3, 16,
