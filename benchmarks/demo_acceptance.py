@@ -2,6 +2,7 @@
 
     python benchmarks/demo_acceptance.py                   # 16 held-out snippets, 128 new tokens, CPU
     python benchmarks/demo_acceptance.py --prompts 4 --trees dynamic
+    python benchmarks/demo_acceptance.py --head eagle3     # the EAGLE-3 demo head, not the EAGLE-1/2 one
 
 For each snippet (400 characters cut at line ends from the held-out modules, see :mod:`eagle_engine.demo`)
 it runs greedy EAGLE with each draft tree (the default EAGLE-2 dynamic tree, the EAGLE-1 static tree, a
@@ -10,8 +11,8 @@ chain) interleaved with vanilla greedy decoding, ``--repeats`` times, with the m
 forward, bonus included, over all rounds), tokens/s of EAGLE and of vanilla (new tokens over wall time,
 prefill included; min/median/max over the repeats), the speedup (median over median) and outputs identical
 n/n. Results: a table on stdout and one JSON line per tree appended to
-``benchmarks/results/demo_acceptance.json`` (device, machine, load average, date, commit; ``eagle_tok_s``
-and ``vanilla_tok_s`` are the medians).
+``benchmarks/results/demo_acceptance.json`` (device, machine, load average, date, commit, ``head``;
+``eagle_tok_s`` and ``vanilla_tok_s`` are the medians; lines without ``head`` are the EAGLE-1/2 head's).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from eagle_engine.tools import corpus  # noqa: E402
 from eagle_engine.tools.bench import format_rows, load_average, machine, measure_trees  # noqa: E402
 from eagle_engine.tools.common import load_tokenizer  # noqa: E402
 from eagle_engine.tools.corpus import read_corpus  # noqa: E402
+from eagle_engine.tools.demo import DEMO_HEADS  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -42,7 +44,15 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--pair", default=None, help="a built pair's dir (target/, head/); default: the embedded")
+    ap.add_argument(
+        "--head",
+        default="eagle2",
+        choices=sorted(DEMO_HEADS),
+        help="draft head: eagle2 (default: the EAGLE-1/2 head, head/) or eagle3 (the EAGLE-3 head, head3/)",
+    )
+    ap.add_argument(
+        "--pair", default=None, help="a built pair's dir (target/, head/, head3/); default: the embedded"
+    )
     ap.add_argument("--repeats", type=int, default=1, help="interleaved repeats (min/median/max tokens/s)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--no-save", action="store_true", help="print only, append no results")
@@ -50,9 +60,10 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.pair:
-        target_dir, head_dir = os.path.join(args.pair, "target"), os.path.join(args.pair, "head")
+        target_dir = os.path.join(args.pair, "target")
+        head_dir = os.path.join(args.pair, DEMO_HEADS[args.head][0])
     else:
-        target_dir, head_dir = demo_paths()
+        target_dir, head_dir = demo_paths(args.head)
     tokenizer = load_tokenizer(target_dir)
     texts = read_corpus(corpus.stdlib_files("heldout"))
     snippets = corpus.code_prompts(texts, args.prompts, args.prompt_chars, seed=args.seed)
@@ -66,7 +77,7 @@ def main(argv=None) -> int:
         for key in ("eagle_tok_s", "vanilla_tok_s"):
             spread = r.pop(key)
             r[key], r[key + "_min"], r[key + "_max"] = spread["median"], spread["min"], spread["max"]
-    common = {"prompts": len(prompts), "new_tokens": args.new_tokens, "dtype": args.dtype}
+    common = {"head": args.head, "prompts": len(prompts), "new_tokens": args.new_tokens, "dtype": args.dtype}
     common.update(machine=machine(), repeats=args.repeats, load_average=load)
     if not args.no_save:
         path = append_results("demo_acceptance", [{**common, **r} for r in rows])

@@ -165,12 +165,56 @@ def test_demo_pair_is_lossless(demo):
         assert eagle.mean_accept_length > 1.0
 
 
+@pytest.fixture(scope="module")
+def demo3(reference_ops):
+    from eagle_engine.tools.common import load_tokenizer
+    from eagle_engine.tools.demo import demo_paths
+
+    target_dir, head_dir = demo_paths("eagle3")
+    return EagleEngine.from_pretrained(target_dir, head_dir), load_tokenizer(target_dir)
+
+
+def test_demo_eagle3_head_fits_the_demo_target_and_is_lossless(demo3):
+    from eagle_engine import demo_head_path, demo_paths
+
+    engine, tokenizer = demo3
+    assert type(engine.draft).__name__ == "Eagle3Head"
+    assert demo_paths("eagle3") == (demo_paths()[0], demo_head_path("eagle3"))
+    assert demo_paths() == demo_paths("eagle2")  # the default stays the EAGLE-1/2 head
+    for text in ["import os\n\ndef main(", "class Stack:\n    def __init__(self):\n"]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        eagle = engine.generate(ids, 48, stop_token_ids=[])
+        assert eagle.tokens == engine.generate_vanilla(ids, 48, stop_token_ids=[]).tokens
+        assert eagle.mean_accept_length > 1.0  # a trained head: it drafts tokens the target keeps
+
+
 def test_demo_command(capsys):
     assert main(["demo", "--max-new-tokens", "24"]) == 0
     out = capsys.readouterr().out
     assert "mean acceptance length: " in out and "tokens/s" in out and "vanilla" in out
+    assert "head: eagle2 (EAGLE-1/2 head)" in out
     assert main(["generate", "--prompt", "import os\n", "--max-new-tokens", "8"]) == 0  # no --base: the demo
     assert "mean acceptance length: " in capsys.readouterr().out
+
+
+def test_demo_command_eagle3_head(capsys):
+    assert main(["demo", "--head", "eagle3", "--max-new-tokens", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "head: eagle3 (EAGLE-3 head)" in out
+    assert "mean acceptance length: " in out and "outputs identical: yes" in out
+
+
+def test_demo_bad_head_is_a_clear_error(capsys):
+    from eagle_engine.tools.demo import demo_head_path, run_demo
+
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--head", "eagle4"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'eagle4'" in capsys.readouterr().err
+    with pytest.raises(EagleError, match="unknown demo head 'eagle1': choose one of eagle2, eagle3"):
+        demo_head_path("eagle1")
+    with pytest.raises(EagleError, match="unknown demo head"):
+        run_demo(max_new_tokens=4, head="EAGLE3")
 
 
 def test_demo_paths_name_missing_data(monkeypatch, tmp_path):
@@ -179,3 +223,11 @@ def test_demo_paths_name_missing_data(monkeypatch, tmp_path):
     monkeypatch.setattr(demo_module.resources, "files", lambda _: tmp_path)
     with pytest.raises(EagleError, match="demo model is missing"):
         demo_module.demo_paths()
+    target = tmp_path / "data" / "demo" / "target"  # a target without its EAGLE-3 head
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    (target / "tokenizer.json").write_text("{}")
+    with pytest.raises(EagleError, match=r"head3.config\.json not found.*--stages head3"):
+        demo_module.demo_paths("eagle3")
+    with pytest.raises(EagleError, match="--stages head3"):
+        demo_module.demo_head_path("eagle3")

@@ -17,7 +17,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .spec import SamplingParams, TreeConfig
-from .tools.demo import demo_paths
+from .tools.demo import demo_head_path, demo_paths
 
 __version__ = "0.1.0"
 
@@ -27,6 +27,7 @@ __all__ = [
     "SamplingParams",
     "TreeConfig",
     "demo_paths",
+    "demo_head_path",
     "EagleError",
     "ModelLoadError",
     "UnsupportedModelError",

@@ -162,6 +162,12 @@ def _add_demo_parser(sub) -> None:
         help="draft tree; auto (default): sized to the device, measured once and cached (a short chain on a "
         "CPU, where verifying a big tree costs as much compute as decoding its tokens one by one)",
     )
+    demo.add_argument(
+        "--head",
+        default="eagle2",
+        choices=("eagle2", "eagle3"),
+        help="the embedded draft head: eagle2 (default: the EAGLE-1/2 head) or eagle3 (the EAGLE-3 head)",
+    )
     demo.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     demo.add_argument(
         "--threads",
@@ -308,7 +314,7 @@ def _check_method_flags(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args.prompt, args.max_new_tokens, args.tree, args.device, threads=args.threads)
+    run_demo(args.prompt, args.max_new_tokens, args.tree, args.device, threads=args.threads, head=args.head)
 
 
 def cmd_bench(args) -> None:
