@@ -17,8 +17,9 @@ whether the output equals vanilla's on every prompt. Written to ``benchmarks/res
 plus the machine, settings, date and commit) and a bar chart ``benchmarks/results/methods.png``.
 
 Medusa heads for the demo target are not shipped (a vocabulary projection per head: ~9 MB): ``--medusa
-DIR`` names trained heads; without it they are trained once with ``eagle train-draft --method medusa`` into
-``--work`` (default ``benchmarks/.work``, ignored by git) and reused.
+DIR`` names trained heads; without it they are trained once by the ``eagle train-draft --method medusa``
+workflow (4 heads, ``--medusa-steps`` x 6 x 384 tokens of the demo's training split) into ``--work`` (default
+``benchmarks/.work``, ignored by git) and reused.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -56,11 +56,14 @@ def medusa_heads(args, target_dir: str) -> str:
     if os.path.isfile(os.path.join(out, "config.json")):
         return out
     print(f"[methods] training Medusa heads for the demo target into {out} (once)...", file=sys.stderr)
-    files = corpus.stdlib_files("train")
-    cmd = [sys.executable, "-m", "eagle_engine", "train-draft", "--method", "medusa", "--base", target_dir,
-           "--corpus", *files[:400], "--out", out, "--steps", str(args.medusa_steps), "--seq-len", "256",
-           "--batch-size", "8", "--lr", "2e-3", "--eval-prompts", "0", "--threads", str(args.threads or 1)]
-    subprocess.run(cmd, check=True)
+    from eagle_engine.tools.train import DraftTrainJob, train_draft
+
+    job = DraftTrainJob(  # the `eagle train-draft --method medusa` workflow, on the demo's training split
+        base=target_dir, corpus=corpus.stdlib_files("train"), out=out, method="medusa", medusa_heads=4,
+        steps=args.medusa_steps, seq_len=384, batch_size=6, lr=2e-3, device=args.device, resume=True,
+        eval_corpus=corpus.stdlib_files("heldout"), eval_prompts=8,
+    )
+    train_draft(job)
     return out
 
 
@@ -184,7 +187,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the demo is tiny)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--medusa", default=None, help="trained Medusa heads (default: train)")
-    ap.add_argument("--medusa-steps", type=int, default=1500, help="steps when training the Medusa heads")
+    ap.add_argument("--medusa-steps", type=int, default=1000, help="steps when training the Medusa heads")
     ap.add_argument("--work", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".work"))
     ap.add_argument("--lookahead", default=None, metavar="JSON", help="LookaheadConfig fields (default: its)")
     ap.add_argument("--prompt-lookup", default=None, metavar="JSON", help="PromptLookupConfig fields")
