@@ -23,12 +23,12 @@ CASES = [
 ]
 
 
-def exact_marginals(hf, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """P(x2) and P(x3) after PROMPT, summing over x1 (and x2), under the processed target distribution."""
+def exact_marginals(hf, params: SamplingParams, prompt: list[int] = PROMPT) -> tuple[torch.Tensor, ...]:
+    """P(x2) and P(x3) after ``prompt``, summing over x1 (and x2), under the processed target distribution."""
     pairs = torch.cartesian_prod(torch.arange(VOCAB), torch.arange(VOCAB))  # (x1, x2)
-    ids = torch.cat([torch.tensor(PROMPT).expand(len(pairs), -1), pairs], 1)
+    ids = torch.cat([torch.tensor(prompt).expand(len(pairs), -1), pairs], 1)
     with torch.no_grad():
-        logits = hf(ids).logits[:, -3:].float()  # after PROMPT, after x1, after x2
+        logits = hf(ids).logits[:, -3:].float()  # after the prompt, after x1, after x2
     p1 = target_probs(logits[0, 0], params)
     p2_given_1 = target_probs(logits[::VOCAB, 1], params)  # [x1, x2]
     p3_given_12 = target_probs(logits[:, 2], params).view(VOCAB, VOCAB, VOCAB)  # [x1, x2, x3]
@@ -51,10 +51,10 @@ def fit_pvalue(samples: list[int], probs: torch.Tensor) -> float:
     return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
 
 
-def sample_tokens(engine, params: SamplingParams, eagle: bool) -> tuple[list[int], list[int]]:
-    """The 2nd and 3rd tokens of ``SAMPLES`` seeded generations after PROMPT: speculative (``eagle``, the
-    engine's method) or vanilla."""
-    prompts = [PROMPT] * SAMPLES
+def sample_results(engine, params: SamplingParams, eagle: bool, prompt: list[int] = PROMPT) -> list:
+    """``SAMPLES`` seeded generations of 3 tokens after ``prompt``: speculative (``eagle``, the engine's
+    method) or vanilla."""
+    prompts = [prompt] * SAMPLES
     kwargs = dict(
         temperature=params.temperature,
         top_p=params.top_p,
@@ -65,13 +65,22 @@ def sample_tokens(engine, params: SamplingParams, eagle: bool) -> tuple[list[int
     generate = engine.generate if eagle else engine.generate_vanilla
     results = generate(prompts, 3, **kwargs)
     assert all(len(r.tokens) == 3 for r in results)
+    return results
+
+
+def sample_tokens(engine, params: SamplingParams, eagle: bool) -> tuple[list[int], list[int]]:
+    """The 2nd and 3rd tokens of :func:`sample_results` after PROMPT."""
+    results = sample_results(engine, params, eagle)
     return [r.tokens[1] for r in results], [r.tokens[2] for r in results]
 
 
-def check_follows_target(hf, engine, params: SamplingParams) -> None:
-    """The 2nd and 3rd tokens of the engine's speculative method fit the target's exact marginals, and the
-    test has power: the same samples are far from a plausible wrong answer (x3 drawn like x2)."""
-    p2, p3 = exact_marginals(hf, params)
-    x2, x3 = sample_tokens(engine, params, eagle=True)
+def check_follows_target(hf, engine, params: SamplingParams, prompt: list[int] = PROMPT) -> list:
+    """The 2nd and 3rd tokens of the engine's speculative method after ``prompt`` fit the target's exact
+    marginals, and the test has power: the same samples are far from a plausible wrong answer (x3 drawn like
+    x2). Returns the generations (their ``accept_lengths`` tell whether candidates were accepted)."""
+    p2, p3 = exact_marginals(hf, params, prompt)
+    results = sample_results(engine, params, True, prompt)
+    x2, x3 = [r.tokens[1] for r in results], [r.tokens[2] for r in results]
     assert fit_pvalue(x2, p2) > 1e-3 and fit_pvalue(x3, p3) > 1e-3
     assert fit_pvalue(x3, p2) < 1e-6 or fit_pvalue(x2, p3) < 1e-6
+    return results

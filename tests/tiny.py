@@ -80,6 +80,18 @@ def random_prompts(lengths, seed: int = 1, vocab: int = VOCAB) -> list[list[int]
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
+def repeated_prompts(segment_lengths, repeats: int = 3, seed: int = 1, vocab: int = VOCAB) -> list[list[int]]:
+    """Prompts made of a random segment repeated ``repeats`` times (content that candidates copied from the
+    context can match)."""
+    return [segment * repeats for segment in random_prompts(segment_lengths, seed, vocab)]
+
+
+def mean_accept_length(results) -> float:
+    """Tokens kept per round over all rounds of ``results`` (a list of :class:`GenerationResult`)."""
+    lengths = [n for r in results for n in r.accept_lengths]
+    return sum(lengths) / len(lengths)
+
+
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     ids = torch.tensor([prompt])
     with torch.no_grad():  # an explicit mask: a prompt may contain the pad id, which generate would mask
