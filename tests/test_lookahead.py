@@ -147,7 +147,7 @@ def test_per_slot_memory_is_the_documented_size():
 
     sizes = []
     for cfg in [LookaheadConfig(), LookaheadConfig(window=3, ngram=2, guesses=5, pool_buckets=10)]:
-        drafter = LookaheadDrafter(cfg, 256)
+        drafter = LookaheadDrafter(cfg)
         drafter.bind(Target(), 2, 64)
         sizes.append(sum(t.nbytes for t in drafter.per_slot()) // 2)
         b, g, n, w = cfg.pool_buckets, cfg.guesses, cfg.ngram, cfg.window

@@ -132,9 +132,8 @@ class LookaheadDrafter(Drafter):
 
     method = "lookahead"
 
-    def __init__(self, settings, vocab_size: int):
+    def __init__(self, settings):
         self.settings = settings
-        self.vocab_size = vocab_size
         cfg = settings
         self.levels = cfg.ngram - 1
         self.tree_rows = 1 + cfg.guesses * self.levels

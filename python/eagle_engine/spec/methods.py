@@ -175,7 +175,7 @@ def make_drafter(method: str, target, draft, settings):
     if method == "lookahead":
         from .lookahead import LookaheadDrafter
 
-        return LookaheadDrafter(settings, target.config.vocab_size)
+        return LookaheadDrafter(settings)
     if method == "prompt_lookup":
         from .prompt_lookup import PromptLookupDrafter
 
