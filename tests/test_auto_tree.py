@@ -56,6 +56,7 @@ def test_every_ladder_tree_is_lossless(pair):
 def test_measured_once_then_cached(pair, tmp_path, monkeypatch):
     hf, path, head_dir = pair
     monkeypatch.setenv("EAGLE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(auto, "CALIBRATION_TOKENS", 16)  # a shorter measurement: the test is of the caching
     calls = []
     measure = auto.measure
 

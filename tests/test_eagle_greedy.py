@@ -11,9 +11,8 @@ from tiny import (
     assert_same_greedy,
     hf_greedy,
     make_head_dir,
-    make_hf_model,
+    model_store,
     random_prompts,
-    save,
     train_agreeing_head,
 )
 
@@ -28,16 +27,7 @@ pytestmark = pytest.mark.usefixtures("reference_ops")  # the engine on the refer
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory, reference_ops):
-    cache = {}
-
-    def get(arch, **overrides):
-        key = (arch, tuple(sorted(overrides.items())))
-        if key not in cache:
-            hf = make_hf_model(arch, **overrides)
-            cache[key] = (hf, save(hf, str(tmp_path_factory.mktemp(arch))))
-        return cache[key]
-
-    return get
+    return model_store(tmp_path_factory)
 
 
 def check_lossless(hf, prompts, eagle_results, vanilla_results, against_hf=True):

@@ -12,9 +12,12 @@ from sampling_oracle import PROMPT, SAMPLES, VOCAB, check_follows_target
 from tiny import (
     ARCHS,
     assert_same_greedy,
+    check_greedy_against_transformers,
+    count_moves,
     hf_greedy,
     make_hf_model,
     mean_accept_length,
+    model_store,
     repeated_prompts,
     save,
 )
@@ -157,16 +160,7 @@ def test_per_slot_memory_is_the_documented_size():
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory, reference_ops):
-    cache = {}
-
-    def get(arch, **overrides):
-        key = (arch, tuple(sorted(overrides.items())))
-        if key not in cache:
-            hf = make_hf_model(arch, **{**LOOPING, **overrides})
-            cache[key] = (hf, save(hf, str(tmp_path_factory.mktemp(arch))))
-        return cache[key]
-
-    return get
+    return model_store(tmp_path_factory, **LOOPING)
 
 
 def test_every_row_sees_exactly_its_context(model_dirs):
@@ -236,18 +230,7 @@ def test_greedy_equals_transformers_on_every_architecture(model_dirs, arch):
     hf, path = model_dirs(arch)
     engine = EagleEngine.from_pretrained(path, method="lookahead", max_model_len=256)
     prompts = repeated_prompts([7, 4, 10], seed=7)  # a seed whose greedy texts have no near tie
-    results = engine.generate(prompts, NEW_TOKENS, stop_token_ids=[])
-    for prompt, r in zip(prompts, results):
-        assert len(r.tokens) == NEW_TOKENS and sum(r.accept_lengths) + 1 == NEW_TOKENS
-        assert_same_greedy(hf, prompt, r.tokens, hf_greedy(hf, prompt, NEW_TOKENS))
-    assert mean_accept_length(results) > 1.2
-
-
-def count_moves(runner, monkeypatch) -> list:
-    """Record the runner's slot moves (a finished sequence's slot taken by the last running one)."""
-    moves, move = [], runner._move
-    monkeypatch.setattr(runner, "_move", lambda src, dst: (moves.append((src, dst)), move(src, dst)))
-    return moves
+    check_greedy_against_transformers(hf, engine, prompts, NEW_TOKENS, min_accept=1.2)
 
 
 @pytest.mark.parametrize(

@@ -75,6 +75,21 @@ def save(model: tf.PreTrainedModel, directory: str, fmt: str = "safetensors") ->
     return directory
 
 
+def model_store(tmp_path_factory, **defaults):
+    """``get(arch, **overrides) -> (hf_model, saved_dir)``, each model built and saved once (for a
+    module-scoped fixture); ``defaults`` apply to every model."""
+    cache = {}
+
+    def get(arch, **overrides):
+        key = (arch, tuple(sorted(overrides.items())))
+        if key not in cache:
+            hf = make_hf_model(arch, **{**defaults, **overrides})
+            cache[key] = (hf, save(hf, str(tmp_path_factory.mktemp(arch))))
+        return cache[key]
+
+    return get
+
+
 def random_prompts(lengths, seed: int = 1, vocab: int = VOCAB) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
@@ -178,3 +193,21 @@ def train_agreeing_head(
         TrainConfig(steps=steps, lr=lr, batch_size=8, warmup_steps=warmup_steps, seed=seed),
     )
     return head, prompts
+
+
+def check_greedy_against_transformers(hf, engine, prompts, new_tokens: int, min_accept: float):
+    """``engine.generate`` of ``prompts``: every token from a round, each output transformers' greedy (tie-
+    aware), and a mean accept length above ``min_accept`` (the drafts were really used). Returns results."""
+    results = engine.generate(prompts, new_tokens, stop_token_ids=[])
+    for prompt, r in zip(prompts, results):
+        assert len(r.tokens) == new_tokens and sum(r.accept_lengths) + 1 == new_tokens
+        assert_same_greedy(hf, prompt, r.tokens, hf_greedy(hf, prompt, new_tokens))
+    assert mean_accept_length(results) > min_accept
+    return results
+
+
+def count_moves(runner, monkeypatch) -> list:
+    """Record the runner's slot moves (a finished sequence's slot taken by the last running one)."""
+    moves, move = [], runner._move
+    monkeypatch.setattr(runner, "_move", lambda src, dst: (moves.append((src, dst)), move(src, dst)))
+    return moves
