@@ -72,17 +72,17 @@ def _free_port() -> int:
 class Server:
     """uvicorn serving ``create_app(...)`` in a background thread on a free loopback port."""
 
-    def __init__(self, directory, head, name="tiny", tokenizer=None, max_batch_size=4, max_queue=32):
+    def __init__(self, directory, head, name="tiny", tokenizer=None, max_batch_size=4, max_queue=32,
+                 **method):
         import uvicorn
 
         from eagle_engine.serve import create_app
         from eagle_engine.tools.common import load_tokenizer
 
-        self.engine = EagleEngine.from_pretrained(
-            directory, head, tree="chain", max_batch_size=max_batch_size
-        )
+        method = method or {"tree": "chain"}  # default: EAGLE with a chain
+        self.engine = EagleEngine.from_pretrained(directory, head, max_batch_size=max_batch_size, **method)
         # references come from a second engine: the server's engine thread owns the first one's runner
-        self.reference = EagleEngine.from_pretrained(directory, head, tree="chain")
+        self.reference = EagleEngine.from_pretrained(directory, head, **method)
         self.tokenizer = tokenizer or load_tokenizer(directory)
         self.app = create_app(self.engine, self.tokenizer, name, max_queue=max_queue)
         self.port = _free_port()
@@ -415,3 +415,40 @@ def test_cli_serve_flags():
     )
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--max-batch-size", "0"])
+
+
+def test_serve_loads_the_method_its_flags_name(reference_env):
+    """``eagle serve --method prompt_lookup`` without --base: the demo target, no head, that method."""
+    from eagle_engine.serve.server import load
+    from eagle_engine.tools.cli import build_parser, method_kwargs
+
+    flags = ["serve", "--method", "prompt_lookup", "--method-settings", '{"num_tokens": 5}']
+    args = build_parser().parse_args(flags)
+    engine, _, name = load(args.base, args.draft, args.device, args.dtype, 2, **method_kwargs(args))
+    assert (name, engine.method, engine.draft) == ("eagle-demo", "prompt_lookup", None)
+    assert engine.settings.num_tokens == 5
+    engine, _, _ = load(None, None, max_batch_size=1, tree="chain")  # default method: the demo's EAGLE head
+    assert engine.method == "eagle" and engine.tree.kind == "chain"
+
+
+@pytest.mark.parametrize("method", ["medusa", "lookahead", "prompt_lookup"])
+def test_every_method_serves(model, tmp_path, method):
+    """The server runs whichever method its engine has: 4 concurrent greedy clients, one streamed, each
+    text the engine's own (which the method tests show equals the target's greedy output)."""
+    directory, _ = model
+    head = None
+    if method == "medusa":
+        from eagle_engine.models.medusa import init_random_medusa, save_medusa
+
+        heads = init_random_medusa(EagleEngine.from_pretrained(directory).target, 3, 1, seed=0)
+        head = save_medusa(heads, str(tmp_path / "medusa"))
+    s = Server(directory, head, max_batch_size=2, method=method)
+    try:
+        assert s.engine.method == method
+        want = [reference(s, _ids(s, p), 12) for p in PROMPTS[:4]]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda p: complete(s, p, max_tokens=12)[0], PROMPTS[:4]))
+        assert got == want
+        assert complete(s, PROMPTS[0], stream=True, max_tokens=12)[0] == want[0]
+    finally:
+        s.stop()
