@@ -7,7 +7,8 @@
 # 1. installs the package in place (pip install -e . --no-build-isolation --no-deps);
 # 2. runs the tests on the GPU (pytest -x -q tests, without TRITON_INTERPRET; the AOT compile test, ~10 CPU
 #    minutes, is left to CI, which runs it on every submission);
-# 3. runs every benchmarks/bench_*.py it finds (new benchmarks join automatically), each under a time limit;
+# 3. runs every benchmarks/bench_*.py it finds (new benchmarks join automatically), each under a time limit,
+#    then benchmarks/methods.py (every speculative method; results in benchmarks/results/gpu/);
 # 4. records the run (device, date, commit, exit codes, durations) in benchmarks/results/gpu_suite.json and
 #    prints a summary table of every result recorded during this run, last.
 #
@@ -47,6 +48,9 @@ for bench in benchmarks/bench_*.py; do
   [ -e "$bench" ] || continue
   run_step "$(basename "$bench" .py)" "$BENCH_TIMEOUT" "$PYTHON" "$bench"
 done
+# Every method on the demo pair (trains its Medusa heads first on a fresh machine): results beside the CPU ones.
+run_step methods 420 "$PYTHON" benchmarks/methods.py --device cuda --prompts 8 --repeats 2 \
+  --out "$RESULTS/gpu"
 
 # Record the run, then print everything recorded since it started.
 "$PYTHON" - "$RESULTS/.gpu_suite_steps_$STAMP" "$LOG" <<'EOF'

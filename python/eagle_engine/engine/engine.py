@@ -282,8 +282,9 @@ class EagleEngine:
         seed: int | list[int] | None = None,
         stop_token_ids=None,
     ):
-        """EAGLE speculative decoding: the target's own output (greedy: identical tokens; sampling: the
-        identical distribution), several tokens per target forward.
+        """Speculative decoding with the engine's method (EAGLE, Medusa, Lookahead or prompt lookup): the
+        target's own output (greedy: identical tokens; sampling: the identical distribution), several tokens
+        per target forward.
 
         Parameters are those of :meth:`generate_vanilla`.
 

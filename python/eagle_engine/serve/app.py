@@ -67,7 +67,7 @@ class LockedTokenizer:
 
 
 def make_runner(engine):
-    """``(runner, new_sequence)``: the engine's runner (EAGLE rounds with a draft head, else vanilla steps)
+    """``(runner, new_sequence)``: the engine's runner (its method's rounds, else vanilla steps)
     and a factory of its sequences, capped at the runner's ``max_model_len``."""
     from ..engine.sequence import Sequence
 
