@@ -14,6 +14,7 @@ import sys
 import pytest
 from tiny import hf_greedy, make_head_dir, make_hf_model, random_prompts, save
 
+import eagle_engine.spec.auto_tree as auto_tree
 from eagle_engine import EagleEngine
 from eagle_engine.models.parallel import count_parameters
 
@@ -93,6 +94,7 @@ def run(tmp_path_factory, reference_ops):
     job("qwen3-vanilla", "qwen3", "vanilla")
     job("qwen2-eagle1-static", "qwen2", "generate", "eagle1", tree="static")
     job("qwen2-eagle3", "qwen2", "generate", "eagle3")
+    job("llama-eagle1-auto", "llama", "generate", "eagle1", tree="auto", calibration_tokens=8)
     job("world-size", "llama", "error")
     jobs[-1]["tp"] = 4
     ranks = torchrun(jobs, tmp)
@@ -104,7 +106,10 @@ def run(tmp_path_factory, reference_ops):
             continue
         key = (j["model"], j["head"], j["tree"])
         if key not in engines:
+            calibration = auto_tree.CALIBRATION_TOKENS
+            auto_tree.CALIBRATION_TOKENS = j.get("calibration_tokens", calibration)
             engines[key] = EagleEngine.from_pretrained(j["model"], j["head"], tree=j["tree"])
+            auto_tree.CALIBRATION_TOKENS = calibration
         engine = engines[key]
         method = engine.generate if j["method"] == "generate" else engine.generate_vanilla
         res = method(PROMPTS, NEW_TOKENS, temperature=j.get("temperature", 0.0), seed=j.get("seed"),
@@ -120,9 +125,16 @@ GREEDY = {  # job name: model
     "qwen2-vanilla": "qwen2",
     "qwen2-eagle1-static": "qwen2",
     "qwen2-eagle3": "qwen2",
+    "llama-eagle1-auto": "llama",
     "llama-bias-vanilla": "llama-bias",
     "qwen3-vanilla": "qwen3",
 }
+
+
+def test_auto_tree_is_rank_zeros_choice_on_every_rank(run):
+    ranks, _, _ = run
+    nodes = [r["llama-eagle1-auto"]["tree_nodes"] for r in ranks]
+    assert nodes[0] is not None and nodes[0] == nodes[1]
 
 
 @pytest.mark.parametrize("name", GREEDY)

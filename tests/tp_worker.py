@@ -32,6 +32,10 @@ def run_job(job: dict, engines: dict) -> dict:
             return {"error": str(e)}
         return {"error": None}
     key = (job["model"], job.get("head"), job.get("tree", "dynamic"))
+    if "calibration_tokens" in job:  # a short auto-tree measurement
+        import eagle_engine.spec.auto_tree as auto_tree
+
+        auto_tree.CALIBRATION_TOKENS = job["calibration_tokens"]
     if key not in engines:
         engines[key] = EagleEngine.from_pretrained(
             job["model"], job.get("head"), tree=key[2], tensor_parallel_size=job["tp"]
@@ -49,6 +53,7 @@ def run_job(job: dict, engines: dict) -> dict:
         "tokens": [r.tokens for r in results],
         "target_parameters": count_parameters(engine.target),
         "kv_heads": engine.runner.state.tcache.data.shape[3],
+        "tree_nodes": engine.tree.num_nodes if engine.method == "eagle" else None,
     }
 
 

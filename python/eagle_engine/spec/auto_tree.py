@@ -155,10 +155,18 @@ def _write_cache(path: str, key: str, entry: dict) -> None:
 def auto_tree(target, head, *, cuda_graphs=False, profile_fn=None, use_cache: bool = True) -> TreeConfig:
     """The ladder's tree with the most expected tokens per second for ``target`` and ``head`` on their
     device. ``profile_fn(trees) -> list[TreeProfile]`` replaces the measurement (tests stub it; then
-    nothing is cached)."""
+    nothing is cached). Under tensor parallelism every rank measures (the rounds' collectives need all of
+    them) and all take rank 0's choice."""
     trees = ladder()
     if profile_fn is not None:
         return choose(profile_fn(trees)).tree
+    best = _measured_choice(target, head, trees, cuda_graphs, use_cache)
+    if target.tp is not None:  # ranks time differently: all take rank 0's choice, or their rounds diverge
+        best = trees[target.tp.broadcast_ints([trees.index(best)], target.lm_head_weight.device)[0]]
+    return best
+
+
+def _measured_choice(target, head, trees, cuda_graphs, use_cache) -> TreeConfig:
     device = target.lm_head_weight.device
     key = "|".join([
         _device_name(device), str(target.lm_head_weight.dtype), fingerprint(target), fingerprint(head),
