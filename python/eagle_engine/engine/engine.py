@@ -12,7 +12,7 @@ from ..errors import EagleError, InvalidDeviceError
 from ..models import LlamaModel, load_target, parallel
 from ..models.config import load_model_config
 from ..models.weights import resolve_dtype
-from ..spec.methods import MedusaConfig, head_method, make_drafter, resolve_method, resolve_settings
+from ..spec.methods import SETTINGS_KEYWORD, head_method, make_drafter, resolve_method, resolve_settings
 from ..spec.sampling import SamplingParams
 from ..spec.tree import TreeConfig
 from .inputs import check_max_new_tokens, check_seeds, normalize_prompts, normalize_stop_ids
@@ -84,10 +84,7 @@ class EagleEngine:
         self.target = target
         self._draft = draft
         self.tree = resolve_tree(tree)
-        if self.method in (None, "eagle"):
-            self.settings = self.tree if self.method else None
-        else:
-            self.settings = resolve_settings(self.method, given[self.method])
+        self.settings = self._method_settings(given)
         self.device = target.model.embed_tokens.weight.device
         self.dtype = target.model.embed_tokens.weight.dtype
         if max_model_len is None:
@@ -171,9 +168,16 @@ class EagleEngine:
         if self.method in ("lookahead", "prompt_lookup"):
             raise EagleError(f"method {self.method!r} takes no draft head; build a new engine instead")
         self.method = head_method(head)
-        self.settings = self.tree if self.method == "eagle" else MedusaConfig() if self.method else None
+        self.settings = self._method_settings({})
         self._draft = head
         self._runners.pop(True, None)
+
+    def _method_settings(self, given: dict):
+        """The settings object of ``self.method``: the tree for EAGLE, else the one ``given`` under the
+        method's keyword (its defaults when absent); None without a method."""
+        if self.method in (None, "eagle"):
+            return self.tree if self.method else None
+        return resolve_settings(self.method, given.get(SETTINGS_KEYWORD[self.method]))
 
     def _runner(self, speculative: bool) -> Runner:
         if speculative not in self._runners:

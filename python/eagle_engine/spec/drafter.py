@@ -110,16 +110,13 @@ _CHAINS: dict = {}
 def chain_tree(tokens: torch.Tensor) -> DraftTree:
     """A chain: ``tokens`` long ``[n, T]`` (root first), node ``i``'s parent ``i - 1``. Its structure is a
     constant, built once per length and device."""
-    from .tree_build import ancestor_bits
+    from .tree_build import static_structure
 
-    n, t = tokens.shape
+    t = tokens.shape[1]
     key = (t, str(tokens.device))
     if key not in _CHAINS:
-        steps = torch.arange(t, device=tokens.device)
-        parents = (steps - 1).view(1, t)
-        _CHAINS[key] = (parents.to(torch.int32), steps.view(1, t), ancestor_bits(parents, max(t - 1, 1)))
-    parents, depths, bits = _CHAINS[key]
-    return DraftTree(tokens, parents.expand(n, t), depths.expand(n, t), bits.expand(n, -1, -1))
+        _CHAINS[key] = static_structure(list(range(-1, t - 1)), tokens.device)
+    return _CHAINS[key].with_tokens(tokens)
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

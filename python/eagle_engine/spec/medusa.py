@@ -14,20 +14,20 @@ import torch
 
 from ..errors import EagleError
 from .drafter import Drafter, Proposal, Verified, gather_rows
-from .tree_build import DraftTree, paths_in_node_order, static_structure
+from .tree_build import TreeStructure, paths_in_node_order, static_structure
 
 _LAYOUTS: dict = {}
 
 
-def medusa_layout(choices, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """``(parents [T], depths [T], packed mask [1, T, W], pick [T - 1], k)`` of the tree of ``choices``:
-    node ``j + 1`` takes element ``pick[j]`` of the heads' top-``k`` ids flattened ``[K * k]``."""
+def medusa_layout(choices, device) -> tuple[TreeStructure, torch.Tensor, int]:
+    """``(structure, pick [T - 1], k)`` of the tree of ``choices``: node ``j + 1`` takes element ``pick[j]``
+    of the heads' top-``k`` ids flattened ``[K * k]``."""
     key = (tuple(choices), str(device))
     if key not in _LAYOUTS:
         paths, _, parents = paths_in_node_order(choices)
         k = max(rank for c in paths for rank in c) + 1
         pick = torch.tensor([(len(c) - 1) * k + c[-1] for c in paths], dtype=torch.long, device=device)
-        _LAYOUTS[key] = (*static_structure(parents, device), pick, k)
+        _LAYOUTS[key] = (static_structure(parents, device), pick, k)
     return _LAYOUTS[key]
 
 
@@ -71,14 +71,11 @@ class MedusaDrafter(Drafter):
         self.root_hidden[sl] = gather_rows(out.hidden, last)[:, 0]
 
     def propose(self, s, n: int) -> Proposal:
-        parents, depths, packed, pick, k = self.layout
+        structure, pick, k = self.layout
         _, ids = self.heads.topk(self.root_hidden[:n], k)  # [n, K, k]
         drafts = ids.reshape(n, -1).index_select(1, pick)
-        t = parents.shape[0]
         tokens = torch.cat([s.root_token[:n].view(n, 1), drafts], 1)
-        tree = DraftTree(tokens, parents.to(torch.int32).expand(n, t), depths.expand(n, t),
-                         packed.expand(n, -1, -1))  # fmt: skip
-        return Proposal.of_tree(tree)
+        return Proposal.of_tree(structure.with_tokens(tokens))
 
     def observe(self, s, n: int, v: Verified) -> None:
         # The last accepted node's feature gave the bonus token, the new root.

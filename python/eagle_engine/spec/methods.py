@@ -21,6 +21,10 @@ from ..errors import EagleError, InvalidRequestError
 from .tree import TreeConfig, config_int, settings_from_dict
 
 METHODS = ("eagle", "medusa", "lookahead", "prompt_lookup")
+# The from_pretrained keyword each method's settings come in.
+SETTINGS_KEYWORD = {
+    "eagle": "tree", "medusa": "medusa", "lookahead": "lookahead", "prompt_lookup": "prompt_lookup",
+}
 
 # Medusa's default tree (FasterDecoding/Medusa medusa_choices.py, mc_sim_7b_63): 63 paths + root, depth 4;
 # element i of a path is a rank in Medusa head i's top-k.
@@ -154,8 +158,7 @@ def resolve_method(method: str | None, draft, given: dict) -> str | None:
         raise EagleError(f"method {method!r} needs {what} (draft_path); got {found}")
     if method in ("lookahead", "prompt_lookup") and draft is not None:
         raise EagleError(f"method {method!r} needs no draft head; do not pass draft_path")
-    settings_of = {"eagle": "tree", "medusa": "medusa", "lookahead": "lookahead"}
-    for m, key in {**settings_of, "prompt_lookup": "prompt_lookup"}.items():
+    for m, key in SETTINGS_KEYWORD.items():
         if method is not None and m != method and given.get(key) is not None:
             raise EagleError(f"{key} settings are for method {m!r}, but the method is {method!r}")
     return method

@@ -171,14 +171,32 @@ def _select(cfg: TreeConfig, root_token, tokens, scores, parents) -> DraftTree:
 
 
 @dataclass(frozen=True)
+class TreeStructure:
+    """A tree's shape without its tokens, a constant built once (static trees, Medusa trees, chains):
+    ``parents`` int32 ``[T]`` (-1 at the root), ``depths`` long ``[T]``, ``packed`` int32 ``[1, T, W]``."""
+
+    parents: torch.Tensor
+    depths: torch.Tensor
+    packed: torch.Tensor
+
+    @property
+    def num_nodes(self) -> int:
+        return self.parents.shape[0]
+
+    def with_tokens(self, tokens: torch.Tensor) -> DraftTree:
+        """The :class:`DraftTree` of long ``tokens [B, T]`` on this shape (views, nothing copied)."""
+        b, t = tokens.shape
+        packed = self.packed.expand(b, -1, -1)
+        return DraftTree(tokens, self.parents.expand(b, t), self.depths.expand(b, t), packed)
+
+
+@dataclass(frozen=True)
 class _StaticPlan:
     """Everything about a static tree that does not depend on the draft's output, built once per config and
     device. Per level: which earlier outputs feed the top-k, which nodes take which ranks, which nodes are
     expanded by the step and what they see."""
 
-    parents: torch.Tensor  # long [T]
-    depths: torch.Tensor  # long [T]
-    packed: torch.Tensor  # int32 [1, T, W]
+    structure: TreeStructure
     width: int  # top-k width
     # per level: (topk_src [P], nodes [N], pick [N], expand [M], step_src [M], packed row mask [M, W_R], R)
     levels: tuple
@@ -192,12 +210,11 @@ def paths_in_node_order(choices) -> tuple[list[tuple[int, ...]], dict, list[int]
     return choices, index, [-1] + [index.get(c[:-1], 0) for c in choices]
 
 
-def static_structure(parents: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(parents long [T], depths long [T], packed ancestor mask int32 [1, T, ceil(T / 32)])`` of a tree
-    given by its parent list."""
+def static_structure(parents: list[int], device) -> TreeStructure:
+    """The :class:`TreeStructure` of a tree given by its parent list (-1 at the root)."""
     parent_t = torch.tensor(parents, dtype=torch.long, device=device).view(1, -1)
     mask, depths = ancestor_mask(parent_t, len(parents))
-    return parent_t[0], depths[0], ops.pack_tree_mask(mask)
+    return TreeStructure(parent_t[0].to(torch.int32), depths[0], ops.pack_tree_mask(mask))
 
 
 _STATIC_PLANS: dict = {}
@@ -236,7 +253,7 @@ def _static_plan(cfg: TreeConfig, device: torch.device) -> _StaticPlan:
             tensor([source_of[p] for p in expanded]), tensor(nodes), tensor(pick), tensor(expand),
             tensor(step_src), ops.pack_tree_mask(row_mask.to(device)), len(rows),
         ))
-    plan = _StaticPlan(*static_structure(parents, device), width, tuple(levels))
+    plan = _StaticPlan(static_structure(parents, device), width, tuple(levels))
     _STATIC_PLANS[key] = plan
     return plan
 
@@ -244,7 +261,7 @@ def _static_plan(cfg: TreeConfig, device: torch.device) -> _StaticPlan:
 def _build_static(cfg: TreeConfig, root_token, root_hidden, step, topk) -> DraftTree:
     plan = _static_plan(cfg, root_hidden.device)
     b = root_hidden.shape[0]
-    t = plan.parents.shape[0]
+    t = plan.structure.num_nodes
     outputs = root_hidden.unsqueeze(1)  # [B, 1 + rows so far, H]: the root, then each step's rows
     tokens = torch.empty(b, t, dtype=torch.long, device=root_hidden.device)
     tokens[:, 0] = root_token
@@ -255,9 +272,4 @@ def _build_static(cfg: TreeConfig, root_token, root_hidden, step, topk) -> Draft
             feats = outputs.index_select(1, step_src)
             out = step(tokens.index_select(1, expand), feats, level, row_bits.expand(b, -1, -1), rows)
             outputs = torch.cat([outputs, out], 1)
-    return DraftTree(
-        tokens,
-        plan.parents.to(torch.int32).expand(b, t),
-        plan.depths.expand(b, t),
-        plan.packed.expand(b, -1, -1),
-    )
+    return plan.structure.with_tokens(tokens)
