@@ -1,5 +1,6 @@
 """Host cost of one decoding step: host synchronisations and kernel launches, per tree kind and batch size,
-counted through the public API (:mod:`eagle_engine.tools.round_cost`), plus the vanilla per-token figures.
+counted through the public API (:mod:`eagle_engine.tools.round_cost`), plus the vanilla per-token figures and the
+Lookahead and prompt-lookup rounds (default settings).
 
     python benchmarks/round_cost.py                       # the embedded demo pair, CPU
     python benchmarks/round_cost.py --base DIR --draft HEAD --device cuda --dtype bf16
@@ -64,8 +65,14 @@ def main(argv=None) -> int:
                 if tree == "chain":
                     rows.append({"method": "vanilla", "batch": batch, "sampling": label,
                                  **measure(engine, False, batch, args.steps, params)})
+    for method in ("lookahead", "prompt_lookup"):  # the weight-free methods, default settings
+        engine = EagleEngine.from_pretrained(base, device=args.device, dtype=args.dtype, method=method,
+                                             cuda_graphs=False)
+        for batch in map(int, args.batches.split(",")):
+            rows.append({"method": method, "batch": batch, "sampling": "greedy",
+                         **measure(engine, True, batch, args.steps, SamplingParams())})
     print(format_table(rows, ["method", "batch", "sampling", "syncs", "launches", "layers"]))
-    print("(per step: an EAGLE round, or one vanilla token; launches as a GPU would issue them)")
+    print("(per step: a speculative round, or one vanilla token; launches as a GPU would issue them)")
     if not args.no_save:
         print("appended to", append_results("round_cost", rows))
     return 0
