@@ -1,6 +1,6 @@
 """Host cost of one decoding step: host synchronisations and kernel launches, per tree kind and batch size,
-counted through the public API (:mod:`eagle_engine.tools.round_cost`), plus the vanilla per-token figures and the
-Lookahead and prompt-lookup rounds (default settings).
+counted through the public API (:mod:`eagle_engine.tools.round_cost`), plus the vanilla per-token figures
+and the Lookahead and prompt-lookup rounds (default settings).
 
     python benchmarks/round_cost.py                       # the embedded demo pair, CPU
     python benchmarks/round_cost.py --base DIR --draft HEAD --device cuda --dtype bf16
