@@ -74,22 +74,25 @@ class TrainConfig:
 class FeatureBatch:
     """Teacher-forcing data for one batch of equal-length sequences: ``ids`` long ``[B, T]``, ``hidden``
     ``[B, T, H]`` (the target's top-layer features), ``aux`` ``[B, T, 3H]`` or None, ``target_logp`` fp32
-    ``[B, T, V]``: the target's next-token log-distribution after each position."""
+    ``[B, T, V]``: the target's next-token log-distribution after each position (None when not asked for:
+    Medusa's loss uses the text's tokens)."""
 
     ids: torch.Tensor
     hidden: torch.Tensor
     aux: torch.Tensor | None
-    target_logp: torch.Tensor
+    target_logp: torch.Tensor | None
 
 
 @torch.no_grad()
-def collect_features(target: LlamaModel, ids: torch.Tensor, aux_layers: tuple[int, ...] = ()) -> FeatureBatch:
-    """Run the target over ``ids`` long ``[B, T]`` (no padding) and keep what training needs."""
+def collect_features(target: LlamaModel, ids: torch.Tensor, aux_layers: tuple[int, ...] = (),
+                     with_logp: bool = True) -> FeatureBatch:
+    """Run the target over ``ids`` long ``[B, T]`` (no padding) and keep what training needs (the
+    full-vocabulary ``target_logp`` only ``with_logp``)."""
     b, t = ids.shape
     cache = target.allocate_cache(b, t)
     target.ensure_positions(t)
     out = target(ids, torch.arange(t, device=ids.device).expand(b, t), cache, None, aux_layers)
-    logp = torch.log_softmax(target.logits(out.hidden), -1)
+    logp = torch.log_softmax(target.logits(out.hidden), -1) if with_logp else None
     return FeatureBatch(ids, out.hidden.float(), None if out.aux is None else out.aux.float(), logp)
 
 
@@ -187,6 +190,7 @@ def train_head(
     if optimizer is None:
         optimizer = make_optimizer(head, cfg)
     aux_layers = head.aux_layers(target.config.num_hidden_layers)
+    with_logp = getattr(head, "kind", "") != "medusa"  # Medusa learns the text's tokens (medusa_loss)
     head.train()
     losses = []
     with ops.reference_backend():
@@ -194,7 +198,7 @@ def train_head(
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr_at(step)
             rows = [rng.randrange(sequences.shape[0]) for _ in range(cfg.batch_size)]
-            batch = collect_features(target, sequences[rows], aux_layers)
+            batch = collect_features(target, sequences[rows], aux_layers, with_logp)
             loss = head_loss(head, target, batch, cfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
