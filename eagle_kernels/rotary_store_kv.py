@@ -71,17 +71,19 @@ def _rotary_store_kv_kernel(
         tl.store(dst + half + offs, y2.to(io_dtype), mask=ok)
     else:
         row = tl.load(rows_ptr + b).to(tl.int64) + t
-        in_cache = ok & (row >= 0) & (row < S)
-        kdst = kc_ptr + b * stride_kcb + hk * stride_kch + row * stride_kcs
-        kc_dtype = kc_ptr.dtype.element_ty
-        tl.store(kdst + offs, y1.to(io_dtype).to(kc_dtype), mask=in_cache)
-        tl.store(kdst + half + offs, y2.to(io_dtype).to(kc_dtype), mask=in_cache)
-        vsrc = v_ptr + b * stride_vb + t * stride_vt + hk * stride_vh
-        vdst = vc_ptr + b * stride_vcb + hk * stride_vch + row * stride_vcs
-        v1 = tl.load(vsrc + offs, mask=ok, other=0.0)
-        v2 = tl.load(vsrc + half + offs, mask=ok, other=0.0)
-        tl.store(vdst + offs, v1.to(vc_ptr.dtype.element_ty), mask=in_cache)
-        tl.store(vdst + half + offs, v2.to(vc_ptr.dtype.element_ty), mask=in_cache)
+        # A scalar branch, not a scalar folded into the lane mask: newer Triton interpreters (3.9) splat a
+        # scalar bool to int64 lanes and refuses the result as a store mask.
+        if (row >= 0) & (row < S):
+            kdst = kc_ptr + b * stride_kcb + hk * stride_kch + row * stride_kcs
+            kc_dtype = kc_ptr.dtype.element_ty
+            tl.store(kdst + offs, y1.to(io_dtype).to(kc_dtype), mask=ok)
+            tl.store(kdst + half + offs, y2.to(io_dtype).to(kc_dtype), mask=ok)
+            vsrc = v_ptr + b * stride_vb + t * stride_vt + hk * stride_vh
+            vdst = vc_ptr + b * stride_vcb + hk * stride_vch + row * stride_vcs
+            v1 = tl.load(vsrc + offs, mask=ok, other=0.0)
+            v2 = tl.load(vsrc + half + offs, mask=ok, other=0.0)
+            tl.store(vdst + offs, v1.to(vc_ptr.dtype.element_ty), mask=ok)
+            tl.store(vdst + half + offs, v2.to(vc_ptr.dtype.element_ty), mask=ok)
 
 
 def block_half_for(head_dim: int) -> int:

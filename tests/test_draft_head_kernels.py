@@ -29,7 +29,7 @@ if DEVICE == "cuda" and not torch.cuda.is_available():
     pytest.skip("triton was imported without TRITON_INTERPRET=1 and there is no GPU", allow_module_level=True)
 
 
-pytestmark = pytest.mark.usefixtures("poison_empty")
+pytestmark = [pytest.mark.kernels, pytest.mark.usefixtures("poison_empty")]
 
 BF16_ULP = 2.0**-7
 

@@ -14,6 +14,7 @@ from eagle_kernels import _C_loader, reference
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # Triton runs compiled on a GPU, else through the interpreter on CPU tensors (tests/conftest.py).
+pytestmark = pytest.mark.kernels
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -31,7 +31,7 @@ DEVICE = "cpu" if interpreted(silu_mul._silu_mul_kernel) else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():
     pytest.skip("triton was imported without TRITON_INTERPRET=1 and there is no GPU", allow_module_level=True)
 
-pytestmark = pytest.mark.usefixtures("poison_empty")
+pytestmark = [pytest.mark.kernels, pytest.mark.usefixtures("poison_empty")]
 
 BF16_ULP = 2.0**-7
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

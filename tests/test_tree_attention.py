@@ -23,7 +23,7 @@ if DEVICE == "cuda" and not torch.cuda.is_available():
     pytest.skip("triton was imported without TRITON_INTERPRET=1 and there is no GPU", allow_module_level=True)
 
 
-pytestmark = pytest.mark.usefixtures("poison_empty")
+pytestmark = [pytest.mark.kernels, pytest.mark.usefixtures("poison_empty")]
 
 
 def random_tree_masks(batch: int, tree_len: int, num_queries: int, gen: torch.Generator) -> torch.Tensor:

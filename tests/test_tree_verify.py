@@ -7,7 +7,8 @@ import torch
 import eagle_kernels
 from eagle_kernels import _C_loader, reference
 
-pytestmark = pytest.mark.usefixtures("poison_empty")  # outputs allocated with torch.empty start poisoned
+# outputs allocated with torch.empty start poisoned
+pytestmark = [pytest.mark.kernels, pytest.mark.usefixtures("poison_empty")]
 
 # ----------------------------------------------------------------------------------------------- helpers
 

@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+pytestmark = pytest.mark.kernels
+
 MODULES = [
     "eagle_kernels.tree_attention",
     "eagle_kernels.draft_fc",
