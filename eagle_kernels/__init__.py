@@ -5,17 +5,27 @@ Dispatch, per call, on the first tensor argument:
 - CPU tensor with ``TRITON_INTERPRET=1`` -> the Triton kernel through Triton's interpreter (tests);
 - CPU tensor otherwise -> :mod:`eagle_kernels.reference`.
 ``EAGLE_KERNELS_BACKEND=reference`` forces the reference everywhere (debugging, baselines).
+
+No silent fallbacks: :func:`backends` reports what each op ran (and why not a faster implementation); a CUDA
+tensor that a kernel cannot take warns once, and ``EAGLE_KERNELS_STRICT=1`` makes it an error
+(:class:`KernelFallbackError`). See :mod:`eagle_kernels._dispatch`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
-
 import torch
 
 from . import reference
+from ._dispatch import (
+    KernelFallbackError,
+    backends,
+    format_backends,
+    pick,
+    reference_backend,
+    reference_forced,
+    reset_backends,
+    triton_enabled,
+)
 from .reference import causal_tree_mask, pack_tree_mask, unpack_tree_mask
 
 try:  # Triton kernels, loaded before the public functions below so that their names rebind to the functions
@@ -35,71 +45,72 @@ HAS_TRITON = _tree_attention_triton is not None
 
 __version__ = "0.1.0"
 
-
-_state = threading.local()
-
-
-@contextlib.contextmanager
-def reference_backend():
-    """Run every op through :mod:`eagle_kernels.reference` inside the block, e.g. for autograd (training):
-    the kernels have no backward."""
-    depth = getattr(_state, "reference_depth", 0)
-    _state.reference_depth = depth + 1
-    try:
-        yield
-    finally:
-        _state.reference_depth = depth
+_NO_TRITON = "Triton is not installed"
 
 
-def _force_reference() -> bool:
-    forced = getattr(_state, "reference_depth", 0) > 0
-    return forced or os.environ.get("EAGLE_KERNELS_BACKEND", "") == "reference"
+def _c_ops():
+    """Reason the compiled CUDA ops cannot run, or None (loads them on first use, never at import)."""
+    from . import _C_loader
+
+    return None if _C_loader.available() else _C_loader.status()
 
 
-def triton_enabled(x: torch.Tensor) -> bool:
-    """Whether Triton kernels should run for tensors like ``x`` (CUDA, or CPU under TRITON_INTERPRET=1)."""
-    if _force_reference():
-        return False
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _triton(module, *conditions: tuple[bool, str]):
+    """Reason the Triton kernel of ``module`` cannot take these inputs: Triton missing or the first failed
+    ``(condition, reason)``; None when it can."""
+    if module is None:
+        return _NO_TRITON
+    return next((reason for ok, reason in conditions if not ok), None)
+
+
+def _same_dtype(*tensors) -> tuple[bool, str]:
+    return all(t.dtype == tensors[0].dtype for t in tensors), "inputs of different dtypes"
 
 
 def tree_attention(q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None, scale=None):
     """Tree-masked attention over the KV cache. Contract: :func:`eagle_kernels.reference.tree_attention`."""
-    if (_tree_attention_triton is not None and triton_enabled(q) and q.shape[-1] <= 128
-            and k_cache.dtype == q.dtype == v_cache.dtype):
-        return _tree_attention_triton.tree_attention(q, k_cache, v_cache, lengths, tree_mask, tree_len, scale)
-    return reference.tree_attention(q, k_cache, v_cache, lengths, tree_mask, tree_len, scale)
+    args = (q, k_cache, v_cache, lengths, tree_mask, tree_len, scale)
+    unsupported = _triton(_tree_attention_triton, (q.shape[-1] <= 128, f"head_dim {q.shape[-1]} > 128"),
+                          _same_dtype(q, k_cache, v_cache))
+    if pick("tree_attention", q, triton=unsupported) == "triton":
+        return _tree_attention_triton.tree_attention(*args)
+    return reference.tree_attention(*args)
 
 
 def rms_norm(x, weight, eps):
     """RMSNorm. Contract: :func:`eagle_kernels.reference.rms_norm`."""
-    if _rms_norm_triton is not None and triton_enabled(x):
+    if pick("rms_norm", x, triton=_triton(_rms_norm_triton)) == "triton":
         return _rms_norm_triton.rms_norm(x, weight, eps)
     return reference.rms_norm(x, weight, eps)
 
 
 def add_rms_norm(x, residual, weight, eps):
     """Residual add + RMSNorm. Contract: :func:`eagle_kernels.reference.add_rms_norm`."""
-    if _rms_norm_triton is not None and triton_enabled(x) and residual.dtype == x.dtype:
+    if pick("add_rms_norm", x, triton=_triton(_rms_norm_triton, _same_dtype(x, residual))) == "triton":
         return _rms_norm_triton.add_rms_norm(x, residual, weight, eps)
     return reference.add_rms_norm(x, residual, weight, eps)
 
 
 def rotary_embedding(q, k, positions, cos_sin):
-    """Rotary embedding. Contract: :func:`eagle_kernels.reference.rotary_embedding`."""
+    """Rotary embedding (no kernel: the engine uses :func:`rotary_store_kv`).
+    Contract: :func:`eagle_kernels.reference.rotary_embedding`."""
+    pick("rotary_embedding", q)
     return reference.rotary_embedding(q, k, positions, cos_sin)
 
 
 def silu_mul(gate, up):
     """SwiGLU activation. Contract: :func:`eagle_kernels.reference.silu_mul`."""
-    if (_silu_mul_triton is not None and triton_enabled(gate) and gate.dim() > 0 and gate.shape == up.shape
-            and gate.dtype == up.dtype):
+    unsupported = _triton(_silu_mul_triton, (gate.dim() > 0, "a 0-d input"),
+                          (gate.shape == up.shape, "gate and up of different shapes"), _same_dtype(gate, up))
+    if pick("silu_mul", gate, triton=unsupported) == "triton":
         return _silu_mul_triton.silu_mul(gate, up)
     return reference.silu_mul(gate, up)
 
 
 def store_kv(k_cache, v_cache, k, v, lengths):
-    """Write new K/V rows at ``lengths[b] + t``. Contract: :func:`eagle_kernels.reference.store_kv`."""
+    """Write new K/V rows at ``lengths[b] + t`` (no kernel: the engine uses :func:`rotary_store_kv`).
+    Contract: :func:`eagle_kernels.reference.store_kv`."""
+    pick("store_kv", k)
     return reference.store_kv(k_cache, v_cache, k, v, lengths)
 
 
@@ -108,10 +119,18 @@ def rotary_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, rows,
     """Optional q/k RMSNorm, rotary embedding and the K/V cache write, one launch.
     Contract: :func:`eagle_kernels.reference.rotary_store_kv`."""
     args = (q, k, v, positions, cos_sin, k_cache, v_cache, rows, q_norm_weight, k_norm_weight, eps)
-    if (_rotary_store_kv_triton is not None and triton_enabled(q)
-            and q.shape[-1] <= _rotary_store_kv_triton.MAX_HEAD_DIM and q.shape[-1] % 2 == 0
-            and q.dtype == k.dtype == v.dtype and cos_sin.dtype == torch.float32
-            and all(x.stride(-1) == 1 for x in (q, k, v, k_cache, v_cache, cos_sin))):
+
+    def unsupported():
+        d = q.shape[-1]
+        return _triton(
+            _rotary_store_kv_triton,
+            (d <= _rotary_store_kv_triton.MAX_HEAD_DIM and d % 2 == 0, f"head_dim {d} (needs even, <= 256)"),
+            _same_dtype(q, k, v),
+            (cos_sin.dtype == torch.float32, "cos_sin is not fp32"),
+            (all(x.stride(-1) == 1 for x in (q, k, v, k_cache, v_cache, cos_sin)), "a strided last dim"),
+        )
+
+    if pick("rotary_store_kv", q, triton=unsupported) == "triton":
         return _rotary_store_kv_triton.rotary_store_kv(*args)
     return reference.rotary_store_kv(*args)
 
@@ -119,53 +138,57 @@ def rotary_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, rows,
 def counter_uniform(seeds, offsets, n):
     """Counter-based (SplitMix64) uniforms ``[B, n]``.
     Contract: :func:`eagle_kernels.reference.counter_uniform`."""
-    if (_counter_uniform_triton is not None and triton_enabled(seeds) and seeds.dtype == torch.int64
-            and offsets.dtype == torch.int64):
+    unsupported = _triton(_counter_uniform_triton,
+                          (seeds.dtype == offsets.dtype == torch.int64, "seeds and offsets must be int64"))
+    if pick("counter_uniform", seeds, triton=unsupported) == "triton":
         return _counter_uniform_triton.counter_uniform(seeds, offsets, n)
     return reference.counter_uniform(seeds, offsets, n)
 
 
 def kv_compact(cache, lengths, src, counts):
     """Move accepted tree rows, all layers, in place. Contract: :func:`eagle_kernels.reference.kv_compact`."""
-    from . import _C_loader
+    backend = pick("kv_compact", cache, cuda=_c_ops, triton=_triton(_kv_compact_triton))
+    if backend == "cuda":
+        from . import _C_loader
 
-    if cache.is_cuda and not _force_reference() and _C_loader.available():
         return _C_loader.kv_compact_cuda(cache, lengths, src, counts)
-    if _kv_compact_triton is not None and triton_enabled(cache):
+    if backend == "triton":
         return _kv_compact_triton.kv_compact(cache, lengths, src, counts)
     return reference.kv_compact(cache, lengths, src, counts)
 
 
 def draft_fc(token_ids, embed_weight, features, fc_weight, fc_bias=None):
     """EAGLE-1/2 head input projection. Contract: :func:`eagle_kernels.reference.draft_fc`."""
-    if (_draft_fc_triton is not None and triton_enabled(features)
-            and embed_weight.dtype == features.dtype == fc_weight.dtype):
-        return _draft_fc_triton.draft_fc(token_ids, embed_weight, features, fc_weight, fc_bias)
-    return reference.draft_fc(token_ids, embed_weight, features, fc_weight, fc_bias)
+    args = (token_ids, embed_weight, features, fc_weight, fc_bias)
+    unsupported = _triton(_draft_fc_triton, _same_dtype(embed_weight, features, fc_weight))
+    if pick("draft_fc", features, triton=unsupported) == "triton":
+        return _draft_fc_triton.draft_fc(*args)
+    return reference.draft_fc(*args)
 
 
 def lm_head_topk(hidden, weight, k):
     """Top-k log-probs over the vocabulary. Contract: :func:`eagle_kernels.reference.lm_head_topk`."""
-    if (_lm_head_topk_triton is not None and triton_enabled(hidden) and k <= _lm_head_topk_triton.MAX_TOPK
-            and weight.dtype == hidden.dtype):
+    max_k = 0 if _lm_head_topk_triton is None else _lm_head_topk_triton.MAX_TOPK
+    unsupported = _triton(_lm_head_topk_triton, _same_dtype(hidden, weight), (k <= max_k, f"k={k} > {max_k}"))
+    if pick("lm_head_topk", hidden, triton=unsupported) == "triton":
         return _lm_head_topk_triton.lm_head_topk(hidden, weight, k)
     return reference.lm_head_topk(hidden, weight, k)
 
 
 def tree_verify_greedy(tokens, parents, target_argmax):
     """Greedy tree verification. Contract: :func:`eagle_kernels.reference.tree_verify_greedy`."""
-    from . import _C_loader
+    if pick("tree_verify_greedy", tokens, cuda=_c_ops) == "cuda":
+        from . import _C_loader
 
-    if tokens.is_cuda and not _force_reference() and _C_loader.available():
         return _C_loader.tree_verify_greedy_cuda(tokens, parents, target_argmax)
     return reference.tree_verify_greedy(tokens, parents, target_argmax)
 
 
 def tree_verify_sampling(tokens, parents, target_probs, uniforms):
     """Sampling tree verification. Contract: :func:`eagle_kernels.reference.tree_verify_sampling`."""
-    from . import _C_loader
+    if pick("tree_verify_sampling", tokens, cuda=_c_ops) == "cuda":
+        from . import _C_loader
 
-    if tokens.is_cuda and not _force_reference() and _C_loader.available():
         return _C_loader.tree_verify_sampling_cuda(tokens, parents, target_probs, uniforms)
     return reference.tree_verify_sampling(tokens, parents, target_probs, uniforms)
 
@@ -175,6 +198,11 @@ __all__ = [
     "HAS_TRITON",
     "triton_enabled",
     "reference_backend",
+    "reference_forced",
+    "backends",
+    "format_backends",
+    "reset_backends",
+    "KernelFallbackError",
     "pack_tree_mask",
     "unpack_tree_mask",
     "causal_tree_mask",

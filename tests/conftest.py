@@ -31,6 +31,30 @@ if "EAGLE_CACHE_DIR" not in os.environ:
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip, saying why, where no CUDA GPU is visible."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible here)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def cuda_ops():
+    """The compiled CUDA ops (``eagle_kernels._C``), or a skip saying why they are unavailable. Checked when
+    a test runs, never at collection: a first check may start a JIT build of minutes (``EAGLE_NO_JIT=1``
+    turns that off; the GPU suite builds the extension in a step of its own first)."""
+    from eagle_kernels import _C_loader
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (none visible here)")
+    if not _C_loader.available():
+        pytest.skip(f"the eagle_kernels._C extension is unavailable: {_C_loader.status()}")
+    return _C_loader
+
+
 @pytest.fixture(scope="module")
 def reference_ops():
     """Run every eagle_kernels op through its PyTorch reference for a test module (module-scoped so that

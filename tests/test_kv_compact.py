@@ -163,14 +163,9 @@ def test_triton_kernel_compiles_for_hopper_without_gpu():
 
 # ------------------------------------------------------------------------------------------------ CUDA
 
-needs_cuda_op = pytest.mark.skipif(
-    not torch.cuda.is_available() or not _C_loader.available(),
-    reason="needs a GPU and the eagle_kernels._C extension "
-    + ("(no GPU here)" if not torch.cuda.is_available() else f"({_C_loader.status()})"),
-)
 
-
-@needs_cuda_op
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_ops")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
@@ -183,7 +178,8 @@ def test_cuda_matches_reference(name, dtype, index_dtype):
     torch.testing.assert_close(cache.cpu(), expected, rtol=0, atol=0)
 
 
-@needs_cuda_op
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_ops")
 @pytest.mark.parametrize("head_dim", [80, 128, 3])  # 3 x 2 bytes: no 16-byte vectors, narrower accesses
 @pytest.mark.parametrize("num_src", [8, 63, 700])  # 700 rows of 256 bytes: staged in column tiles
 def test_cuda_large_random(head_dim, num_src):

@@ -3,6 +3,8 @@ at most one host synchronisation and a bounded number of launches per round, for
 and 4, whatever the head accepts; and the persistent runner: caches reused across calls give the same tokens
 as fresh engines, sequences join and leave, CUDA-graph bookkeeping runs each step exactly once."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -119,36 +121,56 @@ def test_released_slot_moves_the_last_sequence_intact(demo_engines):
     assert seqs[1].tokens == alone[1] and seqs[2].tokens == alone[2]
 
 
-class _FakeGraph:
-    captures = 0
+class _FakeStream:
+    """Stands in for a CUDA stream; ``current`` is what ``torch.cuda.current_stream`` returns."""
 
-    def __init__(self):
-        self.step = None
+    current = None
 
-    def replay(self):
-        self.step()
+    def __init__(self, device=None):
+        pass
 
-    def pool(self):
-        return None
+    def wait_stream(self, other):
+        pass
+
+
+@contextlib.contextmanager
+def _enter_stream(stream):
+    before, _FakeStream.current = _FakeStream.current, stream
+    try:
+        yield
+    finally:
+        _FakeStream.current = before
 
 
 def test_graph_cache_runs_each_step_exactly_once(monkeypatch):
-    """Eager first call, capture + replay on the second, replay after; a failing capture runs eagerly."""
+    """Eager first call, capture + replay on the second, replay after; a failing capture runs eagerly, and
+    the caller's stream is current again after it."""
     current = {}
 
-    class Capture:
-        def __init__(self, graph, pool=None):
-            self.graph = graph
+    class FakeGraph:
+        def __init__(self):
+            self.step = None
 
-        def __enter__(self):
-            current["graph"] = self.graph
+        def capture_begin(self, pool=None):
+            current["graph"] = self
 
-        def __exit__(self, *exc):
+        def capture_end(self):
             current.pop("graph")
-            return False
+            if self.step is None:  # nothing was recorded: the capture was invalidated
+                raise RuntimeError("capture invalidated")
 
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph", Capture)
+        def replay(self):
+            self.step()
+
+        def pool(self):
+            return None
+
+    caller = _FakeStream()
+    _FakeStream.current = caller
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", _enter_stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _FakeStream.current)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     runs = []
 
@@ -173,6 +195,7 @@ def test_graph_cache_runs_each_step_exactly_once(monkeypatch):
         for _ in range(3):
             cache.run(("eagle", 2), broken)
     assert runs == ["eager-broken"] * 3
+    assert _FakeStream.current is caller
 
 
 def test_a_released_slot_is_reset_and_a_failed_prefill_frees_its_slots(demo_engines, monkeypatch):

@@ -310,12 +310,6 @@ def test_references_need_no_host_values():
 
 # ------------------------------------------------------------------------------------------------ CUDA
 
-needs_cuda_op = pytest.mark.skipif(
-    not torch.cuda.is_available() or not _C_loader.available(),
-    reason="needs a GPU and the eagle_kernels._C extension "
-    + ("(no GPU here)" if not torch.cuda.is_available() else f"({_C_loader.status()})"),
-)
-
 
 def to_cuda(*tensors):
     return [t.cuda() for t in tensors]
@@ -327,7 +321,8 @@ def assert_same_outputs(actual, expected):
         torch.testing.assert_close(a.cpu(), e.cpu(), rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
 
-@needs_cuda_op
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_ops")
 @pytest.mark.parametrize("batch, num_nodes", [(1, 1), (3, 6), (8, 63), (2, 300)])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_cuda_greedy_matches_reference(batch, num_nodes, index_dtype):
@@ -340,7 +335,8 @@ def test_cuda_greedy_matches_reference(batch, num_nodes, index_dtype):
     assert_same_outputs(eagle_kernels.tree_verify_greedy(*to_cuda(tokens, parents, argmax)), expected)
 
 
-@needs_cuda_op
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_ops")
 @pytest.mark.parametrize("batch, num_nodes, vocab", [(1, 1, 111), (3, 6, 111), (8, 63, 111), (4, 60, 32000)])
 def test_cuda_sampling_matches_reference(batch, num_nodes, vocab):
     tokens, parents, probs, uniforms = random_batch(batch, num_nodes, vocab, seed=vocab + num_nodes)
@@ -350,7 +346,8 @@ def test_cuda_sampling_matches_reference(batch, num_nodes, vocab):
     check_path_invariants(tokens, parents, probs, *[t.cpu() for t in actual])
 
 
-@needs_cuda_op
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_ops")
 def test_cuda_sampling_frequencies_million_draws():
     draws = 1 << 20
     tokens, parents, probs, uniforms = frequency_case(draws, device="cuda")
@@ -358,7 +355,8 @@ def test_cuda_sampling_frequencies_million_draws():
     check_frequencies(tokens, outputs, draws)
 
 
-@needs_cuda_op
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_ops")
 def test_cuda_sampling_large_vocab_bonus_frequencies():
     # A leaf root: the bonus alone is drawn, by a block-parallel inverse CDF over 128256 entries.
     draws, vocab = 1024, 128256

@@ -46,14 +46,34 @@ class GraphCache:
         graph.replay()
 
     def _capture(self, key: Hashable, step: Callable[[], None]):
+        """Capture ``step`` into a new graph, or return None (warning once) where it cannot be captured.
+
+        Capture runs on a side stream entered by a context of our own, so the caller's stream is current
+        again however capture ends: ``torch.cuda.graph``'s ``__exit__`` calls ``capture_end()`` before it
+        restores the stream, and when that raises (a step that synchronises invalidates the capture) the
+        side stream would stay current for everything after."""
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(self.device)
-        try:
-            with torch.cuda.graph(graph, pool=self.pool):
+        caller = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(caller)
+        error = None
+        with torch.cuda.stream(side):
+            graph.capture_begin(pool=self.pool)
+            try:
                 step()
-        except Exception as e:  # noqa: BLE001 (any capture failure means: run this key eagerly)
+            except Exception as e:  # noqa: BLE001 (any failure inside capture means: run this key eagerly)
+                error = e
+            finally:
+                try:
+                    graph.capture_end()
+                except Exception as e:  # noqa: BLE001
+                    error = error or e
+        caller.wait_stream(side)
+        if error is not None:
             torch.cuda.synchronize(self.device)
-            warnings.warn(f"CUDA graph capture failed for {key!r} ({type(e).__name__}: {e}); running eagerly")
+            warnings.warn(f"CUDA graph capture failed for {key!r} ({type(error).__name__}: {error}); "
+                          "running eagerly")
             self.failed.add(key)
             return None
         self.pool = graph.pool()

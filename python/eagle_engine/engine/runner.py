@@ -11,8 +11,11 @@ the engine's own ``generate`` must not be called on it.
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
+
+import eagle_kernels as ops
 
 from ..errors import EagleError, InvalidRequestError
 from ..models.llama import LlamaModel
@@ -63,6 +66,12 @@ class Runner:
         if drafter is not None:
             drafter.ensure_positions(positions)
         self.running: list[Sequence] = []  # running[i] holds slot i
+        if cuda_graphs and ops.reference_forced():
+            # The reference ops synchronise with the host inside a step (data-dependent shapes): no capture.
+            warnings.warn("EAGLE_KERNELS_BACKEND=reference: CUDA graphs are off", stacklevel=2)
+            cuda_graphs = False
+        # Batch sizes a step is padded to (None: the running count). Graphs need them; setting them on an
+        # eager runner runs the same shapes as a graph runner (e.g. to compare the two exactly).
         self.buckets = batch_buckets(max_batch_size) if cuda_graphs else None
         self.graphs = GraphCache(self.device, enabled=cuda_graphs and self.device.type == "cuda")
         pin = self.device.type == "cuda"
