@@ -168,8 +168,10 @@ def draft_fc(token_ids, embed_weight, features, fc_weight, fc_bias=None):
 
 def lm_head_topk(hidden, weight, k):
     """Top-k log-probs over the vocabulary. Contract: :func:`eagle_kernels.reference.lm_head_topk`."""
-    max_k = 0 if _lm_head_topk_triton is None else _lm_head_topk_triton.MAX_TOPK
-    unsupported = _triton(_lm_head_topk_triton, _same_dtype(hidden, weight), (k <= max_k, f"k={k} > {max_k}"))
+    kernel = _lm_head_topk_triton
+    unsupported = _triton(kernel, _same_dtype(hidden, weight), (k <= kernel.MAX_TOPK, f"k={k} > 16"),
+                          (weight.shape[0] <= kernel.MAX_VOCAB, f"vocabulary {weight.shape[0]} > 524288")) \
+        if kernel is not None else _NO_TRITON
     if pick("lm_head_topk", hidden, triton=unsupported) == "triton":
         return _lm_head_topk_triton.lm_head_topk(hidden, weight, k)
     return reference.lm_head_topk(hidden, weight, k)

@@ -11,13 +11,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import aot_variant
-
 BLOCK_N = 1024
 NUM_WARPS = 4
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "stride_o"])
 def _counter_uniform_kernel(
     seed_ptr, offset_ptr, out_ptr,
     n, stride_o,
@@ -64,11 +62,4 @@ def counter_uniform(seeds, offsets, n):
     return out
 
 
-def compile_variants(dtype: str) -> list[dict]:
-    """The launch variant (one, whatever ``dtype``: the inputs are int64 and the output fp32)."""
-    types = {"seed_ptr": "*i64", "offset_ptr": "*i64", "out_ptr": "*fp32"}
-    return [aot_variant(_counter_uniform_kernel, dict(BLOCK_N=BLOCK_N), types, NUM_WARPS, 1,
-                        divisible=("n",))]
-
-
-__all__ = ["counter_uniform", "compile_variants"]
+__all__ = ["counter_uniform"]

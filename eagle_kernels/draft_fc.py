@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import aot_variant, interpreter_needs_fp32_dot
 from ._triton_common import dot as _dot
+from ._triton_common import interpreter_needs_fp32_dot
 
 # name -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); "small" for N <= 16 rows.
 FC_CONFIGS = {
@@ -21,7 +21,7 @@ FC_CONFIGS = {
 }
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "has_bias"])
 def _draft_fc_kernel(
     tok_ptr, emb_ptr, feat_ptr, w_ptr, bias_ptr, out_ptr,
     N, E, F, H_out, has_bias,
@@ -110,17 +110,4 @@ def draft_fc(token_ids, embed_weight, features, fc_weight, fc_bias=None):
     return out
 
 
-
-def compile_variants(dtype: str) -> list[dict]:
-    """Every launch variant the dispatch can choose for ``dtype`` (``"fp16"``, ``"bf16"`` or ``"fp32"``)."""
-    p = f"*{dtype}"
-    types = {"tok_ptr": "*i64", "emb_ptr": p, "feat_ptr": p, "w_ptr": p, "bias_ptr": p, "out_ptr": p}
-    out = []
-    for block_m, block_n, block_k, num_warps, num_stages in FC_CONFIGS.values():
-        cx = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FP32_DOT=False)
-        out.append(aot_variant(_draft_fc_kernel, cx, types, num_warps, num_stages,
-                               divisible=("E", "F", "H_out")))
-    return out
-
-
-__all__ = ["draft_fc", "compile_variants"]
+__all__ = ["draft_fc"]

@@ -14,7 +14,7 @@ import triton.language as tl
 _MAX_TILE_ELEMENTS = 8192
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["batch", "kv_heads", "max_len", "num_src"])
 def _kv_compact_kernel(
     cache_ptr,
     lengths_ptr,
@@ -54,31 +54,6 @@ def launch_config(num_src: int, head_dim: int) -> tuple[int, int]:
     """``(MAX_ROWS, BLOCK_D)`` for ``num_src`` candidate rows of ``head_dim`` elements."""
     max_rows = triton.next_power_of_2(num_src)
     return max_rows, min(triton.next_power_of_2(head_dim), max(16, _MAX_TILE_ELEMENTS // max_rows))
-
-
-def compile_variants(dtype: str, num_srcs=(1, 8, 64, 700), head_dims=(64, 80, 128, 256)) -> list[dict]:
-    """Launch variants for ahead-of-time compilation checks (``dtype`` ``"bf16"``, ``"fp16"`` or ``"fp32"``).
-
-    Returns dicts ``kernel, signature, constexprs, num_warps, num_stages``.
-    """
-    variants = {}
-    for num_src in num_srcs:
-        for head_dim in head_dims:
-            max_rows, block_d = launch_config(num_src, head_dim)
-            constexprs = {"MAX_ROWS": max_rows, "BLOCK_D": block_d}
-            types = {"cache_ptr": f"*{dtype}", "lengths_ptr": "*i32", "src_ptr": "*i64", "counts_ptr": "*i32"}
-            signature = {
-                name: "constexpr" if name in constexprs else types.get(name, "i32")
-                for name in _kv_compact_kernel.arg_names
-            }
-            variants[(max_rows, block_d)] = dict(
-                kernel=_kv_compact_kernel,
-                signature=signature,
-                constexprs=constexprs,
-                num_warps=4,
-                num_stages=1,
-            )
-    return list(variants.values())
 
 
 def kv_compact(cache: torch.Tensor, lengths: torch.Tensor, src: torch.Tensor, counts: torch.Tensor) -> None:
@@ -123,4 +98,4 @@ def kv_compact(cache: torch.Tensor, lengths: torch.Tensor, src: torch.Tensor, co
     )
 
 
-__all__ = ["kv_compact", "launch_config", "compile_variants"]
+__all__ = ["kv_compact", "launch_config"]

@@ -1,9 +1,20 @@
 """Triton top-k LM head: top-k log-probabilities over the vocabulary without writing the logits.
 
-Each program computes the logits of a ``BLOCK_V`` slice of the vocabulary for ``BLOCK_R`` rows, and writes
-only a tile-local max, sum-exp and top-``K_PAD`` candidates; a second kernel, one program per row, merges the
-log-sum-exp partials and takes the top-k of the candidates. Exactly two launches, no host synchronisation.
-Contract: :func:`eagle_kernels.reference.lm_head_topk`.
+Three launches, no host synchronisation. Contract: :func:`eagle_kernels.reference.lm_head_topk`.
+
+1. ``_lm_head_topk_kernel``: each program computes the logits of a ``BLOCK_V`` slice of the vocabulary for
+   ``BLOCK_R`` rows and writes only a tile-local max, sum-exp and top-``K_PAD`` candidates. The grid is
+   ``(row blocks, vocabulary tiles)`` with the row blocks on the fastest axis: the programs that read one
+   weight tile are adjacent in launch order (every one of them, up to 128 rows, is a single program), so the
+   ``[V, H]`` weight streams from memory once per call for any number of rows a draft level has (at
+   Llama-3 shapes, 1 GB per read); the others find it in L2.
+2. ``_lm_head_topk_group_kernel``, one program per (row, group of tiles), in parallel: the group's
+   log-sum-exp partial and its top-``K_PAD`` candidates.
+3. ``_lm_head_topk_final_kernel``, one program per row: the log-sum-exp of the groups and the top-k of their
+   candidates, all in registers (at most ``FINAL_BLOCK`` candidates).
+
+Ties: candidates stay in (value descending, vocabulary index ascending) order at every stage, so among equal
+logits the smallest index comes first, as ``torch.topk`` usually gives.
 """
 
 from __future__ import annotations
@@ -12,21 +23,24 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import aot_variant, interpreter_needs_fp32_dot
 from ._triton_common import dot as _dot
+from ._triton_common import interpreter_needs_fp32_dot
 
-# name -> (BLOCK_R, BLOCK_V, BLOCK_H, num_warps, num_stages); "small" for N <= 16 rows.
+# name -> (BLOCK_R, BLOCK_V, BLOCK_H, num_warps, num_stages), by the rows of a call (see config_for_rows).
 LM_HEAD_CONFIGS = {
-    "small": (16, 128, 64, 4, 4),
-    "large": (64, 128, 64, 8, 3),
+    "small": (16, 128, 64, 4, 4),  # N <= 16: decode, a draft level at batch 1
+    "medium": (64, 128, 64, 8, 3),  # N <= 64
+    "large": (128, 128, 64, 8, 3),  # N > 64: blocks of 128 rows, adjacent in launch order
 }
 K_PAD_CHOICES = (1, 4, 16)  # tile-local top-K_PAD, K_PAD the smallest choice >= k
 MAX_TOPK = K_PAD_CHOICES[-1]
-MERGE_BLOCK = 1024  # tile partials / candidates per step of the merge kernel
+GROUP_CANDIDATES = 1024  # candidates one group program reduces: GROUP_CANDIDATES // K_PAD tiles
+FINAL_BLOCK = 1024  # candidates the final program holds: groups * K_PAD <= FINAL_BLOCK
+MAX_VOCAB = (FINAL_BLOCK // MAX_TOPK) * (GROUP_CANDIDATES // MAX_TOPK) * 128  # groups x tiles x BLOCK_V
 MERGE_NUM_WARPS = 4
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "num_tiles"])
 def _lm_head_topk_kernel(
     h_ptr, w_ptr, cand_val_ptr, cand_idx_ptr, tile_max_ptr, tile_sum_ptr,
     N, V, H, num_tiles,
@@ -34,8 +48,8 @@ def _lm_head_topk_kernel(
     K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
-    pid_v = tl.program_id(0)
-    pid_r = tl.program_id(1)
+    pid_r = tl.program_id(0)  # fastest: the row blocks sharing this program's weight tile run together
+    pid_v = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < N
     offs_v = tl.arange(0, BLOCK_V)
@@ -70,55 +84,71 @@ def _lm_head_topk_kernel(
         x = tl.where(offs_v[None, :] == arg[:, None], float("-inf"), x)
 
 
-@triton.jit
-def _lm_head_topk_merge_kernel(
-    cand_val_ptr, cand_idx_ptr, tile_max_ptr, tile_sum_ptr, out_val_ptr, out_idx_ptr,
-    num_tiles, num_cand, k,
-    BLOCK: tl.constexpr,
+@triton.jit(do_not_specialize=["num_tiles", "num_groups"])
+def _lm_head_topk_group_kernel(
+    cand_val_ptr, cand_idx_ptr, tile_max_ptr, tile_sum_ptr,
+    grp_val_ptr, grp_idx_ptr, grp_max_ptr, grp_sum_ptr,
+    num_tiles, num_groups,
+    K_PAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    tiles_per_group = BLOCK // K_PAD
+    offs = tl.arange(0, BLOCK)
+    # Log-sum-exp partial over this group's tiles (the first tiles_per_group lanes).
+    tile = g * tiles_per_group + offs
+    tile_ok = (offs < tiles_per_group) & (tile < num_tiles)
+    tm = tl.load(tile_max_ptr + row * num_tiles + tile, mask=tile_ok, other=float("-inf"))
+    ts = tl.load(tile_sum_ptr + row * num_tiles + tile, mask=tile_ok, other=0.0)
+    gm = tl.max(tm, 0)
+    gs = tl.sum(tl.where(tile_ok, ts * tl.exp(tm - gm), 0.0), 0)
+    out = row * num_groups + g
+    tl.store(grp_max_ptr + out, gm)
+    tl.store(grp_sum_ptr + out, gs)
+    # Top-K_PAD of the group's candidates: the best value, the smallest position among equals.
+    pos = g * BLOCK + offs
+    ok = pos < num_tiles * K_PAD
+    vals = tl.load(cand_val_ptr + row * num_tiles * K_PAD + pos, mask=ok, other=float("-inf"))
+    for i in tl.static_range(K_PAD):
+        best = tl.max(vals, 0)
+        at = tl.min(tl.where(ok & (vals == best), offs, BLOCK), 0)
+        idx = tl.load(cand_idx_ptr + row * num_tiles * K_PAD + g * BLOCK + at, mask=at < BLOCK, other=0)
+        tl.store(grp_val_ptr + out * K_PAD + i, best)
+        tl.store(grp_idx_ptr + out * K_PAD + i, idx)
+        vals = tl.where(offs == at, float("-inf"), vals)
+        ok = ok & (offs != at)
+
+
+@triton.jit(do_not_specialize=["num_groups", "k"])
+def _lm_head_topk_final_kernel(
+    grp_val_ptr, grp_idx_ptr, grp_max_ptr, grp_sum_ptr, out_val_ptr, out_idx_ptr,
+    num_groups, k,
+    K_PAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
-    # Global log-sum-exp over the tile partials: the max, then the rescaled sum.
-    m = tl.full([], float("-inf"), dtype=tl.float32)
-    for t0 in range(0, num_tiles, BLOCK):
-        tiles = t0 + offs
-        tm = tl.load(tile_max_ptr + row * num_tiles + tiles, mask=tiles < num_tiles, other=float("-inf"))
-        m = tl.maximum(m, tl.max(tm, 0))
-    total = tl.zeros([BLOCK], dtype=tl.float32)
-    for t0 in range(0, num_tiles, BLOCK):
-        tiles = t0 + offs
-        ok = tiles < num_tiles
-        tm = tl.load(tile_max_ptr + row * num_tiles + tiles, mask=ok, other=float("-inf"))
-        ts = tl.load(tile_sum_ptr + row * num_tiles + tiles, mask=ok, other=0.0)
-        total += tl.where(ok, ts * tl.exp(tm - m), 0.0)
-    lse = m + tl.log(tl.sum(total, 0))
-    # Top-k of the candidates in the order (value descending, position ascending): round i takes the best
-    # candidate strictly after round i-1's pick. Candidates of one tile are sorted with the leftmost index
-    # first on ties and tiles are in vocabulary order, so the smallest position is the smallest vocab index.
-    prev_v = tl.full([], float("inf"), dtype=tl.float32)
-    prev_p = tl.full([], -1, dtype=tl.int32)
+    g_ok = offs < num_groups
+    gm = tl.load(grp_max_ptr + row * num_groups + offs, mask=g_ok, other=float("-inf"))
+    gs = tl.load(grp_sum_ptr + row * num_groups + offs, mask=g_ok, other=0.0)
+    m = tl.max(gm, 0)
+    lse = m + tl.log(tl.sum(tl.where(g_ok, gs * tl.exp(gm - m), 0.0), 0))
+    ok = offs < num_groups * K_PAD
+    vals = tl.load(grp_val_ptr + row * num_groups * K_PAD + offs, mask=ok, other=float("-inf"))
     for i in range(k):
-        best_v = tl.full([], float("-inf"), dtype=tl.float32)
-        best_p = tl.full([], 2147483647, dtype=tl.int32)
-        for c0 in range(0, num_cand, BLOCK):
-            pos = c0 + offs
-            vals = tl.load(cand_val_ptr + row * num_cand + pos, mask=pos < num_cand, other=float("-inf"))
-            eligible = (pos < num_cand) & ((vals < prev_v) | ((vals == prev_v) & (pos > prev_p)))
-            vals = tl.where(eligible, vals, float("-inf"))
-            c_v = tl.max(vals, 0)
-            c_p = tl.min(tl.where(eligible & (vals == c_v), pos, 2147483647), 0)
-            better = (c_v > best_v) | ((c_v == best_v) & (c_p < best_p))
-            best_v = tl.where(better, c_v, best_v)
-            best_p = tl.where(better, c_p, best_p)
-        idx = tl.load(cand_idx_ptr + row * num_cand + best_p)
-        tl.store(out_val_ptr + row * k + i, best_v - lse)
+        best = tl.max(vals, 0)
+        at = tl.min(tl.where(ok & (vals == best), offs, BLOCK), 0)
+        idx = tl.load(grp_idx_ptr + row * num_groups * K_PAD + at, mask=at < BLOCK, other=0)
+        tl.store(out_val_ptr + row * k + i, best - lse)
         tl.store(out_idx_ptr + row * k + i, idx.to(tl.int64))
-        prev_v = best_v
-        prev_p = best_p
+        vals = tl.where(offs == at, float("-inf"), vals)
+        ok = ok & (offs != at)
 
 
-def lm_head_config_name(n_rows: int) -> str:
-    return "small" if n_rows <= 16 else "large"
+def config_for_rows(n_rows: int) -> str:
+    """The tile config for ``n_rows`` rows: ``"small"`` (<= 16), ``"medium"`` (<= 64), else ``"large"``."""
+    if n_rows <= 16:
+        return "small"
+    return "medium" if n_rows <= 64 else "large"
 
 
 def k_pad_for(k: int) -> int:
@@ -127,6 +157,19 @@ def k_pad_for(k: int) -> int:
         if k <= k_pad:
             return k_pad
     raise ValueError(f"lm_head_topk supports k <= {MAX_TOPK}, got {k}")
+
+
+def launch_plan(n_rows: int, vocab: int, k: int, block_v: int | None = None) -> dict:
+    """The grids and tiles a call uses: ``config``, ``grid`` of the logits kernel ``(row blocks, tiles)``,
+    ``num_tiles``, ``k_pad``, ``num_groups``; and ``weight_reads``: how many times the ``[V, H]`` weight
+    streams from device memory, 1 since the programs sharing a weight tile are adjacent in launch order."""
+    block_r, default_block_v, *_ = LM_HEAD_CONFIGS[config_for_rows(n_rows)]
+    block_v = default_block_v if block_v is None else block_v
+    k_pad = k_pad_for(k)
+    num_tiles = triton.cdiv(vocab, block_v)
+    num_groups = triton.cdiv(num_tiles * k_pad, GROUP_CANDIDATES)
+    return dict(config=config_for_rows(n_rows), grid=(triton.cdiv(n_rows, block_r), num_tiles),
+                num_tiles=num_tiles, k_pad=k_pad, num_groups=num_groups, block_v=block_v, weight_reads=1)
 
 
 def _lm_head_topk(hidden, weight, k, block_v=None):
@@ -138,32 +181,37 @@ def _lm_head_topk(hidden, weight, k, block_v=None):
         raise ValueError("hidden and weight must share one dtype")
     if not 1 <= k <= v:
         raise ValueError(f"k={k} must be in [1, V={v}]")
-    k_pad = k_pad_for(k)
-    block_r, default_block_v, block_h, num_warps, num_stages = LM_HEAD_CONFIGS[lm_head_config_name(n)]
-    block_v = default_block_v if block_v is None else block_v
+    plan = launch_plan(n, v, k, block_v)
+    k_pad, num_tiles, num_groups = plan["k_pad"], plan["num_tiles"], plan["num_groups"]
+    if num_groups * k_pad > FINAL_BLOCK:
+        raise ValueError(f"lm_head_topk supports a vocabulary of at most {MAX_VOCAB} with k <= 16, got {v}")
+    block_r, _, block_h, num_warps, num_stages = LM_HEAD_CONFIGS[plan["config"]]
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     dev = hidden.device
+    values = torch.empty((n, k), dtype=torch.float32, device=dev)
+    indices = torch.empty((n, k), dtype=torch.int64, device=dev)
     if n == 0:
-        return torch.empty((0, k), dtype=torch.float32, device=dev), torch.empty((0, k), dtype=torch.int64,
-                                                                                 device=dev)
-    num_tiles = triton.cdiv(v, block_v)
-    cand_val = torch.empty((n, num_tiles, k_pad), dtype=torch.float32, device=dev)
-    cand_idx = torch.empty((n, num_tiles, k_pad), dtype=torch.int32, device=dev)
-    tile_max = torch.empty((n, num_tiles), dtype=torch.float32, device=dev)
-    tile_sum = torch.empty((n, num_tiles), dtype=torch.float32, device=dev)
-    _lm_head_topk_kernel[(num_tiles, triton.cdiv(n, block_r))](
+        return values, indices
+    f32, i32 = dict(dtype=torch.float32, device=dev), dict(dtype=torch.int32, device=dev)
+    cand_val, cand_idx = torch.empty((n, num_tiles, k_pad), **f32), torch.empty((n, num_tiles, k_pad), **i32)
+    tile_max, tile_sum = torch.empty((n, num_tiles), **f32), torch.empty((n, num_tiles), **f32)
+    _lm_head_topk_kernel[plan["grid"]](
         hidden, weight, cand_val, cand_idx, tile_max, tile_sum,
         n, v, h, num_tiles, hidden.stride(0), weight.stride(0),
-        K_PAD=k_pad, BLOCK_R=block_r, BLOCK_V=block_v, BLOCK_H=block_h,
+        K_PAD=k_pad, BLOCK_R=block_r, BLOCK_V=plan["block_v"], BLOCK_H=block_h,
         FP32_DOT=interpreter_needs_fp32_dot(_lm_head_topk_kernel, hidden.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
-    values = torch.empty((n, k), dtype=torch.float32, device=dev)
-    indices = torch.empty((n, k), dtype=torch.int64, device=dev)
-    _lm_head_topk_merge_kernel[(n,)](
-        cand_val, cand_idx, tile_max, tile_sum, values, indices, num_tiles, num_tiles * k_pad, k,
-        BLOCK=MERGE_BLOCK, num_warps=MERGE_NUM_WARPS, num_stages=1,
+    grp_val, grp_idx = torch.empty((n, num_groups, k_pad), **f32), torch.empty((n, num_groups, k_pad), **i32)
+    grp_max, grp_sum = torch.empty((n, num_groups), **f32), torch.empty((n, num_groups), **f32)
+    _lm_head_topk_group_kernel[(n, num_groups)](
+        cand_val, cand_idx, tile_max, tile_sum, grp_val, grp_idx, grp_max, grp_sum, num_tiles, num_groups,
+        K_PAD=k_pad, BLOCK=GROUP_CANDIDATES, num_warps=MERGE_NUM_WARPS, num_stages=1,
+    )
+    _lm_head_topk_final_kernel[(n,)](
+        grp_val, grp_idx, grp_max, grp_sum, values, indices, num_groups, k,
+        K_PAD=k_pad, BLOCK=FINAL_BLOCK, num_warps=MERGE_NUM_WARPS, num_stages=1,
     )
     return values, indices
 
@@ -173,32 +221,16 @@ def lm_head_topk(hidden, weight, k):
 
     Parameters
     ----------
-    hidden : ``[N, H]`` fp16, bf16 or fp32; weight : ``[V, H]`` in ``hidden.dtype``; k : ``1 <= k <= 16``
+    hidden : ``[N, H]`` fp16, bf16 or fp32; weight : ``[V, H]`` in ``hidden.dtype``, ``V <= 524288``;
+    k : ``1 <= k <= 16``
 
     Returns
     -------
     ``(logprobs fp32 [N, k], indices int64 [N, k])`` sorted by decreasing log-probability (logits computed in
-    fp32 from the inputs, not rounded to the input dtype).
+    fp32 from the inputs, not rounded to the input dtype). Three launches; the weight is read from device
+    memory once per call for any ``N`` (see the module).
     """
     return _lm_head_topk(hidden, weight, k)
 
 
-
-def compile_variants(dtype: str) -> list[dict]:
-    """Every launch variant the dispatch can choose for ``dtype`` (``"fp16"``, ``"bf16"`` or ``"fp32"``)."""
-    types = {"h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "cand_val_ptr": "*fp32", "cand_idx_ptr": "*i32",
-             "tile_max_ptr": "*fp32", "tile_sum_ptr": "*fp32"}
-    out = []
-    for block_r, block_v, block_h, num_warps, num_stages in LM_HEAD_CONFIGS.values():
-        for k_pad in K_PAD_CHOICES:
-            cx = dict(K_PAD=k_pad, BLOCK_R=block_r, BLOCK_V=block_v, BLOCK_H=block_h, FP32_DOT=False)
-            out.append(aot_variant(_lm_head_topk_kernel, cx, types, num_warps, num_stages,
-                                   divisible=("V", "H")))
-    merge_types = {"cand_val_ptr": "*fp32", "cand_idx_ptr": "*i32", "tile_max_ptr": "*fp32",
-                   "tile_sum_ptr": "*fp32", "out_val_ptr": "*fp32", "out_idx_ptr": "*i64"}
-    out.append(aot_variant(_lm_head_topk_merge_kernel, dict(BLOCK=MERGE_BLOCK), merge_types,
-                           MERGE_NUM_WARPS, 1, divisible=("num_cand",)))
-    return out
-
-
-__all__ = ["lm_head_topk", "compile_variants", "MAX_TOPK"]
+__all__ = ["lm_head_topk", "launch_plan", "MAX_TOPK", "MAX_VOCAB"]

@@ -12,8 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import aot_variant
-
 # name -> (BLOCK_H, num_warps); "small" for H <= 1024.
 RMS_CONFIGS = {
     "small": (1024, 4),
@@ -116,17 +114,4 @@ def add_rms_norm(x, residual, weight, eps):
     return out.view(x.shape), h.view(x.shape)
 
 
-
-def compile_variants(dtype: str) -> list[dict]:
-    """Every launch variant the dispatch can choose for ``dtype`` (``"fp16"``, ``"bf16"`` or ``"fp32"``)."""
-    p = f"*{dtype}"
-    types = {"x_ptr": p, "res_ptr": p, "w_ptr": p, "out_ptr": p, "sum_ptr": p, "eps": "fp32"}
-    out = []
-    for block_h, num_warps in RMS_CONFIGS.values():
-        for has_res in (False, True):
-            out.append(aot_variant(_rms_norm_kernel, dict(HAS_RESIDUAL=has_res, BLOCK_H=block_h), types,
-                                   num_warps, 1, divisible=("H",)))
-    return out
-
-
-__all__ = ["rms_norm", "add_rms_norm", "compile_variants"]
+__all__ = ["rms_norm", "add_rms_norm"]

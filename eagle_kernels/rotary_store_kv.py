@@ -14,8 +14,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import aot_variant
-
 HALF_CHOICES = (16, 32, 64, 128)  # BLOCK_HALF: the smallest >= head_dim / 2 (head_dim <= 256, even)
 MAX_HEAD_DIM = 2 * HALF_CHOICES[-1]
 
@@ -24,7 +22,7 @@ def _num_warps(block_half: int) -> int:
     return 1 if block_half <= 32 else (2 if block_half == 64 else 4)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "Hq", "S", "stride_pb", "stride_pt"])
 def _rotary_store_kv_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, rows_ptr, qw_ptr, kw_ptr, qo_ptr,
     T, Hq, S, half, eps,
@@ -152,20 +150,4 @@ def rotary_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, rows,
     return q_out
 
 
-def compile_variants(dtype: str) -> list[dict]:
-    """Every launch variant the dispatch can choose for ``dtype`` (``"fp16"``, ``"bf16"`` or ``"fp32"``):
-    caches and norm weights in ``dtype``, int64 positions, int32 rows."""
-    p = f"*{dtype}"
-    types = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "pos_ptr": "*i64", "cs_ptr": "*fp32", "kc_ptr": p,
-             "vc_ptr": p, "rows_ptr": "*i32", "qw_ptr": p, "kw_ptr": p, "qo_ptr": p, "eps": "fp32"}
-    out = []
-    for block_half in HALF_CHOICES:
-        for q_norm in (False, True):
-            for k_norm in (False, True):
-                cx = dict(HAS_Q_NORM=q_norm, HAS_K_NORM=k_norm, BLOCK_HALF=block_half)
-                out.append(aot_variant(_rotary_store_kv_kernel, cx, types, _num_warps(block_half), 1,
-                                       divisible=("half", "S", "Hq")))
-    return out
-
-
-__all__ = ["rotary_store_kv", "compile_variants", "MAX_HEAD_DIM"]
+__all__ = ["rotary_store_kv", "MAX_HEAD_DIM"]

@@ -10,8 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import aot_variant
-
 BLOCK_I = 1024
 NUM_WARPS = 4
 
@@ -70,11 +68,4 @@ def silu_mul(gate, up):
     return out
 
 
-def compile_variants(dtype: str) -> list[dict]:
-    """Every launch variant the dispatch can choose for ``dtype`` (``"fp16"``, ``"bf16"`` or ``"fp32"``)."""
-    p = f"*{dtype}"
-    types = {"gate_ptr": p, "up_ptr": p, "out_ptr": p}
-    return [aot_variant(_silu_mul_kernel, dict(BLOCK_I=BLOCK_I), types, NUM_WARPS, 1, divisible=("n_cols",))]
-
-
-__all__ = ["silu_mul", "compile_variants"]
+__all__ = ["silu_mul"]

@@ -15,8 +15,10 @@ Design
 - Split-KV (flash-decoding): when the grid under-fills the GPU and the cache is long, the key range of each
   program is cut into ``num_splits`` chunks, each written as a normalised partial with its log-sum-exp, then
   merged by ``_tree_attention_reduce_kernel``. Chosen by :func:`choose_num_splits`.
-- The mask mode (packed bits or causal) and split/no-split are runtime scalars (uniform branches; Triton's JIT
-  specialises the value 1), so each dtype compiles to 3 block configs x 2 head-dim tiles, plus the reduction.
+- The mask mode (packed bits or causal) and split/no-split are runtime scalars (uniform branches) that the
+  JIT never specialises (``do_not_specialize``, like every integer that can be 1), so each dtype compiles to
+  3 block configs x 2 head-dim tiles (x partial outputs or not), plus the reduction.
+- Causal tiles (prefill) run the blocks below their diagonal unmasked: only the boundary blocks are masked.
 """
 
 from __future__ import annotations
@@ -27,18 +29,23 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import aot_variant, interpreted, interpreter_needs_fp32_dot  # noqa: F401 (re-exported)
+from ._triton_common import (  # noqa: F401 (re-exported)
+    HOPPER_MAX_SHARED,
+    HOPPER_TWO_BLOCKS_SHARED,
+    interpreted,
+    interpreter_needs_fp32_dot,
+)
 from ._triton_common import dot as _dot
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by the number of flattened query rows per kv head, for 16-bit
 # inputs; fp32 inputs take half the key tile and two stages so that K/V buffers fit Hopper's 227 KiB of smem.
-# Shared memory compiled for sm_90 with the JIT's launch hints (aligned pointers, D and strides multiples of
-# 16), BLOCK_D = 128: small 104448 B (fp16/bf16) / 77888 B (fp32), at most half of 227 KiB so that two decode
-# CTAs share an SM (the former (16, 128, 4, 3) took 139264 B: one CTA per SM); medium 116736 / 73984 B,
-# large 135168 / 115200 B. Without the hints Triton cannot pipeline the K/V loads (24576-65536 B).
+# Shared memory of what the JIT compiles for sm_90 at the engine's launches (tests/jit_sweep.py), BLOCK_D =
+# 128, 16-bit / fp32: small 104448 / 77888 B, medium 86016 / 73984 B, large 139264 / 115200 B. Decode and
+# draft steps (small, medium) stay within two blocks per SM (HOPPER_TWO_BLOCKS_SHARED, 115712 B); the former
+# medium (64, 64, 4, 3) took 118784 B: one block per SM.
 ATTN_CONFIGS = {
     "small": (16, 64, 4, 4),  # Tq * group <= 16: decode, small trees
-    "medium": (64, 64, 4, 3),  # Tq * group <= 64
+    "medium": (64, 64, 4, 2),  # Tq * group <= 64: draft steps (top-k 10 x group 4)
     "large": (128, 64, 8, 3),  # prefill, big trees
 }
 ATTN_CONFIGS_FP32 = {
@@ -52,11 +59,13 @@ SPLIT_MIN_CHUNK = 256  # keys per split at least
 MAX_SPLITS = 32
 DEFAULT_NUM_SMS = 132  # H100 SXM; used when the device cannot be asked (interpreter)
 LOG2E = 1.4426950408889634
-DECODE_MAX_SHARED = 232448 // 2  # bytes: the "small" configs leave room for a second CTA on a Hopper SM
 REDUCE_NUM_WARPS = 1
 
 
-@triton.jit
+# Integers that can be 1 are not specialised by the JIT: one compiled variant per block config (the value 1
+# would otherwise get code, and shared memory, of its own).
+@triton.jit(do_not_specialize=["Tq", "Hq", "Hkv", "group", "tree_len", "num_splits", "has_mask", "stride_mb",
+                               "stride_mt"])
 def _tree_attention_kernel(
     q_ptr, k_ptr, v_ptr, len_ptr, mask_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     qk_scale,  # softmax scale * log2(e)
@@ -89,12 +98,17 @@ def _tree_attention_kernel(
     k_base = k_ptr + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = v_ptr + b64 * stride_vb + hk.to(tl.int64) * stride_vh
 
-    # Key range [0, kv_end): prefix, then tree rows (causally cut for this tile's last query).
+    # Key range [0, kv_end): prefix, then tree rows (causally cut for this tile's last query). Keys before
+    # full_end are visible to every query of the tile: the prefix, and causally also the tree rows up to the
+    # tile's first query (a prefill chunk's blocks below the diagonal skip the masked path).
     if has_mask != 0:
         tree_end = tree_len
+        full_end = prefix
     else:
         t_last = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // group, Tq - 1)
         tree_end = tl.maximum(tl.minimum(tree_len, t_last + tree_len - Tq + 1), 0)
+        t_first = (pid_m * BLOCK_M) // group
+        full_end = prefix + tl.maximum(tl.minimum(tree_len, t_first + tree_len - Tq + 1), 0)
     kv_end = prefix + tree_end
     n_blocks = tl.cdiv(kv_end, BLOCK_N)
     per_split = tl.cdiv(n_blocks, num_splits)
@@ -102,13 +116,13 @@ def _tree_attention_kernel(
     blk_hi = tl.minimum(blk_lo + per_split, n_blocks)
     lo = blk_lo * BLOCK_N
     hi = blk_hi * BLOCK_N
-    mid = tl.minimum(tl.maximum((prefix // BLOCK_N) * BLOCK_N, lo), hi)  # end of whole prefix blocks
+    mid = tl.minimum(tl.maximum((full_end // BLOCK_N) * BLOCK_N, lo), hi)  # end of whole visible blocks
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Phase 1: whole prefix blocks, every key visible to every query.
+    # Phase 1: whole blocks every query of the tile sees.
     for start in range(lo, mid, BLOCK_N):
         pos = start + offs_n
         k = tl.load(k_base + pos[:, None] * stride_ks + offs_d[None, :], mask=d_ok[None, :], other=0.0)
@@ -121,7 +135,7 @@ def _tree_attention_kernel(
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
         m_i = m_new
 
-    # Phase 2: the prefix boundary block and the tree rows, masked per query.
+    # Phase 2: the boundary block and the remaining tree rows, masked per query.
     for start in range(mid, hi, BLOCK_N):
         pos = start + offs_n
         key_ok = pos < kv_end
@@ -162,7 +176,7 @@ def _tree_attention_kernel(
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Tq", "Hq", "num_splits"])
 def _tree_attention_reduce_kernel(
     part_o_ptr, part_lse_ptr, out_ptr,
     Tq, Hq, D, num_splits,
@@ -193,6 +207,15 @@ def _tree_attention_reduce_kernel(
 
 
 # ------------------------------------------------------------------------------------------ host side
+
+
+def shared_memory_budget(kernel_name: str, constexprs: dict) -> int:
+    """Bytes of shared memory a compiled variant may use on Hopper: decode and draft-step tiles (the
+    ``small`` and ``medium`` configs) leave room for two blocks per SM; the rest may take a whole block's."""
+    small_tiles = {cfg[0] for name, cfg in ATTN_CONFIGS.items() if name != "large"}
+    if kernel_name == "_tree_attention_kernel" and constexprs.get("BLOCK_M") in small_tiles:
+        return HOPPER_TWO_BLOCKS_SHARED
+    return HOPPER_MAX_SHARED
 
 
 def block_d_for(head_dim: int) -> int:
@@ -344,25 +367,4 @@ def tree_attention(q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None, 
     return _tree_attention(q, k_cache, v_cache, lengths, tree_mask, tree_len, scale)
 
 
-def compile_variants(dtype: str):
-    """Every launch variant the dispatch can choose for ``dtype`` (``"fp16"``, ``"bf16"`` or ``"fp32"``).
-
-    Returns dicts ``kernel, signature, constexprs, num_warps, num_stages`` (for the AOT compile test).
-    """
-    types = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "len_ptr": "*i32",
-             "mask_ptr": "*i32", "out_ptr": f"*{dtype}", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32",
-             "qk_scale": "fp32"}
-    out = []
-    for name, (block_m, block_n, num_warps, num_stages) in attn_configs(dtype == "fp32").items():
-        for block_d in BLOCK_D_CHOICES:
-            constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, FP32_DOT=False)
-            out.append(aot_variant(_tree_attention_kernel, constexprs, types, num_warps, num_stages,
-                                   divisible=("D", "Hq"),
-                                   max_shared=DECODE_MAX_SHARED if name == "small" else None))
-    for block_d in BLOCK_D_CHOICES:
-        out.append(aot_variant(_tree_attention_reduce_kernel, dict(BLOCK_D=block_d), types,
-                               REDUCE_NUM_WARPS, 1, divisible=("D", "Hq")))
-    return out
-
-
-__all__ = ["tree_attention", "choose_num_splits", "ATTN_CONFIGS", "compile_variants"]
+__all__ = ["tree_attention", "choose_num_splits", "shared_memory_budget", "ATTN_CONFIGS"]

@@ -174,6 +174,31 @@ def test_lm_head_topk_bf16_many_rows_and_small_tile():
     check_topk(hidden[:2], weight[:999], 16, block_v=16)  # 999 = 62 * 16 + 7
 
 
+@pytest.mark.parametrize("n", [17, 129], ids=lambda n: f"N{n}")
+def test_lm_head_topk_row_blocks(n):
+    """The 64-row config (N=17) and two 128-row blocks (N=129, the second nearly empty)."""
+    g = gen(n)
+    check_topk(randn(n, 24, generator=g), randn(300, 24, generator=g), 10)
+
+
+@pytest.mark.parametrize("k, vocab", [(16, 1500), (1, 16400)])
+def test_lm_head_topk_several_merge_groups(k, vocab):
+    """16-wide tiles: 94 tiles x 16 candidates, or 1025 tiles x 1, span two groups of the parallel merge;
+    the best logits sit in the second group and tie across groups (the leftmost index first)."""
+    g = gen(vocab)
+    weight = randn(vocab, 8, generator=g)
+    hidden = randn(2, 8, generator=g)
+    top = vocab - 3
+    weight[top] = hidden[0] * 3
+    weight[5] = weight[top]  # tied with the top logit of row 0, in the first group
+    values, indices = lm_head_topk._lm_head_topk(hidden, weight, k, block_v=16)
+    assert lm_head_topk.launch_plan(2, vocab, k, block_v=16)["num_groups"] == 2
+    assert indices[0, :2].tolist() == ([5, top] if k > 1 else [5])
+    expected = torch.topk(torch.log_softmax(hidden @ weight.T, -1), k, dim=-1)
+    torch.testing.assert_close(values, expected.values, atol=1e-5, rtol=1e-5)
+    assert indices[1].tolist() == expected.indices[1].tolist()  # row 1 has no ties
+
+
 def test_lm_head_topk_ties():
     """Duplicate weight rows give exactly tied logits: any of the tied indices is right."""
     g = gen(12)
@@ -207,3 +232,36 @@ def test_dispatch_runs_the_kernels(monkeypatch):
                            randn(32, 64, generator=g))
     eagle_kernels.lm_head_topk(x, randn(50, 32, generator=g), 3)
     assert calls == ["rms_norm", "add_rms_norm", "draft_fc", "lm_head_topk"]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="counts loads in Triton's interpreter")
+@pytest.mark.parametrize("n", [1, 16, 17, 80, 129, 300])
+def test_lm_head_topk_programs_sharing_a_weight_tile_are_adjacent(n, monkeypatch):
+    """Every weight element is loaded by the row-block programs of its vocabulary tile only, and those are
+    consecutive in launch order (the fastest grid axis): the weight streams from memory once per call, the
+    other row blocks of a tile reading it from L2 as they run together. (Vocabulary tiles on the fastest axis,
+    as before, spread them ``num_tiles`` launches apart: every row block streamed the whole weight.)"""
+    from triton.runtime import interpreter
+
+    g = gen(n)
+    hidden, weight = randn(n, 16, generator=g), randn(300, 16, generator=g)
+    lo, hi = weight.data_ptr(), weight.data_ptr() + weight.numel() * weight.element_size()
+    loaded = {}  # weight element -> the programs that loaded it
+    original = interpreter.InterpreterBuilder.create_masked_load
+
+    def recording_load(self, ptrs, mask, *args, **kwargs):
+        addresses = ptrs.data[mask.data.astype(bool)] if mask is not None else ptrs.data.ravel()
+        for address in addresses[(addresses >= lo) & (addresses < hi)].tolist():
+            loaded.setdefault((address - lo) // weight.element_size(), set()).add(self.grid_idx)
+        return original(self, ptrs, mask, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", recording_load)
+    lm_head_topk.lm_head_topk(hidden, weight, 4)
+    plan = lm_head_topk.launch_plan(n, 300, 4)
+    row_blocks = plan["grid"][0]
+    assert len(loaded) == weight.numel()
+    for element, programs in loaded.items():
+        tile = element // weight.shape[1] // plan["block_v"]
+        launch_order = sorted(x + y * row_blocks for x, y, _ in programs)
+        assert launch_order == list(range(tile * row_blocks, (tile + 1) * row_blocks)), (element, programs)
+    assert plan["weight_reads"] == 1
