@@ -33,13 +33,16 @@ try:  # Triton kernels, loaded before the public functions below so that their n
     from . import draft_fc as _draft_fc_triton
     from . import kv_compact as _kv_compact_triton
     from . import lm_head_topk as _lm_head_topk_triton
+    from . import masked_softmax as _masked_softmax_triton
     from . import rms_norm as _rms_norm_triton
     from . import rotary_store_kv as _rotary_store_kv_triton
     from . import silu_mul as _silu_mul_triton
+    from . import top_p_threshold as _top_p_threshold_triton
     from . import tree_attention as _tree_attention_triton
 except ImportError:  # no triton: these ops run the reference
     _draft_fc_triton = _kv_compact_triton = _lm_head_topk_triton = _rms_norm_triton = None
     _tree_attention_triton = _counter_uniform_triton = _rotary_store_kv_triton = _silu_mul_triton = None
+    _top_p_threshold_triton = _masked_softmax_triton = None
 
 HAS_TRITON = _tree_attention_triton is not None
 
@@ -145,6 +148,29 @@ def counter_uniform(seeds, offsets, n):
     return reference.counter_uniform(seeds, offsets, n)
 
 
+def _rows_kernel_input(logits) -> tuple[bool, str]:
+    ok = logits.dtype == torch.float32 and logits.dim() <= 3 and logits.stride(-1) == 1
+    return ok, "needs fp32 [..., V] with at most 3 dims and a contiguous last dim"
+
+
+def top_p_threshold(logits, top_p, floor):
+    """The top-p cut of each row as a threshold on its logits, without sorting.
+    Contract: :func:`eagle_kernels.reference.top_p_threshold`."""
+    unsupported = _triton(_top_p_threshold_triton, _rows_kernel_input(logits))
+    if pick("top_p_threshold", logits, triton=unsupported) == "triton":
+        return _top_p_threshold_triton.top_p_threshold(logits, top_p, floor)
+    return reference.top_p_threshold(logits, top_p, floor)
+
+
+def masked_softmax_(logits, threshold):
+    """In place: softmax over each row's entries ``>= threshold``, 0 elsewhere.
+    Contract: :func:`eagle_kernels.reference.masked_softmax_`."""
+    unsupported = _triton(_masked_softmax_triton, _rows_kernel_input(logits))
+    if pick("masked_softmax_", logits, triton=unsupported) == "triton":
+        return _masked_softmax_triton.masked_softmax_(logits, threshold)
+    return reference.masked_softmax_(logits, threshold)
+
+
 def kv_compact(cache, lengths, src, counts):
     """Move accepted tree rows, all layers, in place. Contract: :func:`eagle_kernels.reference.kv_compact`."""
     backend = pick("kv_compact", cache, cuda=_c_ops, triton=_triton(_kv_compact_triton))
@@ -217,6 +243,8 @@ __all__ = [
     "rotary_store_kv",
     "counter_uniform",
     "kv_compact",
+    "top_p_threshold",
+    "masked_softmax_",
     "draft_fc",
     "lm_head_topk",
     "tree_verify_greedy",

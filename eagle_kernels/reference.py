@@ -323,6 +323,60 @@ def lm_head_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[to
     return values, indices
 
 
+# ------------------------------------------------------------------------------------------- sampling
+
+
+def top_p_threshold(logits: torch.Tensor, top_p: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """The top-p (nucleus) cut of each row as a threshold on its logits, without changing them.
+
+    Among a row's entries ``>= floor`` (the top-k cut; ``-inf`` keeps all), with probabilities
+    ``softmax`` over those entries: the largest entry value ``v`` whose mass ``sum p[x >= v]`` reaches
+    ``top_p``. Keeping ``x >= v`` keeps the smallest set of most likely entries whose mass reaches ``top_p``
+    (always at least one), and every entry tied with the last kept one. Rows with ``top_p >= 1`` get
+    ``floor``.
+
+    Parameters
+    ----------
+    logits : fp32 ``[..., V]`` (already divided by the temperature)
+    top_p, floor : fp32 ``logits.shape[:-1]``
+
+    Returns
+    -------
+    fp32 ``logits.shape[:-1]``.
+    """
+    x = logits.float()
+    kept = x >= floor.unsqueeze(-1)
+    x = x.masked_fill(~kept, float("-inf"))
+    e = torch.exp(x - x.amax(-1, keepdim=True))
+    values, order = torch.sort(x, dim=-1, descending=True)
+    cumulative = torch.gather(e, -1, order).cumsum(-1)
+    # The mass of x >= values[j]: the cumulative mass at the last entry tied with values[j].
+    flat = values.reshape(-1, values.shape[-1])
+    last = torch.searchsorted(-flat, -flat, right=True).view(values.shape) - 1
+    mass_ge = torch.gather(cumulative, -1, last)
+    reaches = mass_ge >= top_p.unsqueeze(-1) * cumulative[..., -1:]
+    first = reaches.to(torch.int8).argmax(-1, keepdim=True)  # the largest value that reaches top_p
+    threshold = torch.gather(values, -1, first).squeeze(-1)
+    return torch.where(top_p >= 1, floor.float(), threshold)
+
+
+def masked_softmax_(logits: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """In place: each row becomes the softmax over its entries ``>= threshold``, 0 elsewhere.
+
+    Parameters
+    ----------
+    logits : fp32 ``[..., V]``, updated in place (a view with a contiguous last dim is fine)
+    threshold : fp32 ``logits.shape[:-1]`` (``-inf``: a plain softmax); at most the row's maximum
+
+    Returns
+    -------
+    ``logits``, now the probabilities.
+    """
+    kept = logits >= threshold.unsqueeze(-1)
+    probs = torch.softmax(logits.masked_fill(~kept, float("-inf")), dim=-1)
+    return logits.copy_(probs)
+
+
 # -------------------------------------------------------------------------------------- verification
 
 
@@ -475,6 +529,8 @@ def sample_inverse_cdf(p: torch.Tensor, u: float) -> int:
 
 
 __all__ = [
+    "top_p_threshold",
+    "masked_softmax_",
     "pack_tree_mask",
     "unpack_tree_mask",
     "causal_tree_mask",

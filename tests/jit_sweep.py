@@ -163,6 +163,18 @@ def sweep_kv_compact(m):
                                  empty(bsz, dtype=torch.int32))
 
 
+def sweep_sampling(m):
+    """Both sampling kernels over the candidate rows of a round (a slice of [n, T, V]) or a step's rows."""
+    for n, t, extra in ((1, 1, 0), (8, 60, 0), (64, 60, 0), (8, 10, 7)):
+        for vocab in VOCABS:
+            logits = empty(n, t + extra, vocab)[:, :t]
+            rows = empty(n, t)
+            if hasattr(m, "top_p_threshold"):
+                m.top_p_threshold(logits, rows, rows)
+            else:
+                m.masked_softmax_(logits, rows)
+
+
 SWEEPS = {
     "eagle_kernels.tree_attention": sweep_tree_attention,
     "eagle_kernels.draft_fc": sweep_draft_fc,
@@ -172,6 +184,8 @@ SWEEPS = {
     "eagle_kernels.silu_mul": sweep_silu_mul,
     "eagle_kernels.counter_uniform": sweep_counter_uniform,
     "eagle_kernels.kv_compact": sweep_kv_compact,
+    "eagle_kernels.top_p_threshold": sweep_sampling,
+    "eagle_kernels.masked_softmax": sweep_sampling,
 }
 
 

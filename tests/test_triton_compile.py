@@ -31,6 +31,8 @@ MODULES = [
     "eagle_kernels.silu_mul",
     "eagle_kernels.counter_uniform",
     "eagle_kernels.kv_compact",
+    "eagle_kernels.top_p_threshold",
+    "eagle_kernels.masked_softmax",
 ]
 WORKERS = 2
 

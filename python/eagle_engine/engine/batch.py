@@ -148,9 +148,10 @@ def speculative_round(target: LlamaModel, s: BatchState, n: int, mode: Mode) -> 
     if mode.greedy:
         num_accepted, nodes, bonus = ops.tree_verify_greedy(tree.tokens, tree.parents, tree_logits.argmax(-1))
     else:
-        rows = lambda x: x.repeat_interleave(t)  # noqa: E731 (per-slot settings for each tree node)
-        probs = probs_per_row(tree_logits.reshape(n * t, -1), rows(s.temperature[sl]), rows(s.top_p[sl]),
-                              rows(s.top_k[sl]), mode.max_top_k, mode.top_p).view(n, t, -1)
+        # The tree rows' logits become their probabilities in place (nothing else their size is allocated).
+        per_node = lambda x: x[sl].view(n, 1).expand(n, t)  # noqa: E731 (per-slot settings for each node)
+        probs = probs_per_row(tree_logits, per_node(s.temperature), per_node(s.top_p), per_node(s.top_k),
+                              mode.max_top_k, mode.top_p)
         u = uniforms(s.seeds[sl], s.offsets[sl], t)
         num_accepted, nodes, bonus = ops.tree_verify_sampling(tree.tokens, tree.parents, probs, u)
     active = s.active[sl]

@@ -43,7 +43,9 @@ class Proposal:
 class Verified:
     """What a round's verification decided, for :meth:`Drafter.observe` (``n`` slots, path width ``w``).
 
-    ``out``: the target's :class:`ForwardOutput` over all ``T`` rows; ``logits`` fp32 ``[n, T, V]``;
+    ``out``: the target's :class:`ForwardOutput` over all ``T`` rows; ``logits`` fp32 ``[n, T, V]`` (when
+    sampling, the candidate rows hold the target's probabilities instead: they are computed in place; extra
+    rows keep their logits);
     ``path`` long ``[n, w]`` (accepted tree nodes from the root, padded with 0); ``num_accepted`` int
     ``[n]``; ``next_tokens`` long ``[n, w]`` (the accepted draft tokens then the bonus token, then padding);
     ``counts`` int32 ``[n]`` (rows committed: accepted + 1, 0 for an inactive slot)."""

@@ -59,22 +59,23 @@ class SamplingParams:
 
 
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution sampling draws from: fp32 ``[..., V]`` logits -> probabilities ``[..., V]``.
+    """The distribution sampling draws from: fp32 ``[..., V]`` logits -> probabilities ``[..., V]`` (a new
+    tensor; ``logits`` is not changed).
 
     Applied in Hugging Face's order: temperature, then top-k (ties with the k-th logit are kept), then top-p
-    (keep the smallest set of most likely tokens whose mass reaches ``top_p``; always at least one).
+    (keep the smallest set of most likely tokens whose mass reaches ``top_p``, and every token tied with the
+    last one kept; always at least one).
     """
-    rows = logits.reshape(-1, logits.shape[-1])
-    n, dev = rows.shape[0], logits.device
-    probs = probs_per_row(
+    rows = logits.float().clone()
+    shape, dev = rows.shape[:-1], logits.device
+    return probs_per_row(
         rows,
-        torch.full((n,), float(params.temperature), device=dev),
-        torch.full((n,), float(params.top_p), device=dev),
-        torch.full((n,), int(params.top_k), dtype=torch.int64, device=dev),
+        torch.full(shape, float(params.temperature), device=dev),
+        torch.full(shape, float(params.top_p), device=dev),
+        torch.full(shape, int(params.top_k), dtype=torch.int64, device=dev),
         max_top_k=params.top_k,
         use_top_p=params.top_p < 1.0,
     )
-    return probs.view(logits.shape)
 
 
 def probs_per_row(
@@ -85,32 +86,35 @@ def probs_per_row(
     max_top_k: int,
     use_top_p: bool,
 ) -> torch.Tensor:
-    """:func:`target_probs` with one set of parameters per row, on the device, with no host synchronisation.
+    """:func:`target_probs` with one set of parameters per row, **in place**, on the device, with no host
+    synchronisation and no temporary the size of ``logits``.
 
-    ``logits`` fp32 ``[N, V]``; ``temperature``/``top_p`` fp32 ``[N]``, ``top_k`` int64 ``[N]`` (0 = off).
-    Rows with ``temperature == 0`` are greedy: they get the one-hot distribution at their argmax, with which
-    sampling verification accepts exactly what greedy verification does. ``max_top_k`` (largest ``top_k`` of
-    any row, 0 = none) and ``use_top_p`` (any row with ``top_p < 1``) come from the host and skip work.
+    ``logits`` fp32 ``[..., V]`` (at most 3 dims, contiguous last dim; a slice of a bigger buffer is fine)
+    becomes the probabilities and is returned; ``temperature``/``top_p`` fp32 and ``top_k`` int64 (0 = off),
+    each ``logits.shape[:-1]`` (broadcast views are fine). Rows with ``temperature == 0`` are greedy: they get
+    the one-hot distribution at their argmax, with which sampling verification accepts exactly what greedy
+    verification does. ``max_top_k`` (largest ``top_k`` of any row, 0 = none) and ``use_top_p`` (any row with
+    ``top_p < 1``) come from the host and skip work.
+
+    Memory beyond ``logits``: ``O(rows * max_top_k)``. Top-k cuts at the k-th value of ``torch.topk``; top-p
+    at :func:`eagle_kernels.top_p_threshold` (a radix select, no sort); both as one threshold per row, which
+    :func:`eagle_kernels.masked_softmax_` applies in place.
     """
-    n, v = logits.shape
+    rows, v = logits.shape[:-1], logits.shape[-1]
     greedy = temperature <= 0
-    scaled = logits.float() / torch.where(greedy, 1.0, temperature).view(n, 1)
+    argmax = logits.argmax(-1, keepdim=True)
+    logits.div_(torch.where(greedy, 1.0, temperature).unsqueeze(-1))
+    threshold = torch.full(rows, float("-inf"), device=logits.device)
     if 0 < max_top_k < v:
         k = torch.where(top_k > 0, top_k, max_top_k).clamp(1, max_top_k)
-        top = torch.topk(scaled, max_top_k, dim=-1).values
-        # Rows without top-k compare against -inf: nothing is dropped.
-        kth = torch.where(top_k.view(n, 1) > 0, top.gather(1, (k - 1).view(n, 1)), float("-inf"))
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
+        kth = torch.topk(logits, max_top_k, dim=-1).values.gather(-1, (k - 1).unsqueeze(-1)).squeeze(-1)
+        threshold = torch.where(top_k > 0, kth, threshold)  # rows without top-k drop nothing
     if use_top_p:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        drop_sorted = mass_before >= top_p.view(n, 1)  # the first token always survives
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
-    one_hot = torch.zeros_like(probs).scatter(1, logits.argmax(-1, keepdim=True), 1.0)
-    return torch.where(greedy.view(n, 1), one_hot, probs)
+        threshold = ops.top_p_threshold(logits, top_p, threshold)  # rows with top_p = 1 keep theirs
+    probs = ops.masked_softmax_(logits, threshold)
+    # Greedy rows: the one-hot at the argmax (a [rows, 1] mask: nothing the size of the logits).
+    at_argmax = torch.where(greedy.unsqueeze(-1), 1.0, probs.gather(-1, argmax))
+    return probs.masked_fill_(greedy.unsqueeze(-1), 0.0).scatter_(-1, argmax, at_argmax)
 
 
 def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

@@ -27,13 +27,15 @@ KERNEL_LAUNCHES = {
     "rms_norm": 1,
     "add_rms_norm": 1,
     "draft_fc": 1,
-    "lm_head_topk": 2,
+    "lm_head_topk": 3,
     "kv_compact": 1,
     "tree_verify_greedy": 1,
     "tree_verify_sampling": 1,
     "silu_mul": 1,
     "rotary_store_kv": 1,
     "counter_uniform": 1,
+    "top_p_threshold": 1,
+    "masked_softmax_": 1,
 }
 # Allocations and metadata: no kernel runs.
 _FREE_OPS = {"empty", "empty_strided", "detach", "alias", "lift_fresh", "_unsafe_view", "set_", "resize_"}
