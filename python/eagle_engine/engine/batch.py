@@ -131,6 +131,20 @@ def vanilla_step(target: LlamaModel, s: BatchState, n: int, mode: Mode) -> None:
     s.out[sl, -1] = active.long()
 
 
+def verify(s: BatchState, n: int, tree, tree_logits: torch.Tensor, mode: Mode):
+    """Verify the first ``n`` slots' trees against the target's fp32 ``[n, T, V]`` logits at their nodes:
+    greedy, or exact tree rejection sampling under each slot's settings (the logits become the
+    probabilities in place: nothing else their size is allocated). Returns ``(num_accepted int32 [n],
+    accepted_nodes int32 [n, T], bonus int64 [n])``."""
+    if mode.greedy:
+        return ops.tree_verify_greedy(tree.tokens, tree.parents, tree_logits.argmax(-1))
+    sl, t = slice(0, n), tree_logits.shape[1]
+    per_node = lambda x: x[sl].view(n, 1).expand(n, t)  # noqa: E731 (per-slot settings for each node)
+    probs = probs_per_row(tree_logits, per_node(s.temperature), per_node(s.top_p), per_node(s.top_k),
+                          mode.max_top_k, mode.top_p)
+    return ops.tree_verify_sampling(tree.tokens, tree.parents, probs, uniforms(s.seeds[sl], s.offsets[sl], t))
+
+
 def speculative_round(target: LlamaModel, s: BatchState, n: int, mode: Mode) -> None:
     """The drafter proposes a tree, the target verifies it in one forward, the accepted path is kept and
     the caches compacted, the drafter observes the result: for the first ``n`` slots. Writes ``out[:n]``:
@@ -144,16 +158,7 @@ def speculative_round(target: LlamaModel, s: BatchState, n: int, mode: Mode) -> 
     positions = tcache.lengths.view(n, 1).long() + proposal.offsets
     out = target(proposal.tokens, positions, tcache, proposal.packed_mask, drafter.aux_layers)
     logits = target.logits(out.hidden)  # [n, T, V]
-    tree_logits = logits[:, :t]
-    if mode.greedy:
-        num_accepted, nodes, bonus = ops.tree_verify_greedy(tree.tokens, tree.parents, tree_logits.argmax(-1))
-    else:
-        # The tree rows' logits become their probabilities in place (nothing else their size is allocated).
-        per_node = lambda x: x[sl].view(n, 1).expand(n, t)  # noqa: E731 (per-slot settings for each node)
-        probs = probs_per_row(tree_logits, per_node(s.temperature), per_node(s.top_p), per_node(s.top_k),
-                              mode.max_top_k, mode.top_p)
-        u = uniforms(s.seeds[sl], s.offsets[sl], t)
-        num_accepted, nodes, bonus = ops.tree_verify_sampling(tree.tokens, tree.parents, probs, u)
+    num_accepted, nodes, bonus = verify(s, n, tree, logits[:, :t], mode)
     active = s.active[sl]
     counts = ((num_accepted + 1) * active).to(torch.int32)
     path = nodes[:, :w].clamp(min=0).long()
