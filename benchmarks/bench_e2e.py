@@ -31,12 +31,14 @@ def main(argv=None) -> int:
     ap.add_argument("--base", default=None)
     ap.add_argument("--draft", default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on a CPU")
     ap.add_argument("--tree", default="dynamic")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "bfloat16" if str(args.device).startswith("cuda") else "float32"
     if args.device == "cpu":
         torch.set_num_threads(1)
     base, draft = (args.base, args.draft) if args.base else demo_paths()

@@ -1,9 +1,9 @@
 """Benchmark the draft head's top-k LM head: the fused Triton kernel against matmul + log_softmax + topk.
 
-Defaults: H = 4096, V = 32000 (Llama-2) and 128256 (Llama-3), N = 1, 10 and 60 rows, k = 10, bf16. Compared:
+Defaults: H = 4096, V = 32000 (Llama-2) and 128256 (Llama-3), N = 1 to 640 rows, k = 10, bf16. Compared:
 
 - ``triton``: :func:`eagle_kernels.lm_head_topk.lm_head_topk` (logits never written; per-tile top-k and
-  log-sum-exp partials merged by a few torch ops);
+  log-sum-exp partials merged by two parallel kernels; the weight streamed once for every row count);
 - ``torch``: ``torch.topk(torch.log_softmax((hidden @ weight.T).float(), -1), k)`` (what a plain head does);
 - ``read_weights``: one pass over the lm_head weights (``weight.sum()``), the floor for a memory-bound head;
   ``ideal_us`` is the weight bytes over the measured copy bandwidth.
@@ -33,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 10, 60])
+    # A draft level has top-k x batch rows: 10 at batch 1, 80 at the default max_batch_size 8, 640 at 64.
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 10, 16, 60, 64, 80, 128, 160, 320, 640])
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--no-save", action="store_true", help="do not append results")

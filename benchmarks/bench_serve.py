@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     ap.add_argument("--base", default=None, help="target directory (default: the embedded demo target)")
     ap.add_argument("--draft", default=None, help="head directory (default: the embedded demo head)")
     ap.add_argument("--tree", default="auto")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default=None, help="default: cuda where a GPU is visible, else cpu")
     ap.add_argument("--threads", type=int, default=1, help="server torch threads (default 1)")
     ap.add_argument("--no-save", action="store_true", help="print only: no JSON record, no plot")
     args = ap.parse_args(argv)
@@ -196,6 +196,8 @@ def main(argv=None) -> int:
 
     import torch
 
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     from eagle_engine import demo_paths
     from eagle_engine.tools import corpus
     from eagle_engine.tools.bench import load_average, machine

@@ -4,7 +4,8 @@
 - :func:`environment` gives the device name, the UTC date and the git commit stamped on every result.
 - :func:`copy_bandwidth_gbs` measures device copy bandwidth (bytes read + written per second) with a large
   ``torch`` copy: the yardstick for "% of bandwidth".
-- :func:`append_results` appends one JSON object per line to ``benchmarks/results/<name>.json``.
+- :func:`append_results` appends one JSON object per line to ``benchmarks/results/<name>.json`` (the folder
+  is ``$EAGLE_BENCH_RESULTS`` where that is set).
 - ``python benchmarks/common.py summary [--since ISO-DATE]`` prints the results recorded since a date, across
   every file under ``benchmarks/results`` (``*.json`` and ``*.jsonl``).
 """
@@ -21,7 +22,8 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS_DIR = os.path.join(HERE, "results")
+# Where results are appended: benchmarks/results, or $EAGLE_BENCH_RESULTS (the GPU suite points it at $OUT).
+RESULTS_DIR = os.environ.get("EAGLE_BENCH_RESULTS") or os.path.join(HERE, "results")
 ROOT = os.path.dirname(HERE)
 for _path in (ROOT, os.path.join(ROOT, "python")):  # run from a plain checkout too
     if _path not in sys.path:

@@ -30,6 +30,10 @@ MODELS = {
     "qwen3-8b": dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
                      num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                      max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0),
+    # Not a published model: a four-layer Llama small enough for a CPU, to dry-run what the others run.
+    "tiny": dict(model_type="llama", vocab_size=1000, hidden_size=128, intermediate_size=256,
+                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0),
     "mistral-7b": dict(model_type="mistral", vocab_size=32768, hidden_size=4096, intermediate_size=14336,
                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                        max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1000000.0),
@@ -45,7 +49,8 @@ def model_config(name: str) -> ModelConfig:
 
 
 def head_config(target: ModelConfig, kind: str) -> dict:
-    """The ``config.json`` of a published-shape EAGLE head (``kind`` ``"eagle1"`` or ``"eagle3"``)."""
+    """The ``config.json`` of a published-shape EAGLE head (``kind`` ``"eagle1"`` or ``"eagle3"``); the draft
+    vocabulary of an EAGLE-3 head is at most the target's."""
     raw = dict(hidden_size=target.hidden_size, intermediate_size=target.intermediate_size,
                num_attention_heads=target.num_attention_heads, num_key_value_heads=target.num_key_value_heads,
                head_dim=target.head_dim, rms_norm_eps=target.rms_norm_eps, vocab_size=target.vocab_size,
