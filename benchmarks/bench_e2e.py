@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import append_results, format_table  # noqa: E402
+from common import append_results, format_table, parse  # noqa: E402
 
 from eagle_engine import EagleEngine, demo_paths  # noqa: E402
 
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args(argv)
+    args = parse(ap, argv)
     if args.dtype is None:
         args.dtype = "bfloat16" if str(args.device).startswith("cuda") else "float32"
     if args.device == "cpu":

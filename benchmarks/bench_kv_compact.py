@@ -24,7 +24,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_results, bench, copy_bandwidth_gbs, device_name  # noqa: E402
+from common import append_results, bench, copy_bandwidth_gbs, device_name, parse  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--max-len", type=int, default=2048, help="cache rows per sequence")
     parser.add_argument("--tree", type=int, default=60, help="tree rows after the prefix")
-    return parser.parse_args(argv)
+    return parse(parser, argv)
 
 
 

@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--no-save", action="store_true", help="do not append results")
-    return parser.parse_args(argv)
+    return common.parse(parser, argv)
 
 
 def run_case(args, vocab: int, rows: int, copy_gbs: float) -> list[dict]:

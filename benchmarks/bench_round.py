@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--accept", action="append", default=[], metavar="STEP=TAU",
                     help="acceptance length to imply a speedup with (default: PUBLISHED_ACCEPTANCE)")
     ap.add_argument("--no-save", action="store_true", help="print only")
-    return ap.parse_args(argv)
+    return common.parse(ap, argv)
 
 
 def build(model: str, step: str, device, dtype):

@@ -27,7 +27,7 @@ import threading
 import time
 
 import httpx
-from common import RESULTS_DIR, ROOT, append_results
+from common import RESULTS_DIR, ROOT, append_results, parse
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="default: cuda where a GPU is visible, else cpu")
     ap.add_argument("--threads", type=int, default=1, help="server torch threads (default 1)")
     ap.add_argument("--no-save", action="store_true", help="print only: no JSON record, no plot")
-    args = ap.parse_args(argv)
+    args = parse(ap, argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
 
     import torch

@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--ref-max", type=int, default=8192, help="largest prefix timed with the reference")
     parser.add_argument("--no-save", action="store_true", help="do not append results")
-    return parser.parse_args(argv)
+    return common.parse(parser, argv)
 
 
 def random_tree_mask(batch: int, t: int, device):

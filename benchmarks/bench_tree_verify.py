@@ -21,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_results, bench, device_name  # noqa: E402
+from common import append_results, bench, device_name, parse  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--depth", type=int, default=6, help="tree depth below the root")
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--skip-reference", action="store_true", help="time the kernels only")
-    return parser.parse_args(argv)
+    return parse(parser, argv)
 
 
 

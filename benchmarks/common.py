@@ -1,5 +1,6 @@
 """Shared benchmark helpers: timing, environment facts, measured bandwidth, JSON results, a summary table.
 
+- :func:`parse` parses a benchmark's arguments (and stops there for the GPU suite's dry run);
 - :func:`bench` times a callable with ``triton.testing.do_bench``: median and 20th/80th percentiles.
 - :func:`environment` gives the device name, the UTC date and the git commit stamped on every result.
 - :func:`copy_bandwidth_gbs` measures device copy bandwidth (bytes read + written per second) with a large
@@ -28,6 +29,16 @@ ROOT = os.path.dirname(HERE)
 for _path in (ROOT, os.path.join(ROOT, "python")):  # run from a plain checkout too
     if _path not in sys.path:
         sys.path.insert(0, _path)
+
+
+def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``; with ``EAGLE_BENCH_CHECK_ARGS=1`` (the GPU suite's dry run) it stops
+    there: every argument read and checked, nothing run."""
+    args = parser.parse_args(argv)
+    if os.environ.get("EAGLE_BENCH_CHECK_ARGS") == "1":
+        print(f"{parser.prog}: arguments ok")
+        sys.exit(0)
+    return args
 
 
 def bench(fn, warmup_ms: int = 25, rep_ms: int = 100) -> dict:

@@ -1,75 +1,159 @@
 #!/usr/bin/env bash
-# The GPU suite in one command, on a machine with a CUDA GPU and Python with torch + triton installed (no
-# network needed):
+# The GPU device check, in two phases that each fit one `run` call of the device tool (10 minutes a command,
+# 15 minutes of device time a session, a bare machine at each start):
 #
-#   bash benchmarks/gpu_suite.sh
+#   bash benchmarks/gpu_suite.sh --phase kernels     # CUDA extension, GPU-only tests, kernel tests, kernels' benchmarks
+#   bash benchmarks/gpu_suite.sh --phase engine      # CUDA-graph and engine tests, real-shape rounds, end to end
+#   bash benchmarks/gpu_suite.sh --dry-run           # the plan and budget of both phases; checks every command
+#   bash benchmarks/gpu_suite.sh --phase engine --only bench_round,bench_e2e    # a rerun of some steps
 #
-# 1. installs the package in place (pip install -e . --no-build-isolation --no-deps);
-# 2. runs the tests on the GPU (pytest -x -q tests, without TRITON_INTERPRET; the AOT compile test, ~10 CPU
-#    minutes, is left to CI, which runs it on every submission);
-# 3. runs every benchmarks/bench_*.py it finds (new benchmarks join automatically), each under a time limit,
-#    then benchmarks/methods.py (every speculative method; results in benchmarks/results/gpu/);
-# 4. records the run (device, date, commit, exit codes, durations) in benchmarks/results/gpu_suite.json and
-#    prints a summary table of every result recorded during this run, last.
+# It uses the machine's own python (PYTHON, default python3: on the GPU image the one holding torch, triton,
+# transformers, scipy and pytest; no fastapi/openai, so the server's tests are not run), installs nothing
+# (the checkout is imported in place; the CUDA extension is built in place, once, as the first step), and runs
+# strict: EAGLE_KERNELS_STRICT=1 makes any op that falls back from its kernel on CUDA an error, and
+# benchmarks/backends.py prints what every op ran. No JIT build starts at import or collection (EAGLE_NO_JIT=1).
 #
-# Environment knobs: PYTHON (default python), TEST_TIMEOUT (s, default 300), BENCH_TIMEOUT (s per benchmark,
-# default 150), SKIP_INSTALL=1, SKIP_TESTS=1. Aims to finish within 8 minutes.
+# Everything comes back in $OUT (the device tool's folder; default benchmarks/results/gpu): per phase one JSON
+# (gpu_<phase>.json: device, commit, date, every step's exit code and seconds, every result the benchmarks
+# recorded) and one log (gpu_<phase>.log); the engine phase adds methods.png. Each step runs under its own time
+# limit; a phase's limits add up to at most PHASE_BUDGET seconds (the dry run checks it).
 set -u
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
-TEST_TIMEOUT=${TEST_TIMEOUT:-300}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-150}
-RESULTS=benchmarks/results
-mkdir -p "$RESULTS"
-START=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-STAMP=$(date -u +%Y%m%dT%H%M%SZ)
-LOG="$RESULTS/gpu_suite_$STAMP.log"
-unset TRITON_INTERPRET
-echo "gpu_suite: started $START, log $LOG"
+ROOT=$(pwd)
+PYTHON=${PYTHON:-python3}
+PHASE_BUDGET=420  # seconds: the limits of one phase's steps, added
+PHASE="" DRY=0 ONLY=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --phase) PHASE=$2; shift 2 ;;
+    --dry-run) DRY=1; shift ;;
+    --only) ONLY=$2; shift 2 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    *) echo "gpu_suite: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+case "$PHASE" in
+  kernels|engine) ;;
+  "") [ "$DRY" = 1 ] || { echo "gpu_suite: give --phase kernels|engine (or --dry-run)" >&2; exit 2; } ;;
+  *) echo "gpu_suite: unknown phase $PHASE (kernels, engine)" >&2; exit 2 ;;
+esac
 
-run_step() {  # run_step NAME TIMEOUT CMD...: runs CMD, tees to the log, records "NAME rc seconds"
-  local name=$1 limit=$2
-  shift 2
-  local t0=$SECONDS
-  echo "=== $name: $*" | tee -a "$LOG"
-  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
-  local rc=${PIPESTATUS[0]}
-  echo "$name $rc $((SECONDS - t0))" >> "$RESULTS/.gpu_suite_steps_$STAMP"
-  echo "=== $name: exit $rc in $((SECONDS - t0)) s" | tee -a "$LOG"
+# ------------------------------------------------------------------------------------------------ the plan
+# One step per line: NAME|LIMIT_SECONDS|COMMAND|CHECK, where CHECK is what the dry run runs to prove that
+# COMMAND exists and parses, on any machine (empty: COMMAND itself under EAGLE_BENCH_CHECK_ARGS=1, which makes
+# a benchmark read and check every argument, then stop). ${PY} is the python, ${XDIST} pytest's -n option where
+# pytest-xdist is installed.
+KERNEL_TESTS="tests/test_tree_attention.py tests/test_draft_head_kernels.py tests/test_round_kernels.py tests/test_sampling_kernels.py tests/test_kv_compact.py tests/test_tree_verify.py"
+plan() {
+  local build="build_ext|120|if ls eagle_kernels/_C*.so >/dev/null 2>&1; then echo 'eagle_kernels._C already built'; else TORCH_CUDA_ARCH_LIST=9.0a \${PY} setup.py -q build_ext --inplace; fi && \${PY} -c 'from eagle_kernels import _C_loader as c; assert c.available(), c.status(); print(c.status())'|\${PY} setup.py build_ext --help"
+  case "$1" in
+    kernels) cat <<EOF
+$build
+gpu_only_tests|45|\${PY} -m pytest -q -m 'gpu and kernels' $KERNEL_TESTS|\${PY} -m pytest -q --collect-only -m 'gpu and kernels' $KERNEL_TESTS
+kernel_tests|120|\${PY} -m pytest -q \${XDIST} -m 'kernels and not gpu' $KERNEL_TESTS|\${PY} -m pytest -q --collect-only -m 'kernels and not gpu' $KERNEL_TESTS
+bench_lm_head_topk|30|\${PY} benchmarks/bench_lm_head_topk.py --vocab 128256 --rows 1 10 80 160 640|
+bench_tree_attention|30|\${PY} benchmarks/bench_tree_attention.py --prefix 1024 8192 --tq 1 10 60 --batch 1 8 --ref-max 0|
+bench_kv_compact|15|\${PY} benchmarks/bench_kv_compact.py --layers 32 --batch 1 8|
+bench_tree_verify|15|\${PY} benchmarks/bench_tree_verify.py --batch 1 8|
+backends|25|\${PY} benchmarks/backends.py|
+EOF
+    ;;
+    engine) cat <<EOF
+$build
+engine_tests|90|\${PY} -m pytest -q \${XDIST} tests/test_cuda_graphs.py tests/test_engine_with_kernels.py|\${PY} -m pytest -q --collect-only tests/test_cuda_graphs.py tests/test_engine_with_kernels.py
+bench_round|110|\${PY} benchmarks/bench_round.py --model llama3.1-8b --batches 1,8,32 --steps-timed 20|
+round_model|20|\${PY} benchmarks/round_model.py --model llama3.1-8b --json > "\$WORK/round_model.json" && \${PY} benchmarks/round_model.py --model llama3.1-8b|\${PY} benchmarks/round_model.py --model tiny --json --batches 1 --memory-batches 1 --max-model-len 256
+bench_e2e|25|\${PY} benchmarks/bench_e2e.py --repeats 2 --new-tokens 96|
+methods|55|\${PY} benchmarks/methods.py --prompts 8 --repeats 2 --medusa-steps 300 --out "\$WORK"|
+EOF
+    ;;
+  esac
 }
 
-if [ "${SKIP_INSTALL:-0}" != 1 ]; then
-  run_step install 300 "$PYTHON" -m pip install -e . --no-build-isolation --no-deps -q
-fi
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  run_step tests "$TEST_TIMEOUT" "$PYTHON" -m pytest -x -q tests --ignore tests/test_triton_compile.py
-fi
-for bench in benchmarks/bench_*.py; do
-  [ -e "$bench" ] || continue
-  run_step "$(basename "$bench" .py)" "$BENCH_TIMEOUT" "$PYTHON" "$bench"
-done
-# Every method on the demo pair (trains its Medusa heads first on a fresh machine): results beside the CPU ones.
-run_step methods 420 "$PYTHON" benchmarks/methods.py --device cuda --prompts 8 --repeats 2 \
-  --out "$RESULTS/gpu"
+budget() {  # budget PHASE: the limits of its steps, added
+  plan "$1" | awk -F'|' '{s += $2} END {print s}'
+}
 
-# Record the run, then print everything recorded since it started.
-"$PYTHON" - "$RESULTS/.gpu_suite_steps_$STAMP" "$LOG" <<'EOF'
-import os
-import sys
+export PY=$PYTHON
+if [ "$DRY" = 1 ]; then
+  phases=${PHASE:-kernels engine}
+  status=0
+  export XDIST="" WORK
+  WORK=$(mktemp -d)
+  for p in $phases; do
+    total=$(budget "$p")
+    echo "== phase $p: $(plan "$p" | wc -l) steps, limits adding to ${total} s (at most ${PHASE_BUDGET} s)"
+    [ "$total" -le "$PHASE_BUDGET" ] || { echo "   over budget" >&2; status=1; }
+    while IFS='|' read -r name limit cmd check; do
+      printf '   %-22s %4s s  %s\n' "$name" "$limit" "$cmd"
+      [ -n "$check" ] || check="EAGLE_BENCH_CHECK_ARGS=1 $cmd"
+      if ! out=$(cd "$ROOT" && PYTHONPATH="$ROOT:$ROOT/python" EAGLE_NO_JIT=1 bash -c "$check" 2>&1); then
+        echo "   check failed for $name: $check" >&2
+        echo "$out" | tail -n 20 >&2
+        status=1
+      fi
+    done < <(plan "$p")
+  done
+  rm -rf "$WORK"
+  [ "$status" = 0 ] && echo "dry run: every command exists and parses; every phase fits its budget"
+  exit "$status"
+fi
 
+# ------------------------------------------------------------------------------------------------- running
+OUT=${OUT:-$ROOT/benchmarks/results/gpu}
+mkdir -p "$OUT"
+WORK=$(mktemp -d)
+LOG="$OUT/gpu_$PHASE.log"
+: > "$LOG"
+export WORK PYTHONPATH="$ROOT:$ROOT/python" EAGLE_KERNELS_STRICT=1 EAGLE_NO_JIT=1 PYTHONUNBUFFERED=1
+export EAGLE_BENCH_RESULTS="$WORK/results"
+unset TRITON_INTERPRET
+XDIST=""
+"$PYTHON" -c "import xdist" 2>/dev/null && XDIST="-n 8"
+export XDIST
+START=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+echo "gpu_suite: phase $PHASE, started $START, python $PYTHON, results in $OUT" | tee -a "$LOG"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+
+: > "$WORK/steps"
+while IFS='|' read -r name limit cmd check; do
+  if [ -n "$ONLY" ] && ! [[ ",$ONLY," == *",$name,"* ]]; then
+    continue
+  fi
+  t0=$SECONDS
+  echo "=== $name (limit $limit s): $cmd" | tee -a "$LOG"
+  timeout "$limit" bash -c "$cmd" > >(tee -a "$LOG") 2>&1 < /dev/null
+  rc=$?
+  echo "$name $rc $((SECONDS - t0)) $limit" >> "$WORK/steps"
+  echo "=== $name: exit $rc in $((SECONDS - t0)) s" | tee -a "$LOG"
+done < <(plan "$PHASE")
+
+# One JSON with every figure: the steps, every result the benchmarks appended, the round model's prediction.
+"$PYTHON" - "$PHASE" "$WORK" "$OUT" "$START" <<'EOF' 2>&1 | tee -a "$LOG"
+import glob, json, os, shutil, sys
 sys.path.insert(0, "benchmarks")
-import common  # noqa: E402
+import common
 
+phase, work, out, start = sys.argv[1:]
 steps = []
-with open(sys.argv[1]) as f:
-    for line in f:
-        name, rc, seconds = line.split()
-        steps.append({"step": name, "exit_code": int(rc), "seconds": int(seconds)})
-os.remove(sys.argv[1])
-common.append_results("gpu_suite", [{"steps": steps, "log": os.path.basename(sys.argv[2])}])
+for line in open(os.path.join(work, "steps")):
+    name, rc, seconds, limit = line.split()
+    steps.append({"step": name, "exit_code": int(rc), "seconds": int(seconds), "limit": int(limit)})
+results = {}
+for path in sorted(glob.glob(os.path.join(work, "results", "*.json"))):
+    with open(path) as f:
+        results[os.path.basename(path)[:-5]] = [json.loads(line) for line in f if line.strip()]
+for name in ("round_model.json", "methods.json"):
+    if os.path.exists(os.path.join(work, name)):
+        with open(os.path.join(work, name)) as f:
+            results[name[:-5]] = json.load(f)
+if os.path.exists(os.path.join(work, "methods.png")):
+    shutil.copy(os.path.join(work, "methods.png"), os.path.join(out, "methods.png"))
+record = {"phase": phase, "started": start, **common.environment(), "steps": steps, "results": results}
+with open(os.path.join(out, f"gpu_{phase}.json"), "w") as f:
+    json.dump(record, f, indent=1)
 print("\n=== steps")
-print(common.format_table(steps, ["step", "exit_code", "seconds"]))
+print(common.format_table(steps, ["step", "exit_code", "seconds", "limit"]))
+print(f"\nwrote {out}/gpu_{phase}.json and gpu_{phase}.log")
 EOF
-echo
-echo "=== results recorded since $START"
-"$PYTHON" benchmarks/common.py summary --since "$START"
+rm -rf "$WORK"

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import RESULTS_DIR, environment  # noqa: E402
+from common import RESULTS_DIR, environment, parse  # noqa: E402
 
 from eagle_engine import EagleEngine, demo_paths  # noqa: E402
 from eagle_engine.models.loading import load_draft, load_target  # noqa: E402
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lookahead", default=None, metavar="JSON", help="LookaheadConfig fields (default: its)")
     ap.add_argument("--prompt-lookup", default=None, metavar="JSON", help="PromptLookupConfig fields")
     ap.add_argument("--out", default=RESULTS_DIR, help="directory for methods.json and methods.png")
-    args = ap.parse_args(argv)
+    args = parse(ap, argv)
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     torch.set_num_threads(args.threads)

@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--bandwidth", type=float, default=3.0e12, help="bytes/s (H100: 3.0e12 measured copy)")
     ap.add_argument("--tflops", type=float, default=790.0, help="bf16 matrix TFLOP/s (H100: 790 measured)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    return ap.parse_args(argv)
+    return common.parse(ap, argv)
 
 
 def ints(text: str) -> list[int]:

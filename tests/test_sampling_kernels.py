@@ -98,7 +98,7 @@ def test_kernels_read_and_write_a_slice_of_a_bigger_buffer_in_place():
     masked_softmax.masked_softmax_(view, threshold)
     expected = before[:, :5].cpu().clone()
     reference.masked_softmax_(expected, threshold.cpu())
-    torch.testing.assert_close(buffer[:, :5].cpu(), expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(buffer[:, :5].cpu(), expected, rtol=1e-5, atol=1e-7)
     assert torch.equal(buffer[:, 5:], before[:, 5:])
 
 
@@ -108,7 +108,7 @@ def test_kernel_masked_softmax_matches_reference(shape):
     threshold = reference.top_p_threshold(logits, top_p * 0.9, floor)
     expected = reference.masked_softmax_(logits.clone(), threshold)
     got = masked_softmax.masked_softmax_(logits.clone().to(DEVICE), threshold.to(DEVICE)).cpu()
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)  # a GPU's exp is not libm's
     assert (got[logits < threshold.unsqueeze(-1)] == 0).all()
 
 
