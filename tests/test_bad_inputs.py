@@ -135,6 +135,9 @@ BAD_TARGET_CONFIGS = [
         "original_max_position_embeddings",
     ),
     (dict(rope_parameters=[1, 2]), "rope_parameters"),
+    # Settings given twice must agree (the loader would otherwise silently pick one of them).
+    (dict(rope_theta=-1), r"rope_theta = -1 contradicts rope_parameters\.rope_theta = 10000"),
+    (dict(rope_scaling={"type": "linear", "factor": 2.0}), r"scaling\.type = 'linear' contradicts rope_par"),
     (dict(rope_parameters={"rope_type": 3, "rope_theta": 1e4}), "rope_type"),
     (dict(eos_token_id=VOCAB), "eos_token_id"),
     (dict(eos_token_id=-1), "eos_token_id"),
@@ -168,6 +171,14 @@ def test_bad_generation_config_eos(model_dir, tmp_path, eos):
     with pytest.raises(UnsupportedModelError, match="eos_token_id") as info:
         load_target(bad)
     assert "generation_config.json" in str(info.value)
+
+
+def test_settings_given_twice_alike_still_load(model_dir, tmp_path):
+    cfg = json.load(open(os.path.join(model_dir, "config.json")))
+    theta = cfg["rope_parameters"]["rope_theta"]
+    ok = edit_json(copy_dir(model_dir, tmp_path), "config.json", rope_theta=int(theta),
+                   rope_scaling={"type": cfg["rope_parameters"]["rope_type"]})
+    assert load_target(ok).config.rope.theta == theta
 
 
 def test_good_eos_ids_still_load(model_dir, tmp_path):

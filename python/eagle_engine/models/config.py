@@ -263,20 +263,34 @@ class ModelConfig:
 
 
 def parse_rope(r: ConfigReader) -> RopeConfig:
-    """Rotary settings from either ``rope_parameters`` (transformers 5) or ``rope_theta``/``rope_scaling``;
-    ``rope_parameters`` wins where both give a key."""
+    """Rotary settings from ``rope_parameters`` (transformers 5) and/or ``rope_theta``/``rope_scaling``
+    (transformers 4). A setting given in several places must agree: a contradiction (a top-level
+    ``rope_theta`` of -1 beside ``rope_parameters.rope_theta`` 10000, ``rope_scaling.type`` beside another
+    ``rope_parameters.rope_type``) is an error naming both, never settled by picking one."""
     merged, origin = {}, {}
+    places = [("rope_theta", {"rope_theta": r.get("rope_theta", None)})]
     for section in ("rope_scaling", "rope_parameters"):
         value = r.get(section, {})
         if not isinstance(value, dict):
             r.fail(section, "an object", value)
-        merged.update(value)
-        origin.update({k: f"{section}.{k}" for k in value})
+        places.append((section, value))
+    for section, value in places:
+        for k, v in value.items():
+            key = "rope_type" if k == "type" else k  # transformers 4's name for the same setting
+            where = k if section == k else f"{section}.{k}"
+            if v is None:
+                continue
+            if key in merged and not _same_setting(merged[key], v):
+                raise UnsupportedModelError(
+                    f"{r.where}: {origin[key]} = {merged[key]!r} contradicts {where} = {v!r}; remove one"
+                )
+            merged.setdefault(key, v)
+            origin.setdefault(key, where)
     theta = merged.get("rope_theta")
     theta = r.float("rope_theta", 10000.0) if theta is None else r.float(origin["rope_theta"], value=theta)
-    rope_type = merged.get("rope_type", merged.get("type", "default"))
+    rope_type = merged.get("rope_type", "default")
     if not isinstance(rope_type, str):
-        r.fail(origin.get("rope_type", origin.get("type", "rope_type")), "a string", rope_type)
+        r.fail(origin.get("rope_type", "rope_type"), "a string", rope_type)
     kwargs = {}
     for k in ("factor", "low_freq_factor", "high_freq_factor"):
         if merged.get(k) is not None:
@@ -286,6 +300,13 @@ def parse_rope(r: ConfigReader) -> RopeConfig:
         kwargs[k] = check_int(merged[k], origin[k], r.where, hi=INT_LIMITS[k])
     with r.naming_file():
         return RopeConfig(theta=theta, rope_type=rope_type, **kwargs)
+
+
+def _same_setting(a, b) -> bool:
+    """Two values of one setting agree: equal, numbers compared as numbers (10000 == 10000.0)."""
+    if isinstance(a, numbers.Real) and isinstance(b, numbers.Real) and not isinstance(a, bool):
+        return not isinstance(b, bool) and float(a) == float(b)
+    return a == b
 
 
 def read_json(path: str, what: str) -> dict:
