@@ -149,6 +149,7 @@ def complete(server, prompt, stream=False, **kwargs):
 def test_models_and_health(server):
     models = server.client.models.list()
     assert [m.id for m in models.data] == ["tiny"]
+    assert models.data[0].max_model_len == server.engine.max_length  # the context length
     assert httpx.get(server.url + "/health", timeout=TIMEOUT).json() == {"status": "ok"}
 
 
@@ -420,14 +421,13 @@ def test_cli_serve_flags():
 def test_serve_loads_the_method_its_flags_name(reference_env):
     """``eagle serve --method prompt_lookup`` without --base: the demo target, no head, that method."""
     from eagle_engine.serve.server import load
-    from eagle_engine.tools.cli import build_parser, method_kwargs
+    from eagle_engine.tools.cli import build_parser
 
     flags = ["serve", "--method", "prompt_lookup", "--method-settings", '{"num_tokens": 5}']
-    args = build_parser().parse_args(flags)
-    engine, _, name = load(args.base, args.draft, args.device, args.dtype, 2, **method_kwargs(args))
+    engine, _, name = load(build_parser().parse_args(flags), 2)
     assert (name, engine.method, engine.draft) == ("eagle-demo", "prompt_lookup", None)
     assert engine.settings.num_tokens == 5
-    engine, _, _ = load(None, None, max_batch_size=1, tree="chain")  # default method: the demo's EAGLE head
+    engine, _, _ = load(build_parser().parse_args(["serve", "--tree", "chain"]), 1)  # the demo's EAGLE head
     assert engine.method == "eagle" and engine.tree.kind == "chain"
 
 

@@ -170,6 +170,37 @@ def test_stop_token_ids(pair, capsys):
     assert "--stop-token-ids" in capsys.readouterr().err
 
 
+def test_compare_under_sampling_says_that_outputs_differ_by_design(pair, capsys):
+    base, head = pair
+    args = ["generate", "--base", base, "--draft", head, "--prompt", "import os", "--max-new-tokens", "16"]
+    assert main(args + ["--compare", "--threads", "1", "--temperature", "1.5", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "outputs identical: no (expected when sampling" in out, out
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["generate", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["serve", "--port", "99999"], "--port"),
+    (["serve", "--log-level", "bogus"], "--log-level"),
+])
+def test_bad_flags_fail_before_anything_loads(flags, named, monkeypatch, capsys):
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the flags were checked")
+
+    monkeypatch.setattr(EagleEngine, "from_pretrained", refuse)
+    with pytest.raises(SystemExit) as e:
+        main(flags)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and named in err and "Traceback" not in err
+
+
+def test_a_draft_without_base_names_the_demo_target(pair, capsys):
+    _, head = pair  # a head for another model than the demo's
+    assert main(["generate", "--draft", head, "--prompt", "x", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "embedded demo model" in err and "--base" in err
+
+
 def test_seed_outside_int64_is_a_clear_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", "--prompt", "x", "--seed", "99999999999999999999999"])
@@ -358,6 +389,18 @@ def test_eagle_bench_end_to_end(pair, code_corpus, tmp_path, capsys):
     assert result["threads"] == 1 and result["machine"] and result["command"].startswith("eagle bench")
 
 
+def test_eagle_bench_takes_the_auto_tree(pair, code_corpus, monkeypatch, capsys):
+    from eagle_engine.tools import bench
+
+    measured = []
+    monkeypatch.setattr(bench, "measure_trees", lambda engine, prompts, trees, *a, **k: measured.extend(trees)
+                        or [])
+    base, head = pair
+    args = ["bench", "--base", base, "--draft", head, "--corpus", code_corpus, "--prompts", "1"]
+    assert main(args + ["--trees", "auto,chain", "--prompt-chars", "200", "--threads", "1"]) == 0
+    assert measured == ["auto", "chain"]
+
+
 def test_eagle_bench_repeats_and_bad_input(pair, code_corpus, tmp_path, capsys):
     from eagle_engine.tools.bench import measure_tree
 
@@ -370,6 +413,8 @@ def test_eagle_bench_repeats_and_bad_input(pair, code_corpus, tmp_path, capsys):
     assert main(args) == 2 and "--draft" in capsys.readouterr().err
     assert main(args + ["--draft", head, "--trees", "chain,bushy"]) == 2
     assert "bushy" in capsys.readouterr().err
+    assert main(["bench", "--draft", head, "--corpus", code_corpus]) == 2  # no --base: said so
+    assert "--base" in capsys.readouterr().err
     short = tmp_path / "short.txt"
     short.write_text("x = 1\n")
     assert main(["bench", "--base", base, "--draft", head, "--corpus", str(short)]) == 2

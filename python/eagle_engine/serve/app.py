@@ -121,7 +121,8 @@ def create_app(engine, tokenizer, model_name: str = "eagle", max_queue: int = 25
 
     @app.get("/v1/models")
     async def models():
-        card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "eagle"}
+        card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "eagle",
+                "max_model_len": state.max_model_len}  # the context length, as vLLM's cards give it
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")

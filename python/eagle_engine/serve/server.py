@@ -11,23 +11,22 @@ def model_name_of(base: str | None) -> str:
     return "eagle-demo" if base is None else os.path.basename(os.path.normpath(base))
 
 
-def load(base: str | None, draft: str | None, device="cpu", dtype="float32", max_batch_size=8, **method):
-    """``(engine, tokenizer, model_name)``; no ``base``: the embedded demo pair (with its EAGLE head unless
-    ``draft`` names another or ``method`` needs none). ``method``: ``from_pretrained``'s ``method``,
-    ``tree``, ``medusa``, ``lookahead``, ``prompt_lookup`` keywords (default: EAGLE, ``tree="auto"``)."""
+def load(args, max_batch_size: int = 8):
+    """``(engine, tokenizer, model_name)`` from the serve flags (``--base``, ``--draft``, ``--method``,
+    ``--method-settings``, ``--tree``, ``--device``, ``--dtype``); no ``--base``: the embedded demo pair (with
+    its EAGLE head unless ``--draft`` names another or the method needs none)."""
     from ..engine.engine import EagleEngine
     from ..tools.common import load_tokenizer
-    from ..tools.demo import demo_paths
+    from ..tools.model_args import method_kwargs, naming_the_demo_target, use_demo_target
 
-    name = model_name_of(base)
-    if base is None:
-        base, demo_head = demo_paths()
-        if method.get("method") in (None, "eagle"):
-            draft = draft or demo_head
-    engine = EagleEngine.from_pretrained(
-        base, draft, device=device, dtype=dtype, max_batch_size=max_batch_size, **method
-    )
-    return engine, load_tokenizer(base), name
+    name = model_name_of(args.base)
+    on_demo = use_demo_target(args)
+    with naming_the_demo_target(on_demo):
+        engine = EagleEngine.from_pretrained(
+            args.base, args.draft, device=args.device, dtype=args.dtype, max_batch_size=max_batch_size,
+            **method_kwargs(args),
+        )
+    return engine, load_tokenizer(args.base), name
 
 
 def serve(args) -> None:
@@ -40,11 +39,7 @@ def serve(args) -> None:
 
     apply_threads(args.threads)
 
-    from ..tools.cli import method_kwargs
-
-    engine, tokenizer, name = load(
-        args.base, args.draft, args.device, args.dtype, args.max_batch_size, **method_kwargs(args)
-    )
+    engine, tokenizer, name = load(args, args.max_batch_size)
     app = create_app(engine, tokenizer, name, args.max_queue)
     mode = engine.method or "vanilla"
     print(f"eagle serve: {name} ({mode}) on http://{args.host}:{args.port}/v1", flush=True)

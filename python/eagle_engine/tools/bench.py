@@ -133,9 +133,10 @@ def run_bench(args) -> dict:
     check_model_dir(args.base)
     tokenizer = load_tokenizer(args.base)
     trees = [t.strip() for t in args.trees.split(",") if t.strip()]
-    unknown = [t for t in trees if t not in TREES]
+    unknown = [t for t in trees if t not in TREES + ("auto",)]
     if not trees or unknown:
-        raise EagleError(f"--trees: unknown tree(s) {unknown}; use a comma-separated list of {TREES}")
+        raise EagleError(f"--trees: unknown tree(s) {unknown}; use a comma-separated list of "
+                         f"{', '.join(TREES + ('auto',))}")
     corpus = read_documents(args.corpus, args.doc_separator)
     pool = prompt_pool(corpus.documents, args.prompt_chars)
     if not pool:

@@ -15,12 +15,15 @@ from .common import (
     apply_threads,
     check_model_dir,
     load_tokenizer,
+    port_int,
     positive_int,
     report,
     seed_int,
 )
+from .model_args import method_kwargs, naming_the_demo_target, use_demo_target
 
 TREE_CHOICES = ("dynamic", "static", "chain", "auto")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -54,7 +57,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -139,7 +142,8 @@ def _add_bench_parser(sub) -> None:
     b.set_defaults(draft=None)
     b.add_argument("--corpus", required=True, nargs="+", help="text to cut prompts from (as train-draft's)")
     b.add_argument("--doc-separator", default=None, help="split text files into documents on this string")
-    b.add_argument("--trees", default="dynamic,static,chain", help="comma-separated draft trees to measure")
+    b.add_argument("--trees", default="dynamic,static,chain",
+                   help="comma-separated draft trees to measure, of: dynamic, static, chain, auto")
     b.add_argument("--max-new-tokens", type=positive_int, default=64)
     b.add_argument("--prompts", type=positive_int, default=8, help="prompts cut from the corpus (default: 8)")
     b.add_argument("--prompt-chars", type=positive_int, default=400, help="characters per prompt (400)")
@@ -154,7 +158,7 @@ def _add_bench_parser(sub) -> None:
 def _add_demo_parser(sub) -> None:
     demo = sub.add_parser("demo", help="complete Python code with the embedded demo pair: EAGLE vs vanilla")
     demo.add_argument("--prompt", default=None, help="prompt text (default: a small Python snippet)")
-    demo.add_argument("--max-new-tokens", type=int, default=128)
+    demo.add_argument("--max-new-tokens", type=positive_int, default=128)
     demo.add_argument(
         "--tree",
         default="auto",
@@ -182,7 +186,7 @@ def _add_serve_parser(sub) -> None:
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     _add_model_args(sv)
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=port_int, default=8000)
     sv.add_argument("--max-batch-size", type=positive_int, default=8, help="sequences decoded together")
     sv.add_argument("--max-queue", type=positive_int, default=256, help="requests waiting before a 503")
     sv.add_argument(
@@ -191,7 +195,7 @@ def _add_serve_parser(sub) -> None:
         choices=TREE_CHOICES,
         help="EAGLE draft tree; auto (default): sized to the device, measured once and cached",
     )
-    sv.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
+    sv.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="uvicorn's log level (info)")
     add_threads_arg(sv)
 
 
@@ -199,45 +203,18 @@ def cmd_generate(args) -> None:
     from ..engine.engine import EagleEngine
 
     apply_threads(args.threads)
-    if args.base is None:
-        from .demo import demo_paths
-
-        args.base, demo_head = demo_paths()
-        if args.method in (None, "eagle"):
-            args.draft = args.draft or demo_head
+    on_demo = use_demo_target(args)
     check_model_dir(args.base)  # a missing directory or config.json is named before any tokenizer problem
     tokenizer = load_tokenizer(args.base)
-    engine = EagleEngine.from_pretrained(
-        args.base, args.draft, device=args.device, dtype=args.dtype,
-        tensor_parallel_size=args.tensor_parallel_size, **method_kwargs(args),
-    )
+    with naming_the_demo_target(on_demo):
+        engine = EagleEngine.from_pretrained(
+            args.base, args.draft, device=args.device, dtype=args.dtype,
+            tensor_parallel_size=args.tensor_parallel_size, **method_kwargs(args),
+        )
     with contextlib.ExitStack() as stack:
         if args.tensor_parallel_size > 1 and _rank() != 0:  # only rank 0 prints
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
         _generate(args, engine, tokenizer)
-
-
-def method_kwargs(args) -> dict:
-    """``from_pretrained`` keywords for ``--method``, ``--method-settings`` and ``--tree``."""
-    import json
-
-    kwargs = {"method": args.method}
-    method = args.method
-    if method is None and args.draft is not None:
-        from ..models.loading import is_medusa_dir
-
-        method = "medusa" if is_medusa_dir(args.draft) else "eagle"
-    if args.method_settings is not None:
-        try:
-            settings = json.loads(args.method_settings)
-        except json.JSONDecodeError as e:
-            raise EagleError(f"--method-settings is not valid JSON: {e}") from None
-        if method in (None, "eagle"):
-            raise EagleError("--method-settings is for medusa, lookahead or prompt_lookup (EAGLE: --tree)")
-        kwargs[method] = settings
-    if method in (None, "eagle"):
-        kwargs["tree"] = args.tree
-    return kwargs
 
 
 def _rank() -> int:
@@ -261,7 +238,11 @@ def _generate(args, engine, tokenizer) -> None:
         report("vanilla", vanilla, text if engine.method is None else None)
         if eagle is not None:
             same = eagle.tokens == vanilla.tokens
-            print(f"outputs identical: {'yes' if same else 'no'}")
+            note = ""
+            if not same and args.temperature > 0:
+                note = (" (expected when sampling: both follow the target's distribution but draw their "
+                        "random numbers differently; greedy outputs are identical)")
+            print(f"outputs identical: {'yes' if same else 'no'}{note}")
             if eagle.total_seconds > 0 and vanilla.total_seconds > 0:
                 print(f"speedup: {eagle.tokens_per_second / vanilla.tokens_per_second:.2f}x")
 
@@ -322,6 +303,8 @@ def cmd_bench(args) -> None:
 
     if args.draft is None:
         raise EagleError("eagle bench needs --draft: the EAGLE head measured against vanilla decoding")
+    if args.base is None:
+        raise EagleError("eagle bench needs --base: the target model the --draft head was trained for")
     if args.method not in (None, "eagle"):
         raise EagleError("eagle bench measures EAGLE trees; benchmarks/methods.py compares the methods")
     run_bench(args)

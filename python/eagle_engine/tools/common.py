@@ -81,6 +81,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port_int(text: str) -> int:
+    """A TCP port: 1 to 65535."""
+    value = _int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535, got {text}")
+    return value
+
+
 def seed_int(text: str) -> int:
     """A seed: an integer in the int64 range (what ``torch.Generator.manual_seed`` takes)."""
     value = _int(text)
