@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny import make_head_dir, make_hf_model, make_tokenizer, save
 
-from eagle_engine import EagleEngine, TrainingInputError
+from eagle_engine import EagleEngine, EagleError, TrainingInputError
 from eagle_engine.tools import common
 from eagle_engine.tools.cli import main
 from eagle_engine.tools.corpus import read_documents, token_stream
@@ -228,6 +228,30 @@ def test_threads_flag_and_default(monkeypatch, capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "--threads" in capsys.readouterr().out, command
+
+
+def test_the_api_sets_the_commands_default_threads(pair, monkeypatch, caplog):
+    """from_pretrained on a CPU: threads=None sets the commands' default (and logs it), N sets N, 0 leaves
+    torch's setting; a bad count is an error before anything loads."""
+    import logging
+
+    base, _ = pair
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)  # the default would be 4
+    try:
+        torch.set_num_threads(7)
+        with caplog.at_level(logging.INFO, logger="eagle_engine"):
+            EagleEngine.from_pretrained(base)
+        assert torch.get_num_threads() == 4 and "torch CPU threads: 4" in caplog.text
+        EagleEngine.from_pretrained(base, threads=3)
+        assert torch.get_num_threads() == 3
+        torch.set_num_threads(5)
+        EagleEngine.from_pretrained(base, threads=0)
+        assert torch.get_num_threads() == 5
+        with pytest.raises(EagleError, match="threads"):
+            EagleEngine.from_pretrained(base, threads=-2)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_model_directory_is_checked_before_the_tokenizer(tmp_path, pair, capsys):

@@ -15,6 +15,7 @@ from ..models.weights import resolve_dtype
 from ..spec.methods import SETTINGS_KEYWORD, head_method, make_drafter, resolve_method, resolve_settings
 from ..spec.sampling import SamplingParams
 from ..spec.tree import TreeConfig
+from .cpu_threads import set_threads
 from .inputs import check_max_new_tokens, check_seeds, normalize_prompts, normalize_stop_ids
 from .runner import Runner
 from .sequence import Sequence
@@ -114,6 +115,7 @@ class EagleEngine:
         max_model_len: int | None = None,
         cuda_graphs: bool | None = None,
         tensor_parallel_size: int = 1,
+        threads: int | None = None,
     ) -> "EagleEngine":
         """Load a Hugging Face target directory and, if given, a draft head directory: an EAGLE-1/2 or
         EAGLE-3 head (official EAGLE format) or Medusa-1 heads (official Medusa format), told apart by their
@@ -137,8 +139,15 @@ class EagleEngine:
         --nproc-per-node N`` (the process group is initialised from torchrun's environment unless the caller
         did; on CUDA each rank uses ``cuda:LOCAL_RANK``); every rank calls the same methods with the same
         arguments and gets the same tokens. See :mod:`eagle_engine.models.parallel`.
+        ``threads``: torch's CPU threads, a process-wide setting made here, before any loading or measuring:
+        None (default) on a CPU device sets the ``eagle`` commands' default, ``min(4, max(1, cores // 2))``,
+        and logs it (logger ``eagle_engine``); an int sets that many; 0 leaves torch's setting alone (the
+        default on CUDA). torch's own default, every core, is many times slower for this engine's small
+        matrix products on a shared machine.
         """
         dev, dt = resolve_device(device), resolve_dtype(dtype)
+        if threads != 0 and (threads is not None or dev.type == "cpu"):
+            set_threads(threads)
         tp, dev = parallel.setup(tensor_parallel_size, load_model_config(base_path), dev)
         target = load_target(base_path, device=dev, dtype=dt, tp=tp)
         if tp is not None and cuda_graphs is None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..errors import EagleError, ModelLoadError
+from ..engine.cpu_threads import default_threads, set_threads
+from ..errors import ModelLoadError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -40,15 +41,6 @@ def load_tokenizer(model_dir: str):
 # ------------------------------------------------------------------------------------------- threads
 
 
-def default_threads() -> int:
-    """CPU threads when ``--threads`` is not given: half the cores, at least 1, at most 4.
-
-    Half: a machine shared with other jobs (CI, a laptop, a 2-core box) keeps cores free instead of stalling;
-    at most 4: the engine's CPU work is small matrix-vector products, where more threads mostly add hand-offs.
-    """
-    return min(4, max(1, (os.cpu_count() or 1) // 2))
-
-
 def add_threads_arg(parser: argparse.ArgumentParser) -> None:
     """``--threads N``: torch's CPU threads (see :func:`default_threads`)."""
     parser.add_argument(
@@ -62,13 +54,7 @@ def add_threads_arg(parser: argparse.ArgumentParser) -> None:
 
 def apply_threads(n: int | None) -> int:
     """Set torch's intra-op CPU threads to ``n`` (None: :func:`default_threads`); returns the number set."""
-    import torch
-
-    n = default_threads() if n is None else int(n)
-    if n < 1:
-        raise EagleError(f"--threads must be >= 1, got {n}")
-    torch.set_num_threads(n)
-    return n
+    return set_threads(n)
 
 
 # ------------------------------------------------------------------------------------- argument types
