@@ -300,6 +300,24 @@ def test_bad_input_through_the_client(server):
         server.client.chat.completions.create(model="gpt-17", messages=[{"role": "user", "content": "hi"}])
 
 
+@pytest.mark.parametrize("method, path, kwargs, status, code", [
+    ("GET", "/v2/nothing", {}, 404, "not_found"),
+    ("GET", "/v1/completions", {}, 405, "method_not_allowed"),
+    ("POST", "/v1/completions", {"content": b'{"prompt": "\xff\xfe"}'}, 400, "invalid_json"),
+    ("POST", "/v1/completions", {"json": {"prompt": "x", "frobnicate": 1}}, 400, "unknown_field"),
+    ("POST", "/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": "hi"}],
+                                               "tools": [{"type": "function"}]}}, 400, "unsupported_field"),
+    ("POST", "/v1/completions", {"json": {"prompt": "x", "response_format": {"type": "json_object"}}}, 400,
+     "unsupported_field"),
+])
+def test_every_error_has_the_openai_shape(server, method, path, kwargs, status, code):
+    headers = {"content-type": "application/json"} if "content" in kwargs else {}
+    r = httpx.request(method, server.url + path, timeout=TIMEOUT, headers=headers, **kwargs)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == code and error["message"]
+
+
 def test_malformed_json_and_missing_fields(server):
     r = httpx.post(
         server.url + "/v1/completions",
@@ -344,6 +362,7 @@ def test_full_queue_and_missing_chat_template(model):
                     time.sleep(0.02)
                 r = httpx.post(s.url + "/v1/completions", json=short, timeout=TIMEOUT)
                 assert r.status_code == 503 and "queue is full" in r.json()["error"]["message"]
+                assert int(r.headers["retry-after"]) >= 1
             # the streaming client left: its slot goes to the waiting request
             assert waiting.result(timeout=TIMEOUT).json()["choices"][0]["finish_reason"] == "length"
     finally:

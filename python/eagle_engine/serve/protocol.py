@@ -22,7 +22,7 @@ class StreamOptions(BaseModel):
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")  # an unknown field is a 400 naming it, never ignored
 
     model: str | None = None
     temperature: float | None = None
@@ -39,6 +39,14 @@ class _Common(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # Fields of the API this server does not implement: declared so that they get a message of their own.
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    parallel_tool_calls: Any = None
+    top_logprobs: Any = None
 
 
 class CompletionRequest(_Common):
@@ -81,8 +89,15 @@ def sampling_of(body: _Common) -> SamplingParams:
         raise invalid(str(e)) from None
 
 
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "parallel_tool_calls",
+               "top_logprobs")
+
+
 def check_unsupported(body: _Common) -> None:
     """Fields of the API this server does not implement answer 400 instead of being silently ignored."""
+    for name in UNSUPPORTED:
+        if getattr(body, name) is not None:
+            raise invalid(f"{name} is not supported by this server", name, "unsupported_field")
     if body.n not in (None, 1):
         raise invalid(f"n must be 1 (one choice per request), got {body.n}", "n")
     for name in ("presence_penalty", "frequency_penalty"):
