@@ -73,7 +73,7 @@ class Server:
     """uvicorn serving ``create_app(...)`` in a background thread on a free loopback port."""
 
     def __init__(self, directory, head, name="tiny", tokenizer=None, max_batch_size=4, max_queue=32,
-                 **method):
+                 max_request_bytes=2 * 1024 * 1024, **method):
         import uvicorn
 
         from eagle_engine.serve import create_app
@@ -84,7 +84,8 @@ class Server:
         # references come from a second engine: the server's engine thread owns the first one's runner
         self.reference = EagleEngine.from_pretrained(directory, head, **method)
         self.tokenizer = tokenizer or load_tokenizer(directory)
-        self.app = create_app(self.engine, self.tokenizer, name, max_queue=max_queue)
+        self.app = create_app(self.engine, self.tokenizer, name, max_queue=max_queue,
+                              max_request_bytes=max_request_bytes)
         self.port = _free_port()
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
@@ -316,6 +317,54 @@ def test_every_error_has_the_openai_shape(server, method, path, kwargs, status, 
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["code"] == code and error["message"]
+
+
+def test_oversized_bodies_are_refused_at_once(model):
+    s = Server(*model, max_request_bytes=64 * 1024)
+    try:
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "x" * 1_000_000}, timeout=TIMEOUT)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        assert "--max-request-bytes" in r.json()["error"]["message"]
+        # An 8 MB body announced but never sent: the answer comes without waiting for it.
+        with socket.create_connection(("127.0.0.1", s.port), timeout=TIMEOUT) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 8000000\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 413")
+        assert s.metrics()['eagle_requests_rejected_total{"status": "413"}'] == 2
+    finally:
+        s.stop()
+
+
+def test_a_long_tokenization_stalls_no_stream(server):
+    """A prompt whose tokenization blocks (held on an event here) holds up neither the event loop nor the
+    engine: a stream started before runs to its end meanwhile."""
+    state = server.app.state.serve
+    release, entered = threading.Event(), threading.Event()
+    real = state.encoder
+
+    class Blocking:
+        has_chat_template = real.has_chat_template
+
+        def encode(self, text, **kwargs):
+            if text.startswith("BLOCK"):
+                entered.set()
+                assert release.wait(TIMEOUT)
+            return real.encode(text, **kwargs)
+
+    state.encoder = Blocking()
+    try:
+        stream = server.client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=24,
+                                                  temperature=0, stream=True)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            blocked = pool.submit(complete, server, "BLOCK " + "x" * 1000, max_tokens=2)
+            assert entered.wait(TIMEOUT)
+            finish = [c.choices[0].finish_reason for c in stream if c.choices][-1]
+            assert finish == "length" and not blocked.done()  # the stream ended while the encode waited
+            release.set()
+            assert blocked.result(TIMEOUT)[1] == "length"
+    finally:
+        release.set()
+        state.encoder = real
 
 
 def test_malformed_json_and_missing_fields(server):

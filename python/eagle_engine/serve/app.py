@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import threading
 import time
@@ -24,6 +25,7 @@ from ..engine.scheduler import Request as EngineRequest
 from ..errors import InvalidRequestError
 from ..tools.detokenize import IncrementalDetokenizer
 from .errors import APIError, install_handlers, invalid
+from .limits import DEFAULT_MAX_REQUEST_BYTES, BodyLimit
 from .metrics import Metrics
 from .protocol import (
     ChatCompletionRequest,
@@ -82,7 +84,11 @@ def make_runner(engine):
 class ServeState:
     def __init__(self, engine, tokenizer, model_name: str, max_queue: int):
         self.engine, self.model_name = engine, model_name
+        # Two tokenizers: requests are encoded (and chat templates rendered) on a worker thread with a copy,
+        # while the engine thread decodes with the original, so a long prompt never holds up a stream.
         self.tokenizer = LockedTokenizer(tokenizer)
+        self.encoder = LockedTokenizer(copy.deepcopy(tokenizer))
+        self.encoding = anyio.CapacityLimiter(1)
         cfg = engine.target.config
         self.vocab_size, self.eos_ids = cfg.vocab_size, frozenset(cfg.eos_token_ids)
         runner, new_sequence = make_runner(engine)
@@ -94,9 +100,11 @@ class ServeState:
         self.created = int(time.time())
 
 
-def create_app(engine, tokenizer, model_name: str = "eagle", max_queue: int = 256) -> FastAPI:
+def create_app(engine, tokenizer, model_name: str = "eagle", max_queue: int = 256,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The app over ``engine.runner`` (its ``max_batch_size`` slots, its ``max_model_len``); at most
-    ``max_queue`` requests wait for a slot, more answer 503."""
+    ``max_queue`` requests wait for a slot, more answer 503; a body over ``max_request_bytes`` answers 413
+    before it is read."""
     state = ServeState(engine, tokenizer, model_name, max_queue)
 
     @contextlib.asynccontextmanager
@@ -108,6 +116,8 @@ def create_app(engine, tokenizer, model_name: str = "eagle", max_queue: int = 25
     app = FastAPI(title="eagle", lifespan=lifespan)
     app.state.serve = state
     install_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes,
+                       on_refused=lambda: state.metrics.rejected.labels("413").inc())
 
     @app.get("/health")
     async def health():
@@ -127,13 +137,13 @@ def create_app(engine, tokenizer, model_name: str = "eagle", max_queue: int = 25
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        prompt = _completion_prompt(state, body)
+        prompt = await _off_the_loop(state, _completion_prompt, body)
         max_tokens = max_tokens_of(body.max_tokens, len(prompt), state.max_model_len, "max_tokens")
         return await _respond(state, request, body, prompt, max_tokens, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        prompt = _chat_prompt(state, body)
+        prompt = await _off_the_loop(state, _chat_prompt, body)
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = max_tokens_of(requested, len(prompt), state.max_model_len, param)
@@ -143,6 +153,12 @@ def create_app(engine, tokenizer, model_name: str = "eagle", max_queue: int = 25
 
 
 # ---------------------------------------------------------------------------------------------- prompts
+
+
+async def _off_the_loop(state: ServeState, build, body) -> list[int]:
+    """``build(state, body)`` (tokenization, a chat template) on a worker thread, one at a time: the event
+    loop keeps serving every other client meanwhile."""
+    return await anyio.to_thread.run_sync(build, state, body, limiter=state.encoding)
 
 
 def _check_common(state: ServeState, body) -> None:
@@ -177,7 +193,7 @@ def _completion_prompt(state: ServeState, body: CompletionRequest) -> list[int]:
             raise invalid(f"one prompt per request, got a list of {len(prompt)}", "prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
-        ids = state.tokenizer.encode(prompt) if prompt else []
+        ids = state.encoder.encode(prompt) if prompt else []
     else:
         ids = list(prompt)
         bad = [t for t in ids if not 0 <= t < state.vocab_size]
@@ -190,7 +206,7 @@ def _completion_prompt(state: ServeState, body: CompletionRequest) -> list[int]:
 
 def _chat_prompt(state: ServeState, body: ChatCompletionRequest) -> list[int]:
     _check_common(state, body)
-    if not state.tokenizer.has_chat_template:
+    if not state.encoder.has_chat_template:
         raise invalid(
             f"the model {state.model_name!r} has no chat template (tokenizer.chat_template is unset); "
             "use /v1/completions",
@@ -210,10 +226,10 @@ def _chat_prompt(state: ServeState, body: ChatCompletionRequest) -> list[int]:
             content = "".join(str(part.get("text", "")) for part in content)
         messages.append({"role": m.role, "content": content or ""})
     try:
-        text = state.tokenizer.render_chat(messages)
+        text = state.encoder.render_chat(messages)
     except Exception as e:  # the template rejects the conversation (jinja's TemplateError and friends)
         raise invalid(f"the chat template cannot render these messages: {e}", "messages") from None
-    return _check_length(state, state.tokenizer.encode(text, add_special_tokens=False), "messages")
+    return _check_length(state, state.encoder.encode(text, add_special_tokens=False), "messages")
 
 
 # --------------------------------------------------------------------------------------------- generation

@@ -40,7 +40,7 @@ def serve(args) -> None:
     apply_threads(args.threads)
 
     engine, tokenizer, name = load(args, args.max_batch_size)
-    app = create_app(engine, tokenizer, name, args.max_queue)
+    app = create_app(engine, tokenizer, name, args.max_queue, args.max_request_bytes)
     mode = engine.method or "vanilla"
     print(f"eagle serve: {name} ({mode}) on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

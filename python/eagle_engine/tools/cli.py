@@ -189,6 +189,8 @@ def _add_serve_parser(sub) -> None:
     sv.add_argument("--port", type=port_int, default=8000)
     sv.add_argument("--max-batch-size", type=positive_int, default=8, help="sequences decoded together")
     sv.add_argument("--max-queue", type=positive_int, default=256, help="requests waiting before a 503")
+    sv.add_argument("--max-request-bytes", type=positive_int, default=2 * 1024 * 1024,
+                    help="larger request bodies answer 413 before they are read (default: 2 MiB)")
     sv.add_argument(
         "--tree",
         default="auto",
