@@ -264,6 +264,36 @@ def test_dropped_client_frees_its_slot(server):
     assert complete(server, PROMPTS[0], max_tokens=4)[1] == "length"
 
 
+def test_dropped_non_streaming_clients_free_their_slots(server):
+    """Four plain (non-streaming) requests for 900 tokens fill the four slots; their clients hang up: every
+    slot comes back long before 900 tokens, and each is counted as cancelled."""
+    before = server.metrics().get('eagle_requests_total{"finish_reason": "cancelled"}', 0.0)
+    body = json.dumps({"model": "tiny", "prompt": "x = 1", "max_tokens": 900, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    request = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    socks = [socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) for _ in range(4)]
+    try:
+        for sock in socks:
+            sock.sendall(request)
+        deadline = time.monotonic() + TIMEOUT
+        while server.scheduler.num_running < 4:  # all four decoding
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        for sock in socks:
+            sock.close()
+    deadline = time.monotonic() + TIMEOUT
+    while server.scheduler.num_running or server.scheduler.runner.free_slots() != 4:
+        assert time.monotonic() < deadline, "a dropped client's slot never came back"
+        time.sleep(0.02)
+    after = server.metrics()['eagle_requests_total{"finish_reason": "cancelled"}']
+    assert after == before + 4
+    generated = server.metrics()["eagle_generation_tokens_total{}"]
+    assert complete(server, PROMPTS[0], max_tokens=4)[1] == "length"
+    assert generated < 4 * 900
+
+
 BAD = [
     ({"temperature": -0.5}, 400, "temperature"),
     ({"top_p": 0}, 400, "top_p"),

@@ -41,8 +41,6 @@ from .protocol import (
     usage,
 )
 
-DISCONNECT_POLL_S = 0.5
-
 
 class LockedTokenizer:
     """The tokenizer behind one lock: the event loop encodes while the engine thread decodes, and a Hugging
@@ -268,21 +266,25 @@ async def _respond(state: ServeState, request: Request, body, prompt: list[int],
     except InvalidRequestError as e:
         raise invalid(str(e), "prompt") from None
     rid = new_id("chatcmpl" if chat else "cmpl")
+    gone = asyncio.ensure_future(_client_gone(request))  # the client leaving, streaming or not
     try:
-        first = await _next(queue, request)
+        first = await _next(queue, gone)
+        if first is None:
+            state.scheduler.cancel(handle)
+            return Response(status_code=499)
+        if first.error is not None:
+            _raise_for(first.error)
+        if body.stream:
+            gone.cancel()  # the stream watches the connection itself from here on
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = _sse(state, rid, first, queue, chat, include_usage)
+            return _Stream(events, lambda: state.scheduler.cancel(handle))
+        return await _collect(state, handle, rid, first, queue, gone, chat)
     except BaseException:
         state.scheduler.cancel(handle)
         raise
-    if first is None:  # the client left
-        state.scheduler.cancel(handle)
-        return Response(status_code=499)
-    if first.error is not None:
-        _raise_for(first.error)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _sse(state, rid, first, queue, chat, include_usage)
-        return _Stream(events, lambda: state.scheduler.cancel(handle))
-    return await _collect(state, request, handle, rid, first, queue, chat)
+    finally:
+        gone.cancel()
 
 
 def _raise_for(error: BaseException):
@@ -293,20 +295,26 @@ def _raise_for(error: BaseException):
     )
 
 
-async def _next(queue: asyncio.Queue, request: Request | None):
-    """The next output, or ``None`` when the client disconnected while waiting (non-streaming)."""
-    while True:
-        try:
-            return await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
-            if request is not None and await request.is_disconnected():
-                return None
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body is already read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
-async def _collect(state, request, handle, rid, first, queue, chat: bool):
+async def _next(queue: asyncio.Queue, gone: asyncio.Future):
+    """The next output, or ``None`` when the client disconnected first."""
+    get = asyncio.ensure_future(queue.get())
+    done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if get in done:
+        return get.result()
+    get.cancel()
+    return None
+
+
+async def _collect(state, handle, rid, first, queue, gone, chat: bool):
     parts, out = [first.text], first
     while out.finish_reason is None:
-        out = await _next(queue, request)
+        out = await _next(queue, gone)
         if out is None:
             state.scheduler.cancel(handle)
             return Response(status_code=499)
