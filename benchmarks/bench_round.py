@@ -116,8 +116,8 @@ def main(argv=None) -> int:
     bandwidth = common.copy_bandwidth_gbs() * 1e9 if device.type == "cuda" else None
     accept = {k: (float(v), "--accept") for k, v in (a.split("=") for a in args.accept)}
     accept = {**PUBLISHED_ACCEPTANCE, **accept}
-    rows = []
-    for step in args.steps.split(","):
+    rows, vanilla = [], {}
+    for step in args.steps.split(","):  # vanilla first (the default order): each row's speedup comes at once
         target, drafter = build(args.model, step, device, dtype)
         for b in (int(x) for x in args.batches.split(",")):
             times = time_steps(target, drafter, b, args.context, args.steps_timed, device)
@@ -129,22 +129,25 @@ def main(argv=None) -> int:
                    "predicted_ms": 1e3 * model.record.seconds(rm.H100),
                    "floor_ms": 1e3 * model.floor_bytes / bandwidth if bandwidth else None,
                    "copy_gbs": bandwidth / 1e9 if bandwidth else None, "launches": model.record.count()}
+            if step == "vanilla":
+                vanilla[b] = row["median_ms"]
+            elif step in accept and b in vanilla:
+                tau, source = accept[step]
+                row.update(accept_length=tau, accept_source=source,
+                           implied_speedup=tau * vanilla[b] / row["median_ms"])
             rows.append(row)
+            if not args.no_save:  # row by row: a run cut short by its time limit keeps what it measured
+                common.append_results("bench_round", [row])
         del target, drafter
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    vanilla = {r["batch"]: r["median_ms"] for r in rows if r["step"] == "vanilla"}
-    for r in rows:
-        if r["step"] in accept and r["batch"] in vanilla:
-            tau, source = accept[r["step"]]
-            r.update(accept_length=tau, accept_source=source,
-                     implied_speedup=tau * vanilla[r["batch"]] / r["median_ms"])
     print(f"{args.model} on {common.device_name()}, random {args.dtype} weights, {args.context} committed "
           f"tokens per sequence; predicted = the round model's H100 figure")
     print(common.format_table(rows, ["step", "batch", "median_ms", "p20_ms", "p80_ms", "predicted_ms",
                                      "floor_ms", "launches", "accept_length", "implied_speedup"]))
-    if not args.no_save:
-        print("appended to", common.append_results("bench_round", rows))
+    import eagle_kernels
+
+    print(eagle_kernels.format_backends())
     return 0
 
 

@@ -2,10 +2,10 @@
 # The GPU device check, in two phases that each fit one `run` call of the device tool (10 minutes a command,
 # 15 minutes of device time a session, a bare machine at each start):
 #
-#   bash benchmarks/gpu_suite.sh --phase kernels     # CUDA extension, GPU-only tests, kernel tests, kernels' benchmarks
-#   bash benchmarks/gpu_suite.sh --phase engine      # CUDA-graph and engine tests, real-shape rounds, end to end
-#   bash benchmarks/gpu_suite.sh --dry-run           # the plan and budget of both phases; checks every command
-#   bash benchmarks/gpu_suite.sh --phase engine --only bench_round,bench_e2e    # a rerun of some steps
+#   bash benchmarks/gpu_suite.sh --phase kernels   # CUDA extension, GPU-only tests, kernel tests and benchmarks
+#   bash benchmarks/gpu_suite.sh --phase engine    # CUDA-graph and engine tests, real-shape rounds, end to end
+#   bash benchmarks/gpu_suite.sh --dry-run         # the plan and budget of both phases; checks every command
+#   bash benchmarks/gpu_suite.sh --phase engine --only bench_round    # a rerun of some steps (+ build_ext)
 #
 # It uses the machine's own python (PYTHON, default python3: on the GPU image the one holding torch, triton,
 # transformers, scipy and pytest; no fastapi/openai, so the server's tests are not run), installs nothing
@@ -15,13 +15,16 @@
 #
 # Everything comes back in $OUT (the device tool's folder; default benchmarks/results/gpu): per phase one JSON
 # (gpu_<phase>.json: device, commit, date, every step's exit code and seconds, every result the benchmarks
-# recorded) and one log (gpu_<phase>.log); the engine phase adds methods.png. Each step runs under its own time
-# limit; a phase's limits add up to at most PHASE_BUDGET seconds (the dry run checks it).
+# recorded) and one log (gpu_<phase>.log). Each step runs under its own time limit; a phase's limits add up to
+# at most PHASE_BUDGET seconds and both phases' to at most TOTAL_BUDGET (the dry run checks both): with a
+# machine's start (a minute or two) that leaves room in a 15-minute lease to rerun one phase. The exit code is
+# the worst step's.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PYTHON=${PYTHON:-python3}
-PHASE_BUDGET=420  # seconds: the limits of one phase's steps, added
+PHASE_BUDGET=270  # seconds: the limits of one phase's steps, added
+TOTAL_BUDGET=540  # both phases
 PHASE="" DRY=0 ONLY=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -45,26 +48,25 @@ esac
 # pytest-xdist is installed.
 KERNEL_TESTS="tests/test_tree_attention.py tests/test_draft_head_kernels.py tests/test_round_kernels.py tests/test_sampling_kernels.py tests/test_kv_compact.py tests/test_tree_verify.py"
 plan() {
-  local build="build_ext|120|if ls eagle_kernels/_C*.so >/dev/null 2>&1; then echo 'eagle_kernels._C already built'; else TORCH_CUDA_ARCH_LIST=9.0a \${PY} setup.py -q build_ext --inplace; fi && \${PY} -c 'from eagle_kernels import _C_loader as c; assert c.available(), c.status(); print(c.status())'|\${PY} setup.py build_ext --help"
+  local build="build_ext|105|if ls eagle_kernels/_C*.so >/dev/null 2>&1; then echo 'eagle_kernels._C already built'; else TORCH_CUDA_ARCH_LIST=9.0a \${PY} setup.py -q build_ext --inplace; fi && \${PY} -c 'from eagle_kernels import _C_loader as c; assert c.available(), c.status(); print(c.status())'|\${PY} setup.py build_ext --help"
   case "$1" in
     kernels) cat <<EOF
 $build
-gpu_only_tests|45|\${PY} -m pytest -q -m 'gpu and kernels' $KERNEL_TESTS|\${PY} -m pytest -q --collect-only -m 'gpu and kernels' $KERNEL_TESTS
-kernel_tests|120|\${PY} -m pytest -q \${XDIST} -m 'kernels and not gpu' $KERNEL_TESTS|\${PY} -m pytest -q --collect-only -m 'kernels and not gpu' $KERNEL_TESTS
-bench_lm_head_topk|30|\${PY} benchmarks/bench_lm_head_topk.py --vocab 128256 --rows 1 10 80 160 640|
-bench_tree_attention|30|\${PY} benchmarks/bench_tree_attention.py --prefix 1024 8192 --tq 1 10 60 --batch 1 8 --ref-max 0|
-bench_kv_compact|15|\${PY} benchmarks/bench_kv_compact.py --layers 32 --batch 1 8|
-bench_tree_verify|15|\${PY} benchmarks/bench_tree_verify.py --batch 1 8|
-backends|25|\${PY} benchmarks/backends.py|
+gpu_only_tests|30|\${PY} -m pytest -q -m 'gpu and kernels' $KERNEL_TESTS|\${PY} -m pytest -q --collect-only -m 'gpu and kernels' $KERNEL_TESTS
+kernel_tests|70|\${PY} -m pytest -q \${XDIST} -m 'kernels and not gpu' $KERNEL_TESTS|\${PY} -m pytest -q --collect-only -m 'kernels and not gpu' $KERNEL_TESTS
+bench_lm_head_topk|15|\${PY} benchmarks/bench_lm_head_topk.py --vocab 128256 --rows 1 10 80 640|
+bench_tree_attention|15|\${PY} benchmarks/bench_tree_attention.py --prefix 1024 8192 --tq 1 10 60 --batch 1 --ref-max 0|
+bench_kv_compact|10|\${PY} benchmarks/bench_kv_compact.py --layers 32 --batch 1 8|
+bench_tree_verify|10|\${PY} benchmarks/bench_tree_verify.py --batch 1 8|
+backends|15|\${PY} benchmarks/backends.py|
 EOF
     ;;
     engine) cat <<EOF
 $build
-engine_tests|90|\${PY} -m pytest -q \${XDIST} tests/test_cuda_graphs.py tests/test_engine_with_kernels.py|\${PY} -m pytest -q --collect-only tests/test_cuda_graphs.py tests/test_engine_with_kernels.py
-bench_round|110|\${PY} benchmarks/bench_round.py --model llama3.1-8b --batches 1,8,32 --steps-timed 20|
-round_model|20|\${PY} benchmarks/round_model.py --model llama3.1-8b --json > "\$WORK/round_model.json" && \${PY} benchmarks/round_model.py --model llama3.1-8b|\${PY} benchmarks/round_model.py --model tiny --json --batches 1 --memory-batches 1 --max-model-len 256
+engine_tests|50|\${PY} -m pytest -q \${XDIST} tests/test_cuda_graphs.py tests/test_engine_with_kernels.py|\${PY} -m pytest -q --collect-only tests/test_cuda_graphs.py tests/test_engine_with_kernels.py
+bench_round|75|\${PY} benchmarks/bench_round.py --model llama3.1-8b --batches 1,8,32 --steps-timed 10|
+round_model|15|\${PY} benchmarks/round_model.py --model llama3.1-8b --json > "\$WORK/round_model.json" && \${PY} benchmarks/round_model.py --model llama3.1-8b|\${PY} benchmarks/round_model.py --model tiny --json --batches 1 --memory-batches 1 --max-model-len 256
 bench_e2e|25|\${PY} benchmarks/bench_e2e.py --repeats 2 --new-tokens 96|
-methods|55|\${PY} benchmarks/methods.py --prompts 8 --repeats 2 --medusa-steps 300 --out "\$WORK"|
 EOF
     ;;
   esac
@@ -77,25 +79,33 @@ budget() {  # budget PHASE: the limits of its steps, added
 export PY=$PYTHON
 if [ "$DRY" = 1 ]; then
   phases=${PHASE:-kernels engine}
-  status=0
+  status=0 total_all=0
   export XDIST="" WORK
   WORK=$(mktemp -d)
   for p in $phases; do
     total=$(budget "$p")
+    total_all=$((total_all + total))
     echo "== phase $p: $(plan "$p" | wc -l) steps, limits adding to ${total} s (at most ${PHASE_BUDGET} s)"
     [ "$total" -le "$PHASE_BUDGET" ] || { echo "   over budget" >&2; status=1; }
-    while IFS='|' read -r name limit cmd check; do
+    while IFS= read -r line; do
+      fields=$(awk -F'|' '{print NF}' <<< "$line")
+      [ "$fields" = 4 ] || { echo "   not NAME|LIMIT|COMMAND|CHECK (a '|' in a command?): $line" >&2; status=1; }
+      IFS='|' read -r name limit cmd check <<< "$line"
       printf '   %-22s %4s s  %s\n' "$name" "$limit" "$cmd"
       [ -n "$check" ] || check="EAGLE_BENCH_CHECK_ARGS=1 $cmd"
-      if ! out=$(cd "$ROOT" && PYTHONPATH="$ROOT:$ROOT/python" EAGLE_NO_JIT=1 bash -c "$check" 2>&1); then
+      if ! out=$(cd "$ROOT" && PYTHONPATH="$ROOT:$ROOT/python" EAGLE_NO_JIT=1 bash -c "$check" 2>&1 < /dev/null); then
         echo "   check failed for $name: $check" >&2
         echo "$out" | tail -n 20 >&2
         status=1
       fi
     done < <(plan "$p")
   done
+  if [ -z "$PHASE" ]; then
+    echo "== both phases: ${total_all} s (at most ${TOTAL_BUDGET} s)"
+    [ "$total_all" -le "$TOTAL_BUDGET" ] || { echo "   over budget" >&2; status=1; }
+  fi
   rm -rf "$WORK"
-  [ "$status" = 0 ] && echo "dry run: every command exists and parses; every phase fits its budget"
+  [ "$status" = 0 ] && echo "dry run: every command exists and parses; the phases fit their budgets"
   exit "$status"
 fi
 
@@ -116,21 +126,29 @@ echo "gpu_suite: phase $PHASE, started $START, python $PYTHON, results in $OUT" 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 
 : > "$WORK/steps"
+if [ -n "$ONLY" ]; then  # every name must exist; the extension is always built (a bare machine needs it)
+  for name in ${ONLY//,/ }; do
+    plan "$PHASE" | cut -d'|' -f1 | grep -qx "$name" || { echo "gpu_suite: no step $name in $PHASE" >&2; exit 2; }
+  done
+  ONLY="build_ext,$ONLY"
+fi
+worst=0
 while IFS='|' read -r name limit cmd check; do
   if [ -n "$ONLY" ] && ! [[ ",$ONLY," == *",$name,"* ]]; then
     continue
   fi
   t0=$SECONDS
   echo "=== $name (limit $limit s): $cmd" | tee -a "$LOG"
-  timeout "$limit" bash -c "$cmd" > >(tee -a "$LOG") 2>&1 < /dev/null
-  rc=$?
+  timeout -k 10 "$limit" bash -c "$cmd" < /dev/null 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -gt "$worst" ] && worst=$rc
   echo "$name $rc $((SECONDS - t0)) $limit" >> "$WORK/steps"
   echo "=== $name: exit $rc in $((SECONDS - t0)) s" | tee -a "$LOG"
 done < <(plan "$PHASE")
 
 # One JSON with every figure: the steps, every result the benchmarks appended, the round model's prediction.
 "$PYTHON" - "$PHASE" "$WORK" "$OUT" "$START" <<'EOF' 2>&1 | tee -a "$LOG"
-import glob, json, os, shutil, sys
+import glob, json, os, sys
 sys.path.insert(0, "benchmarks")
 import common
 
@@ -143,12 +161,9 @@ results = {}
 for path in sorted(glob.glob(os.path.join(work, "results", "*.json"))):
     with open(path) as f:
         results[os.path.basename(path)[:-5]] = [json.loads(line) for line in f if line.strip()]
-for name in ("round_model.json", "methods.json"):
-    if os.path.exists(os.path.join(work, name)):
-        with open(os.path.join(work, name)) as f:
-            results[name[:-5]] = json.load(f)
-if os.path.exists(os.path.join(work, "methods.png")):
-    shutil.copy(os.path.join(work, "methods.png"), os.path.join(out, "methods.png"))
+if os.path.exists(os.path.join(work, "round_model.json")):
+    with open(os.path.join(work, "round_model.json")) as f:
+        results["round_model"] = json.load(f)
 record = {"phase": phase, "started": start, **common.environment(), "steps": steps, "results": results}
 with open(os.path.join(out, f"gpu_{phase}.json"), "w") as f:
     json.dump(record, f, indent=1)
@@ -157,3 +172,4 @@ print(common.format_table(steps, ["step", "exit_code", "seconds", "limit"]))
 print(f"\nwrote {out}/gpu_{phase}.json and gpu_{phase}.log")
 EOF
 rm -rf "$WORK"
+exit "$worst"

@@ -24,7 +24,8 @@ class KernelFallbackError(RuntimeError):
     ``EAGLE_KERNELS_STRICT=1``."""
 
 
-_state = threading.local()
+_lock = threading.Lock()
+_forced = [0]  # depth of reference_backend() blocks open, in any thread
 _ran: dict[str, dict] = {}  # op -> what its latest call ran: {"backend", "device", "reason"}
 _warned: set[tuple[str, str]] = set()
 
@@ -32,20 +33,20 @@ _warned: set[tuple[str, str]] = set()
 @contextlib.contextmanager
 def reference_backend():
     """Run every op through :mod:`eagle_kernels.reference` inside the block, e.g. for autograd (training):
-    the kernels have no backward."""
-    depth = getattr(_state, "reference_depth", 0)
-    _state.reference_depth = depth + 1
+    the kernels have no backward. Process-wide (every thread, the engine's too), nestable."""
+    with _lock:
+        _forced[0] += 1
     try:
         yield
     finally:
-        _state.reference_depth = depth
+        with _lock:
+            _forced[0] -= 1
 
 
 def reference_forced() -> bool:
     """Whether the reference is chosen on purpose: inside :func:`reference_backend`, or
     ``EAGLE_KERNELS_BACKEND=reference``."""
-    forced = getattr(_state, "reference_depth", 0) > 0
-    return forced or os.environ.get("EAGLE_KERNELS_BACKEND", "") == "reference"
+    return _forced[0] > 0 or os.environ.get("EAGLE_KERNELS_BACKEND", "") == "reference"
 
 
 def strict() -> bool:

@@ -84,6 +84,15 @@ def _lm_head_topk_kernel(
         x = tl.where(offs_v[None, :] == arg[:, None], float("-inf"), x)
 
 
+@triton.jit
+def _take_best(vals, ok, offs, BLOCK: tl.constexpr):
+    """The best remaining candidate (the smallest position among equal values: candidates are kept in
+    vocabulary order) and the candidates without it: ``(value, position, vals, ok)``."""
+    best = tl.max(vals, 0)
+    at = tl.min(tl.where(ok & (vals == best), offs, BLOCK), 0)
+    return best, at, tl.where(offs == at, float("-inf"), vals), ok & (offs != at)
+
+
 @triton.jit(do_not_specialize=["num_tiles", "num_groups"])
 def _lm_head_topk_group_kernel(
     cand_val_ptr, cand_idx_ptr, tile_max_ptr, tile_sum_ptr,
@@ -110,13 +119,10 @@ def _lm_head_topk_group_kernel(
     ok = pos < num_tiles * K_PAD
     vals = tl.load(cand_val_ptr + row * num_tiles * K_PAD + pos, mask=ok, other=float("-inf"))
     for i in tl.static_range(K_PAD):
-        best = tl.max(vals, 0)
-        at = tl.min(tl.where(ok & (vals == best), offs, BLOCK), 0)
+        best, at, vals, ok = _take_best(vals, ok, offs, BLOCK)
         idx = tl.load(cand_idx_ptr + row * num_tiles * K_PAD + g * BLOCK + at, mask=at < BLOCK, other=0)
         tl.store(grp_val_ptr + out * K_PAD + i, best)
         tl.store(grp_idx_ptr + out * K_PAD + i, idx)
-        vals = tl.where(offs == at, float("-inf"), vals)
-        ok = ok & (offs != at)
 
 
 @triton.jit(do_not_specialize=["num_groups", "k"])
@@ -135,13 +141,10 @@ def _lm_head_topk_final_kernel(
     ok = offs < num_groups * K_PAD
     vals = tl.load(grp_val_ptr + row * num_groups * K_PAD + offs, mask=ok, other=float("-inf"))
     for i in range(k):
-        best = tl.max(vals, 0)
-        at = tl.min(tl.where(ok & (vals == best), offs, BLOCK), 0)
+        best, at, vals, ok = _take_best(vals, ok, offs, BLOCK)
         idx = tl.load(grp_idx_ptr + row * num_groups * K_PAD + at, mask=at < BLOCK, other=0)
         tl.store(out_val_ptr + row * k + i, best - lse)
         tl.store(out_idx_ptr + row * k + i, idx.to(tl.int64))
-        vals = tl.where(offs == at, float("-inf"), vals)
-        ok = ok & (offs != at)
 
 
 def config_for_rows(n_rows: int) -> str:
@@ -161,8 +164,10 @@ def k_pad_for(k: int) -> int:
 
 def launch_plan(n_rows: int, vocab: int, k: int, block_v: int | None = None) -> dict:
     """The grids and tiles a call uses: ``config``, ``grid`` of the logits kernel ``(row blocks, tiles)``,
-    ``num_tiles``, ``k_pad``, ``num_groups``; and ``weight_reads``: how many times the ``[V, H]`` weight
-    streams from device memory, 1 since the programs sharing a weight tile are adjacent in launch order."""
+    ``num_tiles``, ``k_pad``, ``num_groups``; and ``weight_reads``, the times the ``[V, H]`` weight streams
+    from device memory *modelled* as 1: one program per weight tile up to 128 rows; beyond, the programs
+    sharing a tile are adjacent in launch order (a test checks it) and the model assumes that L2 keeps the
+    tile for that run of at most 5 programs (640 rows). ``bench_lm_head_topk.py`` measures it on a GPU."""
     block_r, default_block_v, *_ = LM_HEAD_CONFIGS[config_for_rows(n_rows)]
     block_v = default_block_v if block_v is None else block_v
     k_pad = k_pad_for(k)

@@ -63,11 +63,16 @@ def _top_p_threshold_kernel(
         prefix = prefix + chosen.to(tl.int64) * step
         step = step // 16
 
+    # Rounding may make the target 0 (top_p below fp32's range: every candidate reaches it) or leave no
+    # candidate reaching it (top_p within an ulp of 1): the cut stays within the row's own keys, the largest
+    # one (keep the top) or none at all (keep every entry >= floor).
+    nothing_reached = prefix == 0
+    prefix = tl.minimum(prefix, _order_key(m))
     # The key back to its float: the threshold.
     bits = tl.where(prefix >= 0x80000000, prefix - 0x80000000, 0xFFFFFFFF - prefix)
     bits = tl.where(bits >= 0x80000000, bits - 0x100000000, bits).to(tl.int32)
     threshold = bits.to(tl.float32, bitcast=True)
-    tl.store(out_ptr + r, tl.where(target_p >= 1.0, floor, threshold))
+    tl.store(out_ptr + r, tl.where((target_p >= 1.0) | nothing_reached, floor, threshold))
 
 
 def top_p_threshold(logits, top_p, floor):

@@ -43,15 +43,19 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def cuda_ops():
-    """The compiled CUDA ops (``eagle_kernels._C``), or a skip saying why they are unavailable. Checked when
-    a test runs, never at collection: a first check may start a JIT build of minutes (``EAGLE_NO_JIT=1``
-    turns that off; the GPU suite builds the extension in a step of its own first)."""
+    """The compiled CUDA ops (``eagle_kernels._C``), or a skip saying why they are unavailable (a failure
+    under ``EAGLE_KERNELS_STRICT=1``, as the GPU suite runs). Checked when a test runs, never at collection:
+    a first check may start a JIT build of minutes (``EAGLE_NO_JIT=1`` turns that off; the GPU suite builds
+    the extension in a step of its own first)."""
     from eagle_kernels import _C_loader
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (none visible here)")
     if not _C_loader.available():
-        pytest.skip(f"the eagle_kernels._C extension is unavailable: {_C_loader.status()}")
+        why = f"the eagle_kernels._C extension is unavailable: {_C_loader.status()}"
+        if os.environ.get("EAGLE_KERNELS_STRICT") == "1":  # the GPU suite: a missing extension is a failure
+            pytest.fail(why)
+        pytest.skip(why)
     return _C_loader
 
 

@@ -2,6 +2,7 @@
 ``EAGLE_KERNELS_STRICT=1`` makes it an error. CUDA tensors are stood in for (no GPU here): the dispatch reads
 only ``is_cuda`` and ``device.type`` before it chooses."""
 
+import os
 import types
 import warnings
 
@@ -24,19 +25,25 @@ def fresh_record(monkeypatch):
     eagle_kernels.reset_backends()
 
 
+# The Triton kernels run on a GPU where there is one, else through the interpreter (tests/conftest.py).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def test_every_op_records_what_it_ran():
-    x = torch.randn(3, 8)
-    eagle_kernels.rms_norm(x, torch.ones(8), 1e-6)  # the Triton kernel, through the interpreter here
+    x = torch.randn(3, 8, device=DEVICE)
+    eagle_kernels.rms_norm(x, torch.ones(8, device=DEVICE), 1e-6)
     with eagle_kernels.reference_backend():
         eagle_kernels.silu_mul(x, x)
     ran = eagle_kernels.backends()
-    assert ran["rms_norm"] == {"backend": "triton", "device": "cpu", "reason": None}
-    assert ran["silu_mul"] == {"backend": "reference", "device": "cpu", "reason": "reference forced"}
+    kernel = "triton" if DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "reference"
+    assert ran["rms_norm"] == {"backend": kernel, "device": DEVICE, "reason": None}
+    assert ran["silu_mul"] == {"backend": "reference", "device": DEVICE, "reason": "reference forced"}
     table = eagle_kernels.format_backends()
     assert "rms_norm" in table and "reference forced" in table
 
 
-def test_unsupported_inputs_on_cpu_are_recorded_with_the_reason():
+def test_unsupported_inputs_on_cpu_are_recorded_with_the_reason(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton applies to CPU tensors (the reference runs)
     q = torch.randn(1, 1, 2, 256)  # head_dim 256: no Triton tree attention
     kv = torch.randn(1, 2, 4, 256)
     eagle_kernels.tree_attention(q, kv, kv, torch.zeros(1, dtype=torch.int32))
@@ -60,7 +67,10 @@ def test_strict_mode_makes_a_fallback_on_cuda_an_error(monkeypatch):
         _dispatch.pick("kv_compact", CUDA_LIKE, cuda="the extension is not built", triton=None)
     # What is supported runs; CPU tensors and a forced reference are never fallbacks.
     assert _dispatch.pick("kv_compact", CUDA_LIKE, cuda=None, triton=None) == "cuda"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # (pick only reads it: no kernel runs here)
     assert _dispatch.pick("kv_compact", CPU, cuda="the extension is not built", triton=None) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert _dispatch.pick("kv_compact", CPU, cuda="the extension is not built", triton=None) == "reference"
     monkeypatch.setenv("EAGLE_KERNELS_BACKEND", "reference")
     assert _dispatch.pick("kv_compact", CUDA_LIKE, cuda="not built", triton=None) == "reference"
 

@@ -264,4 +264,3 @@ def test_lm_head_topk_programs_sharing_a_weight_tile_are_adjacent(n, monkeypatch
         tile = element // weight.shape[1] // plan["block_v"]
         launch_order = sorted(x + y * row_blocks for x, y, _ in programs)
         assert launch_order == list(range(tile * row_blocks, (tile + 1) * row_blocks)), (element, programs)
-    assert plan["weight_reads"] == 1

@@ -67,3 +67,15 @@ def test_cli_prints_one_json_object():
     for row in result["rows"]:
         assert {"launches", "predicted_ms", "floor_ms", "draft_lm_head_weight_reads"} <= set(row)
     assert result["memory"][0]["max_model_len"] == 8192 and result["memory"][0]["peak_bytes"] > 16e9
+
+
+def test_the_model_knows_every_kernel_op_the_launch_counter_does():
+    """round_cost counts each kernel op's launches, the model costs them: the same ops, and no modelled op
+    launches more often than the counter allows."""
+    from eagle_engine.tools.round_cost import KERNEL_LAUNCHES
+
+    assert set(rm.KERNEL_COSTS) == set(KERNEL_LAUNCHES)
+    for step in ("vanilla", "eagle2_dynamic"):
+        for launch in rm.model_step(MODEL, step, 8).record.launches:
+            if launch.name in KERNEL_LAUNCHES:
+                assert launch.launches <= KERNEL_LAUNCHES[launch.name], launch

@@ -75,13 +75,39 @@ def test_reference_matches_the_definition(ties):
         assert got[r].item() == (f if p >= 1 else by_definition(logits[r], p, f)), r
 
 
+def assert_same_cuts(logits, top_p, floor, got, expected):
+    """Equal thresholds, or (a GPU's exp and summation order are not the CPU's) two that both sit at the
+    boundary: the mass they keep is within 1e-5 of top_p."""
+    rows, got, expected = logits.reshape(-1, logits.shape[-1]), got.reshape(-1), expected.reshape(-1)
+    for r in torch.nonzero(got != expected).flatten().tolist():
+        x = rows[r].double().masked_fill(rows[r] < floor.reshape(-1)[r], -INF)
+        p = torch.softmax(x, 0)
+        for t in (got[r], expected[r]):
+            assert abs(p[x >= t].sum().item() - top_p.reshape(-1)[r].item()) < 1e-5, (r, got[r], expected[r])
+
+
 @pytest.mark.parametrize("shape", [(1, 111), (3, 1000), (2, 5003), (2, 3, 257)], ids=str)
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
 def test_kernel_threshold_matches_reference(shape, ties):
     logits, top_p, floor = random_case(shape, seed=sum(shape), ties=ties)
     expected = reference.top_p_threshold(logits, top_p, floor)
-    got = top_p_threshold.top_p_threshold(logits.to(DEVICE), top_p.to(DEVICE), floor.to(DEVICE))
-    assert got.cpu().tolist() == expected.tolist()
+    got = top_p_threshold.top_p_threshold(logits.to(DEVICE), top_p.to(DEVICE), floor.to(DEVICE)).cpu()
+    if DEVICE == "cpu":
+        assert got.tolist() == expected.tolist()
+    assert_same_cuts(logits, top_p, floor, got, expected)
+
+
+@pytest.mark.parametrize("top_p", [0.99999994, 1e-50], ids=["within-an-ulp-of-1", "underflows-to-0"])
+def test_rounding_at_the_ends_of_top_p_keeps_a_distribution(top_p):
+    """top_p so close to 1 that rounding lets no candidate reach it (keep everything), or so small that it
+    is 0 in fp32 (keep the top): never a NaN threshold, the reference's distribution."""
+    logits = torch.randn(4, 5000, generator=gen(5))
+    p, floor = torch.full((4,), top_p), torch.full((4,), -INF)
+    got = top_p_threshold.top_p_threshold(logits.to(DEVICE), p.to(DEVICE), floor.to(DEVICE))
+    assert not torch.isnan(got).any()
+    probs = masked_softmax.masked_softmax_(logits.clone().to(DEVICE), got).cpu()
+    expected = reference.masked_softmax_(logits.clone(), reference.top_p_threshold(logits, p, floor))
+    torch.testing.assert_close(probs, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_kernels_read_and_write_a_slice_of_a_bigger_buffer_in_place():
@@ -110,6 +136,15 @@ def test_kernel_masked_softmax_matches_reference(shape):
     got = masked_softmax.masked_softmax_(logits.clone().to(DEVICE), threshold.to(DEVICE)).cpu()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)  # a GPU's exp is not libm's
     assert (got[logits < threshold.unsqueeze(-1)] == 0).all()
+
+
+def test_top_k_holds_when_the_widest_top_k_passes_the_vocabulary():
+    """The runner rounds the batch's largest top_k up to a power of two; past the vocabulary, a row asking
+    for a small top_k still gets it."""
+    logits = torch.randn(2, 100, generator=gen(13))
+    probs = probs_per_row(logits.clone(), torch.ones(2), torch.ones(2), torch.tensor([3, 0]), max_top_k=128,
+                          use_top_p=False)
+    assert (probs[0] > 0).sum() == 3 and (probs[1] > 0).sum() == 100
 
 
 def test_sampling_distribution_equals_the_sorted_one_without_ties():

@@ -105,9 +105,10 @@ def probs_per_row(
     argmax = logits.argmax(-1, keepdim=True)
     logits.div_(torch.where(greedy, 1.0, temperature).unsqueeze(-1))
     threshold = torch.full(rows, float("-inf"), device=logits.device)
-    if 0 < max_top_k < v:
-        k = torch.where(top_k > 0, top_k, max_top_k).clamp(1, max_top_k)
-        kth = torch.topk(logits, max_top_k, dim=-1).values.gather(-1, (k - 1).unsqueeze(-1)).squeeze(-1)
+    if max_top_k > 0:
+        widest = min(max_top_k, v)  # (the runner rounds max_top_k up: it may pass the vocabulary)
+        k = torch.where(top_k > 0, top_k, widest).clamp(1, widest)
+        kth = torch.topk(logits, widest, dim=-1).values.gather(-1, (k - 1).unsqueeze(-1)).squeeze(-1)
         threshold = torch.where(top_k > 0, kth, threshold)  # rows without top-k drop nothing
     if use_top_p:
         threshold = ops.top_p_threshold(logits, top_p, threshold)  # rows with top_p = 1 keep theirs

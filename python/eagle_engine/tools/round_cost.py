@@ -38,7 +38,7 @@ KERNEL_LAUNCHES = {
     "masked_softmax_": 1,
 }
 # Allocations and metadata: no kernel runs.
-_FREE_OPS = {"empty", "empty_strided", "detach", "alias", "lift_fresh", "_unsafe_view", "set_", "resize_"}
+FREE_OPS = {"empty", "empty_strided", "detach", "alias", "lift_fresh", "_unsafe_view", "set_", "resize_"}
 
 
 @dataclass
@@ -63,7 +63,7 @@ class _Counter(TorchDispatchMode):
             name = func.overloadpacket.__name__
             if name == "_local_scalar_dense":
                 self.cost.syncs += 1
-            elif not func.is_view and name not in _FREE_OPS:
+            elif not func.is_view and name not in FREE_OPS:
                 self.cost.add(name)
         return out
 

@@ -36,6 +36,7 @@ from ..engine.batch import BatchState, Mode
 from ..models.llama import LlamaModel
 from ..spec.methods import make_drafter
 from ..spec.tree import TreeConfig
+from .round_cost import FREE_OPS
 from .shapes import build_eagle_head, build_target, model_config
 
 META = torch.device("meta")
@@ -49,6 +50,7 @@ class Device:
     name: str = "H100"
     bandwidth: float = 3.0e12  # bytes/s, device copy (read + write)
     flops: float = 790e12  # bf16 dense matrix products
+    vector_ops: float = 30e12  # elementwise ops off the tensor cores (an assumption, not measured)
     launch_s_graph: float = 1e-6  # per kernel node replayed from a CUDA graph
     launch_s_eager: float = 5e-6  # per launch from Python (eager)
 
@@ -64,6 +66,7 @@ class Launch:
     flops: float
     launches: int = 1
     weight_reads: int = 0  # times an LM-head weight streams from memory (lm_head_topk only)
+    vector_ops: float = 0.0  # elementwise work off the tensor cores, where it can bound a kernel
 
 
 @dataclass
@@ -82,8 +85,8 @@ class Record:
 
     def seconds(self, device: Device = H100, graphs: bool = True, phase: str | None = None) -> float:
         per_launch = device.launch_s_graph if graphs else device.launch_s_eager
-        return sum(max(x.bytes / device.bandwidth, x.flops / device.flops) + x.launches * per_launch
-                   for x in self.launches if phase is None or x.phase == phase)
+        return sum(max(x.bytes / device.bandwidth, x.flops / device.flops, x.vector_ops / device.vector_ops)
+                   + x.launches * per_launch for x in self.launches if phase is None or x.phase == phase)
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -165,7 +168,9 @@ def _tree_verify_sampling(ctx, tokens, parents, target_probs, uniforms):
 
 
 def _top_p_threshold(ctx, logits, top_p, floor):
-    return torch.empty(logits.shape[:-1], device=META), 9 * nbytes(logits), 0.0, 1
+    # Nine reads of each row; the radix select compares, selects and adds 15 candidates per entry, 8 passes.
+    work = 8 * 15 * 3 * logits.numel()
+    return torch.empty(logits.shape[:-1], device=META), 9 * nbytes(logits), 0.0, 1, 0, work
 
 
 def _masked_softmax_(ctx, logits, threshold):
@@ -184,7 +189,7 @@ def _two_like(x, *args, **kwargs):
     return torch.empty_like(x), torch.empty_like(x)
 
 
-# op -> cost(ctx, *args) -> (outputs, bytes, flops, launches[, weight_reads])
+# op -> cost(ctx, *args) -> (outputs, bytes, flops, launches[, weight_reads[, vector_ops]])
 KERNEL_COSTS = {
     "tree_attention": _tree_attention,
     "lm_head_topk": _lm_head_topk,
@@ -203,8 +208,7 @@ KERNEL_COSTS = {
 
 # ------------------------------------------------------------------------------------------ recording
 
-_FREE_OPS = {"empty", "empty_strided", "detach", "alias", "lift_fresh", "_unsafe_view", "set_", "resize_",
-             "_local_scalar_dense"}
+_FREE_OPS = FREE_OPS | {"_local_scalar_dense"}  # (no sync can happen on meta tensors anyway)
 _GATHERS = {"embedding", "index_select", "gather", "index", "take"}
 _MATMULS = {"mm", "addmm", "bmm", "baddbmm"}
 
@@ -321,8 +325,8 @@ def _kernel_op(ctx: _Context, name: str):
         for t in outs:
             if isinstance(t, torch.Tensor) and not any(t is a for a in args):
                 ctx.allocate(t)
-        weight_reads = result[4] if len(result) > 4 else 0
-        ctx.record(Launch(name, ctx.phase, nbytes_, flops, launches, weight_reads))
+        weight_reads, vector_ops = (tuple(result[4:]) + (0, 0.0))[:2]
+        ctx.record(Launch(name, ctx.phase, nbytes_, flops, launches, weight_reads, vector_ops))
         return out
 
     return op
