@@ -230,7 +230,7 @@ def test_sixteen_concurrent_clients(server):
         else:  # a seeded sequence samples from its own generator: the same in any batch
             sampling = dict(temperature=0.9, top_p=0.9, top_k=40, seed=kw["seed"])
             assert text == reference(server, _ids(server, prompt), kw["max_tokens"], **sampling), prompt
-    assert server.scheduler.num_running == 0 and server.scheduler.runner.free_slots() == 4
+    assert server.scheduler.num_running == 0 and server.engine.runner.free_slots() == 4
 
 
 def test_seeded_sampling_is_reproducible(server):
@@ -256,7 +256,7 @@ def test_dropped_client_frees_its_slot(server):
         for f, (_, want) in zip(futures, others):
             assert f.result(timeout=TIMEOUT)[0] == want
     deadline = time.monotonic() + TIMEOUT
-    while server.scheduler.num_running or server.scheduler.runner.free_slots() != 4:
+    while server.scheduler.num_running or server.engine.runner.free_slots() != 4:
         assert time.monotonic() < deadline, "the dropped client's slot never came back"
         time.sleep(0.05)
     after = server.metrics()['eagle_requests_total{"finish_reason": "cancelled"}']
@@ -284,7 +284,7 @@ def test_dropped_non_streaming_clients_free_their_slots(server):
         for sock in socks:
             sock.close()
     deadline = time.monotonic() + TIMEOUT
-    while server.scheduler.num_running or server.scheduler.runner.free_slots() != 4:
+    while server.scheduler.num_running or server.engine.runner.free_slots() != 4:
         assert time.monotonic() < deadline, "a dropped client's slot never came back"
         time.sleep(0.02)
     after = server.metrics()['eagle_requests_total{"finish_reason": "cancelled"}']

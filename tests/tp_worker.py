@@ -67,6 +67,8 @@ def main() -> None:
     rank = int(os.environ.get("RANK", 0))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
+    for engine in engines.values():  # every rank's engine thread ends before the process group does
+        engine.close()
     shutdown()
 
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections import deque
+import queue
 from collections.abc import Iterator
 
 import torch
@@ -16,9 +15,11 @@ from ..spec.methods import SETTINGS_KEYWORD, head_method, make_drafter, resolve_
 from ..spec.sampling import SamplingParams
 from ..spec.tree import TreeConfig
 from .cpu_threads import set_threads
+from .handles import Request
 from .inputs import check_max_new_tokens, check_seeds, normalize_prompts, normalize_stop_ids
+from .plan import PlanChannel
 from .runner import Runner
-from .sequence import Sequence
+from .scheduler import Scheduler
 
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_MAX_MODEL_LEN = 4096  # capped by the model's own maximum length
@@ -97,6 +98,8 @@ class EagleEngine:
         )
         self._runners: dict[bool, Runner] = {}
         self.runner  # allocate the caches now: a size that does not fit fails here, not mid-request
+        # The one driver of the runners, for this API and the server alike (one engine thread).
+        self.scheduler = Scheduler(self._runner, PlanChannel(target.tp))
 
     @classmethod
     def from_pretrained(
@@ -176,10 +179,14 @@ class EagleEngine:
     def draft(self, head) -> None:
         if self.method in ("lookahead", "prompt_lookup"):
             raise EagleError(f"method {self.method!r} takes no draft head; build a new engine instead")
+        if self.scheduler.num_running or self.scheduler.queue_depth:
+            raise EagleError("the engine is generating: set the draft head between calls")
+        self.scheduler.stop()  # the next request starts it again, over the new runner
         self.method = head_method(head)
         self.settings = self._method_settings({})
         self._draft = head
         self._runners.pop(True, None)
+        self.scheduler = Scheduler(self._runner, self.scheduler.channel)
 
     def _method_settings(self, given: dict):
         """The settings object of ``self.method``: the tree for EAGLE, else the one ``given`` under the
@@ -213,43 +220,57 @@ class EagleEngine:
 
     # ------------------------------------------------------------------------------------ requests
 
-    def _sequences(self, input_ids, max_new_tokens, temperature, top_p, top_k, seed, stop_token_ids):
+    def _requests(self, input_ids, max_new_tokens, temperature, top_p, top_k, seed, stop_token_ids,
+                  speculative: bool) -> tuple[list[Request], bool]:
+        """Validated requests (every check here, on the caller's thread, before anything is queued)."""
+        if speculative and self.method is None:
+            raise EagleError(NO_METHOD.format("generate()"))
         cfg = self.target.config
         prompts, is_batch = normalize_prompts(input_ids, cfg.vocab_size, self.max_length)
         max_new_tokens = check_max_new_tokens(max_new_tokens)
-        stop_ids = normalize_stop_ids(stop_token_ids, cfg.eos_token_ids, cfg.vocab_size)
+        stop_ids = frozenset(normalize_stop_ids(stop_token_ids, cfg.eos_token_ids, cfg.vocab_size))
         params = SamplingParams(temperature, top_p, top_k)
-        seeds = check_seeds(seed, len(prompts))
-        if seed is None and self.target.tp is not None:  # rank 0's random seed, so all ranks draw alike
-            seeds = self.target.tp.broadcast_ints(seeds, self.device)
-        limit = self.max_length
-        seqs = [Sequence(p, params, max_new_tokens, stop_ids, sd, limit) for p, sd in zip(prompts, seeds)]
-        return seqs, is_batch
+        # None: each request's seed is drawn when it starts (rank 0's, under tensor parallelism).
+        seeds = [None] * len(prompts) if seed is None else check_seeds(seed, len(prompts))
+        requests = [Request(p, max_new_tokens, params, sd, stop_ids, speculative=speculative)
+                    for p, sd in zip(prompts, seeds)]
+        return requests, is_batch
 
-    def _steps(self, seqs: list[Sequence], speculative: bool) -> Iterator[dict[Sequence, list[int]]]:
-        """Continuous batching over ``seqs``: they join as slots free up; yields each step's kept tokens."""
-        if speculative and self.method is None:
-            raise EagleError(NO_METHOD.format("generate()"))
-        runner = self._runner(speculative)
-        if runner.has_running():
-            raise EagleError("the engine is busy: another generation is running on it (one at a time)")
-        waiting = deque(seqs)
+    def _submit(self, requests: list[Request]) -> tuple[list, queue.SimpleQueue]:
+        """Submit ``requests``; their outputs arrive, as ``(index, Output)``, in the returned queue."""
+        outputs: queue.SimpleQueue = queue.SimpleQueue()
+        delivers = [lambda out, i=i: outputs.put((i, out)) for i in range(len(requests))]
+        return self.scheduler.submit_all(requests, delivers), outputs
+
+    def _run(self, requests: list[Request], is_batch: bool):
+        """Every request to its end (queued and batched with any other caller's); the results."""
+        handles, outputs = self._submit(requests)
+        for _ in self._outputs(handles, outputs):
+            pass
+        return self._results(handles, is_batch)
+
+    def _outputs(self, handles, outputs: queue.SimpleQueue) -> Iterator[list[tuple[int, object]]]:
+        """Yields what arrived, a list of ``(index, Output)`` at a time, until every request ended; raises a
+        request's error; cancels what is left if the caller stops early (or is interrupted)."""
+        pending = set(range(len(handles)))
         try:
-            with torch.inference_mode():
-                while waiting or runner.has_running():
-                    if waiting and runner.free_slots():
-                        joining = [waiting.popleft() for _ in range(min(runner.free_slots(), len(waiting)))]
-                        yield runner.add(joining)
-                    if runner.has_running():
-                        yield runner.step()
+            while pending:
+                batch = [outputs.get()]
+                while not outputs.empty():
+                    batch.append(outputs.get())
+                for i, out in batch:
+                    if out.error is not None:
+                        raise out.error
+                    if out.finish_reason is not None:
+                        pending.discard(i)
+                yield batch
         finally:
-            with contextlib.suppress(Exception), torch.inference_mode():
-                for seq in list(runner.running):  # an abandoned stream frees its slots
-                    runner.release(seq)
+            for i in pending:
+                self.scheduler.cancel(handles[i])
 
     @staticmethod
-    def _results(seqs: list[Sequence], is_batch: bool):
-        results = [s.result() for s in seqs]
+    def _results(handles, is_batch: bool):
+        results = [h.seq.result() for h in handles]
         return results if is_batch else results[0]
 
     # ------------------------------------------------------------------------------------ public API
@@ -279,11 +300,8 @@ class EagleEngine:
         -------
         :class:`GenerationResult` for one prompt, a list of them for a batch.
         """
-        seqs, is_batch = self._sequences(input_ids, max_new_tokens, temperature, top_p, top_k, seed,
-                                         stop_token_ids)
-        for _ in self._steps(seqs, speculative=False):
-            pass
-        return self._results(seqs, is_batch)
+        return self._run(*self._requests(input_ids, max_new_tokens, temperature, top_p, top_k, seed,
+                                         stop_token_ids, speculative=False))
 
     def generate(
         self,
@@ -307,11 +325,8 @@ class EagleEngine:
         the i-th verification round kept: accepted draft tokens plus the bonus token, so >= 1, fewer when a
         stop ends the round. The prefill's first token is not a round and is not counted.
         """
-        seqs, is_batch = self._sequences(input_ids, max_new_tokens, temperature, top_p, top_k, seed,
-                                         stop_token_ids)
-        for _ in self._steps(seqs, speculative=True):
-            pass
-        return self._results(seqs, is_batch)
+        return self._run(*self._requests(input_ids, max_new_tokens, temperature, top_p, top_k, seed,
+                                         stop_token_ids, speculative=True))
 
     def stream(
         self,
@@ -330,17 +345,24 @@ class EagleEngine:
         >>> for tokens in engine.stream(ids, 64):  # doctest: +SKIP
         ...     print(tokenizer.decode(tokens), end="", flush=True)
         """
-        seqs, is_batch = self._sequences(input_ids, max_new_tokens, temperature, top_p, top_k, seed,
-                                         stop_token_ids)
         if self.method is None:
             raise EagleError(NO_METHOD.format("stream()"))
-        return self._stream(seqs, is_batch)
+        requests, is_batch = self._requests(input_ids, max_new_tokens, temperature, top_p, top_k, seed,
+                                            stop_token_ids, speculative=True)
+        return self._stream(requests, is_batch)
 
-    def _stream(self, seqs: list[Sequence], is_batch: bool) -> Iterator:
-        for kept in self._steps(seqs, speculative=True):
-            chunks = [kept.get(s, []) for s in seqs]
+    def _stream(self, requests: list[Request], is_batch: bool) -> Iterator:
+        handles, outputs = self._submit(requests)
+        for batch in self._outputs(handles, outputs):
+            chunks = [[] for _ in requests]
+            for i, out in batch:
+                chunks[i].extend(out.token_ids)
             if is_batch:
                 yield chunks
             elif chunks[0]:
                 yield chunks[0]
 
+    def close(self) -> None:
+        """Stop the engine thread (on every rank under tensor parallelism: call it on each, like every other
+        method); requests still queued or running fail. A later call starts it again."""
+        self.scheduler.stop()

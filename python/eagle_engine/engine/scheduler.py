@@ -1,104 +1,69 @@
-"""Continuous batching over the runner: requests wait in a bounded queue, join the running batch between
-rounds (their prefill is its own step), decode with the others and leave when done, freeing their slot.
+"""Continuous batching: the one driver of an engine's runners, for the Python API and the server alike.
 
-One engine thread owns the runner: every runner call happens there. Other threads (the asyncio server) call
-:meth:`Scheduler.submit` and :meth:`Scheduler.cancel`, both thread-safe; results come back through the
-request's ``deliver`` callback, called on the engine thread (hand them over with
-``loop.call_soon_threadsafe``). A failure inside one request (its text handling, its delivery) fails that
-request only; a failing runner step fails the sequences of that step, and the scheduler goes on.
+Requests wait in a queue; between two rounds the waiting ones take the free slots of their runner (the
+method's, or vanilla steps') and are prefilled together (their own step), decode with the others and leave
+when done, freeing their slot. They start in order of ``priority`` (lower first), then of arrival (first come,
+first served); one that waits past its ``timeout`` never starts and fails with :class:`QueueTimeoutError`.
+
+One engine thread owns the runners: every runner call happens there. Other threads call :meth:`submit` and
+:meth:`cancel`, both thread-safe; outputs come back through each request's ``deliver``, called on the engine
+thread. A failure inside one request (its text handling, its delivery) fails that request only; a failing
+runner step fails the sequences of that step, and the scheduler goes on.
+
+Each iteration is a :class:`~.plan.Plan` decided by the leader and applied by every rank alike: under tensor
+parallelism rank 0 decides and broadcasts it (:class:`~.plan.PlanChannel`), the other ranks follow
+(:meth:`follow`), so all ranks run the same steps.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import itertools
+import heapq
 import logging
 import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import EagleError, InvalidRequestError
-from ..spec.sampling import SamplingParams
+from .handles import Handle, Output, Request
+from .plan import Admission, Plan, PlanChannel
+from .sequence import Sequence
 
 log = logging.getLogger(__name__)
-
-FINISH_REASONS = {"stop_token": "stop", "stop": "stop", "max_new_tokens": "length", "max_length": "length"}
 
 
 class QueueFullError(EagleError):
     """The waiting queue is full: the server is overloaded (HTTP 503)."""
 
 
-@dataclass
-class Request:
-    """One generation request. ``stop_ids`` is the full set of ids that end it (the model's eos included);
-    ``detokenizer`` (``push(ids) -> str``, ``flush() -> str``) turns its tokens into text, needed for
-    ``stop_strings``; without it the outputs carry token ids only."""
-
-    prompt: list[int]
-    max_tokens: int
-    params: SamplingParams = field(default_factory=SamplingParams)
-    seed: int | None = None
-    stop_ids: frozenset[int] = frozenset()
-    stop_strings: tuple[str, ...] = ()
-    detokenizer: object | None = None
-
-
-@dataclass
-class Output:
-    """A piece of a request's result. ``finish_reason``: ``None`` while running, then ``"stop"`` (stop token
-    or string), ``"length"``, ``"cancelled"`` or ``"error"`` (``error`` holds the exception)."""
-
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: BaseException | None = None
-
-
-class Handle:
-    """A submitted request's bookkeeping (engine-thread state, except ``cancelled``)."""
-
-    _ids = itertools.count()
-
-    def __init__(self, request: Request, deliver: Callable[[Output], None]):
-        self.id = next(self._ids)
-        self.request, self.deliver = request, deliver
-        self.seq = None
-        self.cancelled = False
-        self.text = ""  # all text so far
-        self.emitted = 0  # characters of ``text`` already delivered
-        self.submitted = time.perf_counter()
+class QueueTimeoutError(EagleError):
+    """A request waited for a slot longer than its timeout, and never started (HTTP 503)."""
 
 
 class Scheduler:
-    """Runs ``runner`` on its own thread. ``new_sequence(prompt, params, max_new_tokens, stop_ids, seed)``
-    makes the runner's sequences. ``on_round(kind, seconds, batch_size)`` (kind ``"prefill"`` or ``"round"``)
-    and ``on_finish(handle, output)`` are optional observers (metrics), called on the engine thread."""
+    """Drives ``runner_of(speculative)`` (the engine's runner for a request's kind; made on first use) on its
+    own thread. ``observer``, optional, gets ``round(kind, seconds, batch)``, ``admitted(handle)``,
+    ``delivered(handle, n_tokens, now)`` and ``finished(handle, output)`` calls on the engine thread
+    (metrics)."""
 
-    def __init__(
-        self,
-        runner,
-        new_sequence: Callable,
-        max_queue: int = 256,
-        on_round: Callable | None = None,
-        on_finish: Callable | None = None,
-    ):
-        self.runner, self.new_sequence, self.max_queue = runner, new_sequence, max_queue
-        self.on_round, self.on_finish = on_round, on_finish
-        self._waiting: collections.deque[Handle] = collections.deque()
-        self._running: dict[object, Handle] = {}
+    def __init__(self, runner_of: Callable[[bool], object], channel: PlanChannel | None = None,
+                 observer=None):
+        self.runner_of, self.observer = runner_of, observer
+        self.channel = channel or PlanChannel()
+        self._waiting: list[tuple[tuple[int, int], Handle]] = []  # a heap by (priority, arrival)
+        self._handles: dict[int, Handle] = {}  # every request not finished yet, by id
+        self._running: dict[Sequence, Handle] = {}
+        self._finishes: list[tuple[int, str]] = []  # host-side ends for the next plan
+        self._runners: dict[bool, object] = {}
         self._cond = threading.Condition()
+        self._next_id = 0
+        self.local_submissions = True  # a follower's requests come from its own callers (see follow)
         self._stopping = False
         self._thread: threading.Thread | None = None
 
-    # ------------------------------------------------------------------------ any thread
+    # ------------------------------------------------------------------------------------ any thread
 
     @property
     def queue_depth(self) -> int:
@@ -114,209 +79,298 @@ class Scheduler:
         return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="eagle-engine", daemon=True)
-        self._thread.start()
+        """Start the engine thread (the leader's loop, or a follower's); a no-op while it runs."""
+        with self._cond:
+            if self.alive:
+                return
+            self._stopping = False
+            target = self._lead if self.channel.leader else self.follow
+            self._thread = threading.Thread(target=target, name="eagle-engine", daemon=True)
+            self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """End the engine thread (every rank's, under tensor parallelism): requests still waiting or running
+        fail; a later :meth:`submit` starts it again."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def submit(self, request: Request, deliver: Callable[[Output], None]) -> Handle:
-        """Queue ``request``; raises :class:`QueueFullError` when ``max_queue`` requests already wait, and
-        :class:`InvalidRequestError` when it cannot fit the model's length."""
-        room = self.runner.max_model_len - len(request.prompt)
-        if not request.prompt or room < 1:
-            raise InvalidRequestError(
-                f"the prompt has {len(request.prompt)} tokens; the model's maximum length is "
-                f"{self.runner.max_model_len}, leaving no room to generate"
-            )
-        handle = Handle(request, deliver)
+    def submit(self, request: Request, deliver: Callable[[Output], None],
+               max_queue: int | None = None) -> Handle:
+        """Queue ``request`` (starting the engine thread if needed). Raises :class:`QueueFullError` when
+        ``max_queue`` requests already wait, :class:`InvalidRequestError` when it cannot fit the model."""
+        return self.submit_all([request], [deliver], max_queue)[0]
+
+    def submit_all(self, requests: list[Request], delivers: list[Callable[[Output], None]],
+                   max_queue: int | None = None) -> list[Handle]:
+        """:meth:`submit` for several requests at once: queued together (a caller's batch starts together
+        where slots allow), or none of them."""
+        for request in requests:
+            room = self._runner(request.speculative).max_model_len - len(request.prompt)
+            if not request.prompt or room < 1:
+                raise InvalidRequestError(
+                    f"the prompt has {len(request.prompt)} tokens; the model's maximum length is "
+                    f"{room + len(request.prompt)}, leaving no room to generate"
+                )
         with self._cond:
-            if self._stopping:
-                raise QueueFullError("the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later")
-            self._waiting.append(handle)
+            if max_queue is not None and len(self._waiting) + len(requests) > max_queue:
+                raise QueueFullError(f"the request queue is full ({max_queue} waiting); retry later")
+            handles = []
+            for request, deliver in zip(requests, delivers):
+                handle = Handle(request, deliver, self._next_id)
+                self._next_id += 1
+                self._handles[handle.id] = handle
+                if self.channel.leader:
+                    heapq.heappush(self._waiting, (handle.order(), handle))
+                handles.append(handle)
             self._cond.notify_all()
-        return handle
+        self.start()
+        return handles
 
     def cancel(self, handle: Handle) -> None:
-        """Stop ``handle`` at the next round boundary and free its slot (no further output is delivered)."""
+        """Stop ``handle`` at the next round boundary and free its slot (no further tokens are delivered)."""
         with self._cond:
             handle.cancelled = True
             self._cond.notify_all()
 
-    # ------------------------------------------------------------------------ engine thread
+    # ---------------------------------------------------------------------------- engine thread: lead
 
-    def _loop(self) -> None:
+    def _runner(self, speculative: bool):
+        if speculative not in self._runners:
+            self._runners[speculative] = self.runner_of(speculative)
+        return self._runners[speculative]
+
+    def _lead(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not (self._stopping or self._waiting or self._running):
+                    while not (self._stopping or self._waiting or self._running or self._finishes):
                         self._cond.wait()
-                    if self._stopping:
-                        break
+                    stopping = self._stopping
                 try:
-                    self._drop_cancelled()
-                    self._admit()
-                    if self._running:
-                        self._step()
+                    plan = Plan(stop=True) if stopping else self._plan()
+                    self._apply(self.channel.exchange(plan))
                 except Exception as e:  # a bug in the bookkeeping: fail what runs, keep the thread alive
                     log.exception("engine loop error; failing the running requests")
                     for h in list(self._running.values()):
                         self._fail(h, e)
-        for handle in list(self._running.values()) + list(self._waiting):
-            self._fail(handle, EagleError("the server shut down"))
+                if stopping:
+                    break
+        self._fail_all(EagleError("the engine stopped"))
 
-    def _drop_cancelled(self) -> None:
+    def _plan(self) -> Plan:
+        """The next iteration: cancelled and timed-out requests out, waiting ones into the slots they free."""
+        plan = Plan(finish=self._finishes)
+        self._finishes = []
+        now = time.perf_counter()
+        for h in list(self._running.values()):
+            if h.cancelled:
+                plan.finish.append((h.id, "cancelled"))
+        ending = [self._running_handle(rid) for rid, _ in plan.finish]
+        freed = {spec: sum(1 for h in ending if h is not None and h.request.speculative == spec)
+                 for spec in (True, False)}
+        free = {spec: None for spec in (True, False)}
+        held = []
         with self._cond:
-            gone = [h for h in self._waiting if h.cancelled]
-            for h in gone:
-                self._waiting.remove(h)
-        for h in [h for h in self._running.values() if h.cancelled]:
-            h.seq.finish("cancelled")
-            self._leave(h)
-            out = Output([], "", "cancelled", len(h.request.prompt), len(h.seq.tokens))
-            if self.on_finish is not None:  # (a failing observer is caught by the loop)
-                self.on_finish(h, out)
+            while self._waiting:
+                _, h = heapq.heappop(self._waiting)
+                if h.cancelled:
+                    self._end_waiting(h, Output([], "", "cancelled", len(h.request.prompt)))
+                elif h.deadline is not None and now > h.deadline:
+                    error = QueueTimeoutError(f"no free slot within the timeout ({h.request.timeout} s)")
+                    self._end_waiting(h, Output([], "", "timeout", len(h.request.prompt), error=error))
+                else:
+                    spec = h.request.speculative
+                    if free[spec] is None:
+                        free[spec] = self._runner(spec).free_slots() + freed[spec]
+                    if free[spec] > 0:
+                        free[spec] -= 1
+                        plan.admit.append(self._admission(h))
+                    else:
+                        held.append(h)
+            for h in held:
+                heapq.heappush(self._waiting, (h.order(), h))
+        return plan
 
-    def _admit(self) -> None:
-        """Move waiting requests into free slots and prefill them together (one step)."""
-        joining = []
+    def _admission(self, h: Handle) -> Admission:
+        r = h.request
+        seed = r.seed if r.seed is not None else random.SystemRandom().randrange(2**63)
+        return Admission(h.id, r.speculative, tuple(r.prompt), r.params, r.max_tokens, r.stop_ids, seed)
+
+    def _end_waiting(self, h: Handle, out: Output) -> None:
+        """A request that never started ends (cancelled, timed out): it is counted and told."""
+        self._finished(h, out)
+
+    # -------------------------------------------------------------------------- engine thread: follow
+
+    def follow(self) -> None:
+        """A follower's loop (ranks > 0 under tensor parallelism): apply the leader's plans until one says
+        stop. Runs as the engine thread (the Python API: this rank's callers submit what rank 0's do), or on
+        the calling thread with ``local_submissions = False`` (``eagle serve``'s other ranks: requests come
+        from the plans alone)."""
+        with torch.inference_mode():
+            while True:
+                plan = self.channel.exchange(None)
+                try:
+                    self._apply(plan)
+                except Exception:
+                    log.exception("follower: applying a plan failed")
+                if plan.stop:
+                    break
+        self._fail_all(EagleError("the engine stopped"))
+
+    def _follower_handle(self, a: Admission) -> Handle:
+        """The local handle of an admitted request: with ``local_submissions`` (the Python API under tensor
+        parallelism, where every rank submits alike, in the same order) the one this rank's caller submitted,
+        waited for if the caller is not there yet; else (the server's other ranks) a silent one."""
         with self._cond:
-            while self._waiting and len(joining) < self.runner.free_slots():
-                joining.append(self._waiting.popleft())
-        for h in list(joining):
-            try:
-                r = h.request
-                seed = r.seed if r.seed is not None else random.SystemRandom().randrange(2**63)
-                h.seq = self.new_sequence(r.prompt, r.params, r.max_tokens, r.stop_ids, seed)
-            except Exception as e:  # e.g. a parameter the runner rejects
-                joining.remove(h)
-                self._fail(h, e)
-        if not joining:
+            if not self.local_submissions:
+                request = Request(list(a.prompt), a.max_new_tokens, a.params, a.seed, a.stop_ids,
+                                  speculative=a.speculative)
+                self._handles[a.rid] = Handle(request, lambda out: None, a.rid)
+            while a.rid not in self._handles:
+                self._cond.wait()
+            return self._handles[a.rid]
+
+    # --------------------------------------------------------------------------- engine thread: apply
+
+    def _running_handle(self, rid: int) -> Handle | None:
+        return next((h for h in self._running.values() if h.id == rid), None)
+
+    def _apply(self, plan: Plan) -> None:
+        for rid, reason in plan.finish:
+            h = self._running_handle(rid)
+            if h is not None:
+                h.seq.finish(reason)
+                self._leave(h)
+                if reason == "cancelled":
+                    self._finished(h, Output([], "", "cancelled", len(h.request.prompt), h.sent))
+        if plan.stop:
             return
+        for spec in (True, False):
+            joining = [a for a in plan.admit if a.speculative == spec]
+            if joining:
+                self._admit(spec, joining)
+        for spec, runner in list(self._runners.items()):
+            if any(h.request.speculative == spec for h in self._running.values()):
+                self._step(runner)
+
+    def _admit(self, spec: bool, admissions: list[Admission]) -> None:
+        """Make the sequences of ``admissions`` and prefill them together (one step)."""
+        runner = self._runner(spec)
+        joining = []
+        for a in admissions:
+            h = self._handles[a.rid] if self.channel.leader else self._follower_handle(a)
+            h.seq = Sequence(list(a.prompt), a.params, a.max_new_tokens, a.stop_ids, a.seed,
+                             runner.max_model_len)
+            h.admitted = time.perf_counter()
+            self._observe("admitted", h)
+            joining.append(h)
         t0 = time.perf_counter()
         try:
-            first = self.runner.add([h.seq for h in joining])
+            first = runner.add([h.seq for h in joining])
         except Exception as e:
             if len(joining) == 1:
                 self._fail(joining[0], e)
                 return
-            for h in joining:  # a failed prefill may have left them in the batch
-                with contextlib.suppress(Exception):
-                    self.runner.release(h.seq)
             first = {}
             for h in joining:  # find the request that does not fit: add one at a time
                 try:
-                    first.update(self.runner.add([h.seq]))
+                    first.update(runner.add([h.seq]))
                 except Exception as e:
                     self._fail(h, e)
             joining = [h for h in joining if h.seq in first or h.seq.done]
         for h in joining:
             self._running[h.seq] = h
-        self._round_done("prefill", time.perf_counter() - t0, len(joining))
+        self._observe("round", "prefill", time.perf_counter() - t0, len(joining))
         self._deliver_all({h.seq: first.get(h.seq, []) for h in joining})
 
-    def _step(self) -> None:
+    def _step(self, runner) -> None:
+        batch = [h for h in self._running.values() if h.seq in runner.running]
         t0 = time.perf_counter()
-        batch = len(self._running)
         try:
-            kept = self.runner.step()
-        except Exception as e:  # the round's state is unknown: its sequences fail, the server goes on
-            for h in list(self._running.values()):
+            kept = runner.step()
+        except Exception as e:  # the round's state is unknown: its sequences fail, the scheduler goes on
+            for h in batch:
                 self._fail(h, e)
             return
-        self._round_done("round", time.perf_counter() - t0, batch)
-        self._deliver_all({seq: kept.get(seq, []) for seq in self._running})
+        self._observe("round", "round", time.perf_counter() - t0, len(batch))
+        self._deliver_all({h.seq: kept.get(h.seq, []) for h in batch})
 
-    def _round_done(self, kind: str, seconds: float, batch: int) -> None:
-        if self.on_round is not None:
+    def _observe(self, event: str, *args) -> None:
+        """Tell the observer (metrics), if any; a failing observer is logged, never fatal."""
+        if self.observer is not None:
             try:
-                self.on_round(kind, seconds, batch)
+                getattr(self.observer, event)(*args)
             except Exception:
-                pass
+                log.exception("the scheduler's observer failed on %s", event)
 
     def _deliver_all(self, kept: dict) -> None:
         """Hand out the tokens ``add``/``step`` kept; the runner has already released the sequences they
         finished."""
+        now = time.perf_counter()
         for seq, tokens in kept.items():
             h = self._running.get(seq)
             if h is None:
                 continue
             try:
-                self._advance(h, list(tokens), runner_released=seq.done)
+                out, stopped = h.advance(list(tokens))
+                if stopped:  # a stop string: every rank ends it in the next plan
+                    self._finishes.append((h.id, "stop"))
+                if out.finish_reason is not None and not stopped:
+                    self._leave(h)
+                if out.token_ids:
+                    self._observe("delivered", h, len(out.token_ids), now)  # (before last_token moves)
+                    h.first_token = h.first_token or now
+                    h.last_token = now
+                if out.finish_reason is not None:
+                    self._finished(h, out, deliver=False)
+                h.deliver(out)
             except Exception as e:
                 self._fail(h, e)
 
-    def _advance(self, h: Handle, tokens: list[int], runner_released: bool) -> None:
-        """Turn new tokens into text, apply stop strings, deliver; finish and release a done request."""
-        seq, r = h.seq, h.request
-        text_ids = tokens
-        if seq.done and seq.stop_reason == "stop_token" and tokens and tokens[-1] in r.stop_ids:
-            text_ids = tokens[:-1]  # the stop token's own text is not part of the completion
-        finish = FINISH_REASONS.get(seq.stop_reason, seq.stop_reason) if seq.done else None
-        piece = ""
-        if r.detokenizer is not None:
-            h.text += r.detokenizer.push(text_ids) if text_ids else ""
-            if finish is not None:
-                h.text += r.detokenizer.flush()
-            piece, hit = self._take_text(h, final=finish is not None)
-            if hit and finish is None:
-                seq.finish("stop")
-                finish, runner_released = "stop", False
-        if finish is not None:
-            self._leave(h, release=not runner_released)
-        out = Output(tokens, piece, finish, len(r.prompt), len(seq.tokens))
-        if finish is not None and self.on_finish is not None:
-            self.on_finish(h, out)
-        h.deliver(out)
-
-    @staticmethod
-    def _take_text(h: Handle, final: bool) -> tuple[str, bool]:
-        """The deliverable text since the last delivery, cut at the first stop string (``hit``); a tail that
-        may begin a stop string is held back until more text decides it."""
-        stops = h.request.stop_strings
-        start = max(0, h.emitted - max((len(s) for s in stops), default=0))
-        hits = [i for i in (h.text.find(s, start) for s in stops) if i >= 0]
-        if hits:
-            end = max(min(hits), h.emitted)
-            piece, h.text, h.emitted = h.text[h.emitted : end], h.text[:end], end
-            return piece, True
-        end = len(h.text)
-        if not final:
-            for s in stops:
-                for k in range(min(len(s) - 1, end - h.emitted), 0, -1):
-                    if h.text.endswith(s[:k]):
-                        end = min(end, len(h.text) - k)
-                        break
-        piece, h.emitted = h.text[h.emitted : end], end
-        return piece, False
-
-    def _leave(self, h: Handle, release: bool = True) -> None:
-        """Remove a finished request from the batch and (unless the runner did) free its slot now."""
-        if self._running.pop(h.seq, None) is not None and release:
+    def _finished(self, h: Handle, out: Output, deliver: bool = True) -> None:
+        """Count a request that ended (any way), and tell its caller unless the caller is told by itself."""
+        with self._cond:
+            self._handles.pop(h.id, None)
+        h.finished = time.perf_counter()
+        self._observe("finished", h, out)
+        if deliver:
             try:
-                self.runner.release(h.seq)
+                h.deliver(out)
             except Exception:
-                pass
+                log.exception("delivery to request %d failed", h.id)
+
+    def _leave(self, h: Handle) -> None:
+        """Take a finished request out of the batch and free its slot (if its runner has not already)."""
+        if self._running.pop(h.seq, None) is None:
+            return
+        runner = self._runner(h.request.speculative)
+        if h.seq in runner.running:
+            try:
+                runner.release(h.seq)
+            except Exception:
+                log.exception("releasing request %d failed", h.id)
 
     def _fail(self, h: Handle, error: BaseException) -> None:
         if not isinstance(error, InvalidRequestError):
             log.warning("request %d failed: %s: %s", h.id, type(error).__name__, error)
         if h.seq is not None:
-            try:
-                h.seq.finish("error")
-            except Exception:
-                pass
+            h.seq.finish("error")
             self._leave(h)
-        out = Output([], "", "error", len(h.request.prompt), 0 if h.seq is None else len(h.seq.tokens), error)
-        try:
-            if self.on_finish is not None:
-                self.on_finish(h, out)
-            h.deliver(out)
-        except Exception:
-            pass
+            if self.channel.leader and h.id not in [rid for rid, _ in self._finishes]:
+                self._finishes.append((h.id, "error"))  # the other ranks end it too
+        tokens = 0 if h.seq is None else h.sent
+        self._finished(h, Output([], "", "error", len(h.request.prompt), tokens, error))
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._cond:
+            waiting = [h for _, h in self._waiting]
+            self._waiting.clear()
+        for h in list(self._running.values()) + waiting:
+            self._fail(h, error)
+
+
+__all__ = ["Scheduler", "QueueFullError", "QueueTimeoutError", "Request", "Output", "Handle"]

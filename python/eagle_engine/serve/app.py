@@ -19,9 +19,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from ..engine.handles import Request as EngineRequest
 from ..engine.inputs import check_seeds
-from ..engine.scheduler import QueueFullError, Scheduler
-from ..engine.scheduler import Request as EngineRequest
+from ..engine.scheduler import QueueFullError, QueueTimeoutError
 from ..errors import InvalidRequestError
 from ..tools.detokenize import IncrementalDetokenizer
 from .errors import APIError, install_handlers, invalid
@@ -40,6 +40,8 @@ from .protocol import (
     stop_strings_of,
     usage,
 )
+
+DEFAULT_QUEUE_TIMEOUT = 300.0  # seconds a request may wait for a slot before it is answered 503
 
 
 class LockedTokenizer:
@@ -66,21 +68,8 @@ class LockedTokenizer:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
 
-def make_runner(engine):
-    """``(runner, new_sequence)``: the engine's runner (its method's rounds, else vanilla steps)
-    and a factory of its sequences, capped at the runner's ``max_model_len``."""
-    from ..engine.sequence import Sequence
-
-    runner = engine.runner
-
-    def new_sequence(prompt, params, max_new_tokens, stop_ids, seed):
-        return Sequence(prompt, params, max_new_tokens, stop_ids, seed, runner.max_model_len)
-
-    return runner, new_sequence
-
-
 class ServeState:
-    def __init__(self, engine, tokenizer, model_name: str, max_queue: int):
+    def __init__(self, engine, tokenizer, model_name: str, max_queue: int, queue_timeout: float | None):
         self.engine, self.model_name = engine, model_name
         # Two tokenizers: requests are encoded (and chat templates rendered) on a worker thread with a copy,
         # while the engine thread decodes with the original, so a long prompt never holds up a stream.
@@ -89,21 +78,23 @@ class ServeState:
         self.encoding = anyio.CapacityLimiter(1)
         cfg = engine.target.config
         self.vocab_size, self.eos_ids = cfg.vocab_size, frozenset(cfg.eos_token_ids)
-        runner, new_sequence = make_runner(engine)
-        self.max_model_len = runner.max_model_len
+        self.max_model_len = engine.max_length
+        self.speculative = engine.method is not None  # the engine's method, else vanilla steps
+        self.max_queue, self.queue_timeout = max_queue, queue_timeout
+        self.scheduler = engine.scheduler  # the engine's one driver: the Python API queues there too
         self.metrics = Metrics(lambda: self.scheduler)
-        self.scheduler = Scheduler(
-            runner, new_sequence, max_queue, self.metrics.observe_round, self.metrics.observe_finish
-        )
+        self.scheduler.observer = self.metrics
         self.created = int(time.time())
 
 
 def create_app(engine, tokenizer, model_name: str = "eagle", max_queue: int = 256,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
-    """The app over ``engine.runner`` (its ``max_batch_size`` slots, its ``max_model_len``); at most
-    ``max_queue`` requests wait for a slot, more answer 503; a body over ``max_request_bytes`` answers 413
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               queue_timeout: float | None = DEFAULT_QUEUE_TIMEOUT) -> FastAPI:
+    """The app over ``engine``'s scheduler (its runner's ``max_batch_size`` slots, its ``max_model_len``): at
+    most ``max_queue`` requests wait for a slot, more answer 503; one that waits ``queue_timeout`` seconds
+    (or its own ``timeout``) answers 503 without starting; a body over ``max_request_bytes`` answers 413
     before it is read."""
-    state = ServeState(engine, tokenizer, model_name, max_queue)
+    state = ServeState(engine, tokenizer, model_name, max_queue, queue_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -252,6 +243,9 @@ async def _respond(state: ServeState, request: Request, body, prompt: list[int],
         frozenset(stop_ids),
         stop_strings_of(body),
         IncrementalDetokenizer(state.tokenizer, prompt),
+        speculative=state.speculative,
+        priority=body.priority or 0,
+        timeout=body.timeout if body.timeout is not None else state.queue_timeout,
     )
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
@@ -260,7 +254,7 @@ async def _respond(state: ServeState, request: Request, body, prompt: list[int],
         loop.call_soon_threadsafe(queue.put_nowait, output)
 
     try:
-        handle = state.scheduler.submit(engine_request, deliver)
+        handle = state.scheduler.submit(engine_request, deliver, max_queue=state.max_queue)
     except QueueFullError as e:
         raise APIError(str(e), 503, None, "queue_full", "server_error") from None
     except InvalidRequestError as e:
@@ -290,6 +284,8 @@ async def _respond(state: ServeState, request: Request, body, prompt: list[int],
 def _raise_for(error: BaseException):
     if isinstance(error, InvalidRequestError):
         raise invalid(str(error)) from None
+    if isinstance(error, QueueTimeoutError):
+        raise APIError(str(error), 503, "timeout", "queue_timeout", "server_error") from None
     raise APIError(
         f"generation failed: {type(error).__name__}: {error}", 500, None, "engine_error", "server_error"
     )

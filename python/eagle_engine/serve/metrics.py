@@ -1,4 +1,10 @@
-"""Prometheus metrics of one server, in its own ``CollectorRegistry`` (several apps can share a process)."""
+"""Prometheus metrics of one server, in its own ``CollectorRegistry`` (several apps can share a process).
+
+The scheduler's observer (its calls come on the engine thread): what ran (rounds, prefills, batch sizes),
+and each request's life: queue time, time to first token, inter-token latency, time per output token,
+end-to-end latency, and how it finished (cancellations from the queue included). The latency names follow
+the ones vLLM and SGLang users chart.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +13,22 @@ import threading
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 ROUND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+               0.4, 0.5, 0.75, 1.0, 2.5)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+               480.0)
 
 
 class Metrics:
-    """``observe_round`` and ``observe_finish`` are the scheduler's observers (engine thread)."""
+    """The scheduler's observer (``round``, ``admitted``, ``delivered``, ``finished``) and the registry."""
 
     def __init__(self, scheduler_state):
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
-            "eagle_requests", "Finished requests by finish reason", ["finish_reason"], registry=r
+            "eagle_requests", "Ended requests by finish reason (cancelled and timeout: from the queue too)",
+            ["finish_reason"], registry=r,
         )
         self.rejected = Counter(
             "eagle_requests_rejected", "Requests answered 4xx/5xx", ["status"], registry=r
@@ -50,6 +63,28 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=r,
         )
+        self.queue_seconds = Histogram(
+            "eagle_request_queue_seconds", "From arrival to the start of the prefill", buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "eagle_time_to_first_token_seconds", "From arrival to the first token", buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "eagle_inter_token_latency_seconds",
+            "Between consecutive tokens of a request (a round's tokens share its interval evenly)",
+            buckets=ITL_BUCKETS, registry=r,
+        )
+        self.tpot = Histogram(
+            "eagle_time_per_output_token_seconds",
+            "Per finished request: (last token - first token) / (tokens - 1)", buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "eagle_e2e_request_latency_seconds", "From arrival to the end of a finished request",
+            buckets=E2E_BUCKETS, registry=r,
+        )
         self._lock = threading.Lock()
         self._accepted = self._rounds = 0
 
@@ -57,18 +92,38 @@ class Metrics:
         with self._lock:
             return self._accepted / self._rounds if self._rounds else 0.0
 
-    def observe_round(self, kind: str, seconds: float, batch: int) -> None:
+    # ------------------------------------------------------------------------------------ the observer
+
+    def round(self, kind: str, seconds: float, batch: int) -> None:
         if kind == "prefill":
             self.prefill_seconds.observe(seconds)
         else:
             self.round_seconds.observe(seconds)
             self.batch_size.observe(batch)
 
-    def observe_finish(self, handle, output) -> None:
+    def admitted(self, handle) -> None:
+        self.queue_seconds.observe(handle.admitted - handle.submitted)
+
+    def delivered(self, handle, n_tokens: int, now: float) -> None:
+        """``n_tokens`` new tokens of ``handle`` at ``now`` (``handle.last_token``: the previous delivery)."""
+        previous = handle.last_token
+        if previous is None:  # the first token(s): the prefill's
+            self.ttft.observe(now - handle.submitted)
+            n_tokens -= 1
+            previous = now
+        for _ in range(n_tokens):
+            self.itl.observe((now - previous) / max(n_tokens, 1))
+
+    def finished(self, handle, output) -> None:
         self.requests.labels(output.finish_reason or "unknown").inc()
         self.prompt_tokens.inc(output.prompt_tokens)
         self.generation_tokens.inc(output.completion_tokens)
-        lengths = list(getattr(handle.seq, "accept_lengths", None) or [])
+        if output.finish_reason in ("stop", "length"):
+            self.e2e.observe(handle.finished - handle.submitted)
+            if handle.first_token is not None and output.completion_tokens > 1:
+                self.tpot.observe((handle.last_token - handle.first_token) / (output.completion_tokens - 1))
+        seq = handle.seq
+        lengths = list(getattr(seq, "accept_lengths", None) or []) if seq is not None else []
         if lengths:
             self.verify_rounds.inc(len(lengths))
             self.accepted_tokens.inc(sum(lengths))

@@ -32,6 +32,8 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # extension: ids that end the sequence besides the model's eos
     ignore_eos: bool = False  # extension: do not stop at the model's eos ids (benchmarks)
+    priority: int | None = None  # extension (vLLM's): lower starts first; equal: first come, first served
+    timeout: float | None = None  # extension: seconds the request may wait for a slot (503 past it)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = None
@@ -94,7 +96,10 @@ UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_f
 
 
 def check_unsupported(body: _Common) -> None:
-    """Fields of the API this server does not implement answer 400 instead of being silently ignored."""
+    """Fields of the API this server does not implement answer 400 instead of being silently ignored (and
+    the extensions' ranges)."""
+    if body.timeout is not None and not (body.timeout > 0 and body.timeout < float("inf")):
+        raise invalid(f"timeout must be a number of seconds > 0, got {body.timeout}", "timeout")
     for name in UNSUPPORTED:
         if getattr(body, name) is not None:
             raise invalid(f"{name} is not supported by this server", name, "unsupported_field")

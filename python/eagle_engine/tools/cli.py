@@ -214,6 +214,7 @@ def cmd_generate(args) -> None:
             tensor_parallel_size=args.tensor_parallel_size, **method_kwargs(args),
         )
     with contextlib.ExitStack() as stack:
+        stack.callback(engine.close)  # every rank's engine thread ends before the process group does
         if args.tensor_parallel_size > 1 and _rank() != 0:  # only rank 0 prints
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
         _generate(args, engine, tokenizer)
