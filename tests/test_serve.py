@@ -203,6 +203,23 @@ def test_stop_strings_and_stop_ids(server):
     assert r.choices[0].text == server.tokenizer.decode(tokens[:cut])
 
 
+def test_usage_counts_the_tokens_returned_before_a_stop_string(server):
+    """A round keeps several tokens; a stop string cuts the text inside them: usage counts the tokens whose
+    text begins before the cut (those that made the returned text), not the rest of the round."""
+    from eagle_engine.tools.detokenize import decode_new
+
+    ids = _ids(server, PROMPTS[2])
+    tokens = server.reference.generate(ids, 30).tokens
+    starts = [len(decode_new(server.tokenizer, ids, tokens[:i])) for i in range(len(tokens))]
+    full = decode_new(server.tokenizer, ids, tokens)
+    cut = next(i for i in range(8, len(full) - 3) if full[i:i + 3] not in full[:i + 2] and full[i] != " ")
+    for stream in (False, True):
+        stop = [full[cut : cut + 3]]
+        text, finish, use = complete(server, PROMPTS[2], stream=stream, max_tokens=30, stop=stop)
+        assert finish == "stop" and text == full[:cut]
+        assert use.completion_tokens == sum(1 for s in starts if s < cut) < 30
+
+
 def test_sixteen_concurrent_clients(server):
     """Greedy and seeded sampled requests mixed in one batch (4 slots, the rest queued): every one
     completes, and each equals the engine alone on its prompt (greedy: the same tokens; seeded: the same
@@ -499,6 +516,82 @@ def test_metrics_parse(server):
     assert samples["eagle_generation_tokens_total"] >= 4 and samples["eagle_round_seconds_count"] >= 1
     assert samples["eagle_mean_acceptance_length"] >= 1.0
     assert samples["eagle_queue_depth"] == 0 and samples["eagle_running_batch"] == 0
+    # The latency histograms users chart: each request observed once (queue, TTFT, e2e), tokens for ITL.
+    finished = sum(s.value for s in families["eagle_requests"].samples
+                   if s.name == "eagle_requests_total" and s.labels["finish_reason"] in ("stop", "length"))
+    assert samples["eagle_e2e_request_latency_seconds_count"] == finished
+    assert samples["eagle_time_to_first_token_seconds_count"] >= finished
+    assert samples["eagle_request_queue_seconds_count"] >= finished
+    assert samples["eagle_inter_token_latency_seconds_count"] >= 3  # 4 tokens: 3 gaps (at least)
+    assert samples["eagle_time_per_output_token_seconds_count"] >= 1
+
+
+def test_priority_order_and_queue_timeouts_over_http(model):
+    """One slot, held by a stream: a request whose timeout passes while it waits answers 503 (Retry-After);
+    waiting requests start by priority (lower first); one cancelled while queued is counted."""
+    s = Server(*model, max_batch_size=1, max_queue=8)
+    runner, step = s.engine.runner, s.engine.runner.step
+
+    stalled = threading.Event()
+
+    def stalling_step():  # while stalled, rounds of 20 ms keep nothing: the stream holds its slot for good
+        if stalled.is_set():
+            time.sleep(0.02)
+            return {}
+        return step()
+
+    admitted, add = [], runner.add
+
+    def recording_add(seqs):
+        admitted.extend(s.tokenizer.decode(q.prompt) for q in seqs)
+        return add(seqs)
+
+    runner.step, runner.add = stalling_step, recording_add
+    try:
+        hold = {"prompt": "x", "max_tokens": 100, "temperature": 0, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=hold, timeout=TIMEOUT) as running:
+            lines = running.iter_lines()
+            stalled.set()
+            next(lines)  # its first token came with the prefill; it holds the only slot
+            r = httpx.post(s.url + "/v1/completions", json={"prompt": "y", "max_tokens": 2, "timeout": 0.2},
+                           timeout=TIMEOUT)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "queue_timeout"
+            assert int(r.headers["retry-after"]) >= 1
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                later = pool.submit(httpx.post, s.url + "/v1/completions", timeout=TIMEOUT,
+                                    json={"prompt": "a", "max_tokens": 2, "temperature": 0, "priority": 1})
+                deadline = time.monotonic() + TIMEOUT
+                while s.scheduler.queue_depth < 1:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+                first = pool.submit(httpx.post, s.url + "/v1/completions", timeout=TIMEOUT,
+                                    json={"prompt": "b", "max_tokens": 2, "temperature": 0, "priority": -1})
+                while s.scheduler.queue_depth < 2:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+                # A third waiting client hangs up: counted as cancelled though it never started.
+                sock = socket.create_connection(("127.0.0.1", s.port), timeout=TIMEOUT)
+                body = json.dumps({"prompt": "c", "max_tokens": 2}).encode()
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                while s.scheduler.queue_depth < 3:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+                sock.close()
+                while s.scheduler.queue_depth > 2:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+                running.close()  # the stream hangs up: cancelled at the next boundary, the waiting ones run
+                stalled.clear()
+        # the stream left: the waiting ones start, priority -1 first
+        a, b = later.result(TIMEOUT).json(), first.result(TIMEOUT).json()
+        assert a["choices"][0]["finish_reason"] == b["choices"][0]["finish_reason"] == "length"
+        assert admitted == ["x", "b", "a"]
+        metrics = s.metrics()
+        assert metrics['eagle_requests_total{"finish_reason": "timeout"}'] == 1
+        assert metrics['eagle_requests_total{"finish_reason": "cancelled"}'] == 2  # stream and hang-up
+    finally:
+        s.stop()
 
 
 def test_cli_serve_flags():
