@@ -20,15 +20,10 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("prometheus_client")
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-from tiny import make_head_dir, make_hf_model, make_tokenizer, save  # noqa: E402
+from serving import TIMEOUT, Server, make_serve_model  # noqa: E402
 
 from eagle_engine import EagleEngine  # noqa: E402
 
-TIMEOUT = 30.0
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}"
-)
 PROMPTS = ["def main(", "import json\n", "class Foo:", "x = [", "return None", "for i in", "# note", "if a:"]
 
 
@@ -46,73 +41,7 @@ def reference_env():
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory, reference_env):
-    """A tiny qwen2 model with its own tokenizer (with a chat template) and a random EAGLE head. No eos id:
-    sequences end at their budget, a stop string or a requested stop id, so lengths are under control."""
-    from transformers import AutoTokenizer
-
-    directory = str(tmp_path_factory.mktemp("serve_model"))
-    make_tokenizer(directory, vocab_size=300)
-    tok = AutoTokenizer.from_pretrained(directory)
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(directory)
-    hf = make_hf_model("qwen2", vocab_size=len(tok), eos_token_id=None, bos_token_id=None)
-    save(hf, directory)
-    head = make_head_dir(
-        EagleEngine.from_pretrained(directory), "eagle1", str(tmp_path_factory.mktemp("head"))
-    )
-    return directory, head
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """uvicorn serving ``create_app(...)`` in a background thread on a free loopback port."""
-
-    def __init__(self, directory, head, name="tiny", tokenizer=None, max_batch_size=4, max_queue=32,
-                 max_request_bytes=2 * 1024 * 1024, **method):
-        import uvicorn
-
-        from eagle_engine.serve import create_app
-        from eagle_engine.tools.common import load_tokenizer
-
-        method = method or {"tree": "chain"}  # default: EAGLE with a chain
-        self.engine = EagleEngine.from_pretrained(directory, head, max_batch_size=max_batch_size, **method)
-        # references come from a second engine: the server's engine thread owns the first one's runner
-        self.reference = EagleEngine.from_pretrained(directory, head, **method)
-        self.tokenizer = tokenizer or load_tokenizer(directory)
-        self.app = create_app(self.engine, self.tokenizer, name, max_queue=max_queue,
-                              max_request_bytes=max_request_bytes)
-        self.port = _free_port()
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + TIMEOUT
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", timeout=TIMEOUT, max_retries=0)
-
-    @property
-    def scheduler(self):
-        return self.app.state.serve.scheduler
-
-    def metrics(self) -> dict:
-        text = httpx.get(self.url + "/metrics", timeout=TIMEOUT).text
-        return {
-            s.name + json.dumps(s.labels, sort_keys=True): s.value
-            for f in text_string_to_metric_families(text)
-            for s in f.samples
-        }
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(TIMEOUT)
+    return make_serve_model(str(tmp_path_factory.mktemp("serve_model")), str(tmp_path_factory.mktemp("head")))
 
 
 @pytest.fixture(scope="module")
@@ -605,8 +534,11 @@ def test_cli_serve_flags():
         "chain",
         "127.0.0.1",
     )
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve", "--max-batch-size", "0"])
+    assert (args.shutdown_timeout, args.tensor_parallel_size) == (30.0, 1)
+    for bad in (["--max-batch-size", "0"], ["--shutdown-timeout", "-1"], ["--shutdown-timeout", "inf"],
+                ["--tensor-parallel-size", "0"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", *bad])
 
 
 def test_serve_loads_the_method_its_flags_name(reference_env):

@@ -7,11 +7,10 @@ results; this process runs the same jobs with N=1 and compares.
 
 import json
 import os
-import socket
 import subprocess
-import sys
 
 import pytest
+from launch import ROOT, torchrun_command, torchrun_env
 from tiny import hf_greedy, make_head_dir, make_hf_model, random_prompts, save
 
 import eagle_engine.spec.auto_tree as auto_tree
@@ -20,16 +19,9 @@ from eagle_engine.models.parallel import count_parameters
 
 pytestmark = pytest.mark.usefixtures("reference_ops")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "tp_worker.py")
 NEW_TOKENS = 40
 PROMPTS = random_prompts([5, 17, 9], seed=3)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(jobs: list[dict], tmp_path, nproc: int = 2) -> list[dict]:
@@ -38,22 +30,16 @@ def torchrun(jobs: list[dict], tmp_path, nproc: int = 2) -> list[dict]:
     jobs_path.write_text(json.dumps(jobs))
     out = tmp_path / "out"
     out.mkdir()
-    env = dict(os.environ, EAGLE_KERNELS_BACKEND="reference", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "python"), ROOT, env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}", WORKER, str(jobs_path), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    cmd = torchrun_command(nproc, WORKER, str(jobs_path), str(out))
+    proc = subprocess.run(cmd, env=torchrun_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
 def torchrun_module(args: list[str], tmp_path, nproc: int = 2) -> str:
     """``torchrun -m eagle_engine ARGS`` on ``nproc`` ranks; returns the ranks' stdout."""
-    env = dict(os.environ, EAGLE_KERNELS_BACKEND="reference", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "python"), ROOT, env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "eagle_engine", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    cmd = torchrun_command(nproc, "-m", "eagle_engine", *args)
+    proc = subprocess.run(cmd, env=torchrun_env(), capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
 

@@ -49,6 +49,7 @@ class PlanChannel:
     def __init__(self, tp=None):
         self.tp = tp
         self.leader = tp is None or tp.rank == 0
+        self.broken = False  # an exchange failed: the ranks are no longer in step (see exchange)
         self.group = None
         if tp is not None:
             import torch.distributed as dist
@@ -56,13 +57,20 @@ class PlanChannel:
             self.group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
 
     def exchange(self, plan: Plan | None) -> Plan:
-        """The leader passes its plan (and gets it back); a follower passes None and gets the leader's."""
+        """The leader passes its plan (and gets it back); a follower passes None and gets the leader's.
+        Raises when a rank is gone; the channel is ``broken`` from then on (no later exchange can meet)."""
         if self.tp is None:
             return plan
         import torch.distributed as dist
 
+        if self.broken:
+            raise RuntimeError("the plan channel is broken: a rank left")
         box = [plan]
-        dist.broadcast_object_list(box, src=0, group=self.group)
+        try:
+            dist.broadcast_object_list(box, src=0, group=self.group)
+        except Exception:
+            self.broken = True
+            raise
         return box[0]
 
 

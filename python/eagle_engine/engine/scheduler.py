@@ -149,9 +149,17 @@ class Scheduler:
                     while not (self._stopping or self._waiting or self._running or self._finishes):
                         self._cond.wait()
                     stopping = self._stopping
+                plan = Plan(stop=True) if stopping else None
                 try:
-                    plan = Plan(stop=True) if stopping else self._plan()
-                    self._apply(self.channel.exchange(plan))
+                    plan = plan or self._plan()
+                    plan = self.channel.exchange(plan)
+                except Exception as e:  # the other ranks are gone (a rank died, the launcher stops them)
+                    log.exception("the plan could not reach the other ranks; the engine stops")
+                    for a in plan.admit if plan is not None else []:
+                        self._fail(self._handles[a.rid], e)
+                    break
+                try:
+                    self._apply(plan)
                 except Exception as e:  # a bug in the bookkeeping: fail what runs, keep the thread alive
                     log.exception("engine loop error; failing the running requests")
                     for h in list(self._running.values()):
@@ -212,7 +220,11 @@ class Scheduler:
         from the plans alone)."""
         with torch.inference_mode():
             while True:
-                plan = self.channel.exchange(None)
+                try:
+                    plan = self.channel.exchange(None)
+                except Exception:  # rank 0 is gone
+                    log.exception("follower: the leader's plans stopped coming; the engine stops")
+                    break
                 try:
                     self._apply(plan)
                 except Exception:

@@ -121,11 +121,13 @@ def setup(size: int, cfg: ModelConfig, device: torch.device) -> tuple[TensorPara
     return TensorParallel(dist.get_rank(), size), device
 
 
-def shutdown() -> None:
+def shutdown(barrier: bool = True) -> None:
     """Leave the default process group, if one was joined: a barrier first, so that no rank tears its
-    connections down while another still uses them (gloo aborts then)."""
+    connections down while another still uses them (gloo aborts then); ``barrier=False`` when another rank
+    is known to be gone (the barrier would wait for it until the group's timeout)."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -15,6 +15,7 @@ from .common import (
     apply_threads,
     check_model_dir,
     load_tokenizer,
+    non_negative_seconds,
     port_int,
     positive_int,
     report,
@@ -56,6 +57,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default: float32)")
 
 
+def _add_tensor_parallel_arg(p: argparse.ArgumentParser, usage: str) -> None:
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=positive_int,
+        default=1,
+        help="shard the target over N ranks: launch with torchrun --nproc-per-node N -m eagle_engine "
+        f"{usage} (default: 1)",
+    )
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -80,13 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         "chain, or auto (the size that maximises tokens/s on this device, measured once and cached); Medusa "
         "heads draft their own static tree",
     )
-    gen.add_argument(
-        "--tensor-parallel-size",
-        type=positive_int,
-        default=1,
-        help="shard the target over N ranks: launch with torchrun --nproc-per-node N -m eagle_engine "
-        "generate ...; only rank 0 prints (default: 1)",
-    )
+    _add_tensor_parallel_arg(gen, "generate ...; only rank 0 prints")
     _add_sampling_args(gen)
     add_threads_arg(gen)
     _add_train_parser(sub)
@@ -197,7 +202,14 @@ def _add_serve_parser(sub) -> None:
         choices=TREE_CHOICES,
         help="EAGLE draft tree; auto (default): sized to the device, measured once and cached",
     )
+    sv.add_argument(
+        "--shutdown-timeout",
+        type=non_negative_seconds,
+        default=30.0,
+        help="on SIGTERM or Ctrl-C, seconds to let running requests finish before they are cancelled (30)",
+    )
     sv.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="uvicorn's log level (info)")
+    _add_tensor_parallel_arg(sv, "serve ...; rank 0 serves HTTP and schedules, every rank runs the steps")
     add_threads_arg(sv)
 
 

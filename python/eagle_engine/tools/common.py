@@ -75,6 +75,17 @@ def port_int(text: str) -> int:
     return value
 
 
+def non_negative_seconds(text: str) -> float:
+    """A duration in seconds: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return value
+
+
 def seed_int(text: str) -> int:
     """A seed: an integer in the int64 range (what ``torch.Generator.manual_seed`` takes)."""
     value = _int(text)
