@@ -4,6 +4,7 @@ client dropped mid-stream, every bad input, /metrics."""
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import json
 import os
@@ -91,6 +92,32 @@ def test_completion_streamed_and_not(server):
     assert (usage.prompt_tokens, usage.completion_tokens) == (len(ids), 16)
     streamed, finish, usage = complete(server, PROMPTS[0], stream=True, max_tokens=16)
     assert streamed == want and finish == "length" and usage.completion_tokens == 16
+
+
+@pytest.mark.parametrize("path", ["completions", "chat/completions"])
+def test_continuous_usage_stats(server, path):
+    """``stream_options.continuous_usage_stats`` (vLLM's): every chunk carries the usage so far, whose
+    tokens make the text streamed so far; an unknown stream option is refused."""
+    body = {"max_tokens": 20, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    body.update({"prompt": PROMPTS[1]} if path == "completions" else
+                {"messages": [{"role": "user", "content": PROMPTS[1]}]})
+    with httpx.stream("POST", f"{server.url}/v1/{path}", json=body, timeout=TIMEOUT) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    chunks, last = events[:-1], events[-1]
+    used = [e["usage"]["completion_tokens"] for e in chunks]
+    assert used == sorted(used) and used[-1] == last["usage"]["completion_tokens"] == 20
+    assert all(e["usage"]["prompt_tokens"] == last["usage"]["prompt_tokens"] for e in chunks)
+    ids = _ids(server, PROMPTS[1]) if path == "completions" else None
+    if ids is not None:  # the text so far is the decoding of the tokens counted so far
+        tokens = server.reference.generate(ids, 20).tokens
+        text = ""
+        for e, n in zip(chunks, used):
+            text += e["choices"][0]["text"]
+            assert text == server.tokenizer.decode(tokens[:n])
+    body["stream_options"] = {"include_usage": True, "bogus": True}
+    r = httpx.post(f"{server.url}/v1/{path}", json=body, timeout=TIMEOUT)
+    assert r.status_code == 400 and "bogus" in r.json()["error"]["message"]
 
 
 def test_chat_streamed_and_not(server):
@@ -453,6 +480,25 @@ def test_metrics_parse(server):
     assert samples["eagle_request_queue_seconds_count"] >= finished
     assert samples["eagle_inter_token_latency_seconds_count"] >= 3  # 4 tokens: 3 gaps (at least)
     assert samples["eagle_time_per_output_token_seconds_count"] >= 1
+
+
+def test_bench_serve_level_counts_what_the_server_histograms_count(server, monkeypatch):
+    """benchmarks/bench_serve.py's measurement of one level against this server: for TTFT, ITL, TPOT and
+    e2e the clients and the server's histograms (the level's share: two scrapes apart) count the same
+    observations, and the clients' TTFT and e2e contain the server's (a request is sent before it arrives;
+    a chunk is read after the server delivered it)."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    import bench_serve
+
+    args = argparse.Namespace(requests_per_client=2, max_tokens=12)
+    row = bench_serve.run_level(server.url, "tiny", PROMPTS[:4], 2, args)
+    assert (row["requests"], row["completion_tokens"]) == (4, 48)
+    assert [row[f"{k}_count"] for k in ("ttft", "itl", "tpot", "e2e")] == [4, 44, 4, 4]
+    assert all(row[f"server_{k}_count"] == row[f"{k}_count"] for k in ("ttft", "itl", "tpot", "e2e"))
+    assert row["server_queue_count"] == 4
+    assert row["ttft_mean_ms"] >= row["server_ttft_mean_ms"] > 0
+    assert row["e2e_mean_ms"] >= row["server_e2e_mean_ms"] > 0
+    assert row["itl_mean_ms"] * 44 == pytest.approx(row["tpot_mean_ms"] * 4 * 11)  # the same gaps, twice
 
 
 def test_priority_order_and_queue_timeouts_over_http(model):

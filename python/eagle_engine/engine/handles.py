@@ -22,7 +22,9 @@ class Request:
     ``stop_strings``; without it the outputs carry token ids only. ``seed`` None: a random seed, drawn when
     the request starts. ``speculative``: decoded by the engine's method (else by vanilla steps).
     ``priority``: lower starts first (ties: first come, first served). ``timeout``: seconds the request may
-    wait for a slot; past that it never starts and fails with :class:`QueueTimeoutError`."""
+    wait for a slot; past that it never starts and fails with :class:`QueueTimeoutError`. ``arrival``: when
+    the request arrived (``time.perf_counter()``; the server's: before tokenizing), where its time to first
+    token and end-to-end latency start (default: when it is submitted)."""
 
     prompt: list[int]
     max_tokens: int
@@ -34,6 +36,7 @@ class Request:
     speculative: bool = True
     priority: int = 0
     timeout: float | None = None
+    arrival: float | None = None
 
 
 @dataclass
@@ -68,6 +71,7 @@ class Handle:
         self.cut: int | None = None  # where a stop string cut the text
         self.sent = 0  # tokens delivered
         self.submitted = time.perf_counter()
+        self.arrived = self.submitted if request.arrival is None else request.arrival
         self.admitted = self.first_token = self.last_token = self.finished = None
         self.deadline = None if request.timeout is None else self.submitted + request.timeout
 

@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from ..engine.handles import Output
 from ..engine.handles import Request as EngineRequest
 from ..engine.inputs import check_seeds
 from ..engine.scheduler import QueueFullError, QueueTimeoutError
@@ -30,6 +31,7 @@ from .metrics import Metrics
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    StreamOptions,
     chat_chunk,
     chat_object,
     check_unsupported,
@@ -126,17 +128,19 @@ def create_app(engine, tokenizer, model_name: str = "eagle", max_queue: int = 25
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        arrival = time.perf_counter()
         prompt = await _off_the_loop(state, _completion_prompt, body)
         max_tokens = max_tokens_of(body.max_tokens, len(prompt), state.max_model_len, "max_tokens")
-        return await _respond(state, request, body, prompt, max_tokens, chat=False)
+        return await _respond(state, request, body, prompt, max_tokens, arrival, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        arrival = time.perf_counter()
         prompt = await _off_the_loop(state, _chat_prompt, body)
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = max_tokens_of(requested, len(prompt), state.max_model_len, param)
-        return await _respond(state, request, body, prompt, max_tokens, chat=True)
+        return await _respond(state, request, body, prompt, max_tokens, arrival, chat=True)
 
     return app
 
@@ -224,7 +228,8 @@ def _chat_prompt(state: ServeState, body: ChatCompletionRequest) -> list[int]:
 # --------------------------------------------------------------------------------------------- generation
 
 
-async def _respond(state: ServeState, request: Request, body, prompt: list[int], max_tokens: int, chat: bool):
+async def _respond(state: ServeState, request: Request, body, prompt: list[int], max_tokens: int,
+                   arrival: float, chat: bool):
     params = sampling_of(body)
     try:
         seed = check_seeds(body.seed, 1)[0]  # None: a fresh random seed
@@ -246,6 +251,7 @@ async def _respond(state: ServeState, request: Request, body, prompt: list[int],
         speculative=state.speculative,
         priority=body.priority or 0,
         timeout=body.timeout if body.timeout is not None else state.queue_timeout,
+        arrival=arrival,
     )
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
@@ -270,8 +276,7 @@ async def _respond(state: ServeState, request: Request, body, prompt: list[int],
             _raise_for(first.error)
         if body.stream:
             gone.cancel()  # the stream watches the connection itself from here on
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = _sse(state, rid, first, queue, chat, include_usage)
+            events = _sse(state, rid, first, queue, chat, body.stream_options or StreamOptions())
             return _Stream(events, lambda: state.scheduler.cancel(handle))
         return await _collect(state, handle, rid, first, queue, gone, chat)
     except BaseException:
@@ -327,11 +332,25 @@ def _event(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _sse(state, rid: str, first, queue: asyncio.Queue, chat: bool, include_usage: bool):
-    """Server-sent events exactly as the OpenAI API streams them, ``data: [DONE]`` last."""
+async def _sse(state, rid: str, first, queue: asyncio.Queue, chat: bool, options: StreamOptions):
+    """Server-sent events exactly as the OpenAI API streams them, ``data: [DONE]`` last; with
+    ``continuous_usage_stats`` each chunk carries the usage so far (the tokens its text is made of)."""
     model = state.model_name
+
+    def chunk(out, text: str) -> dict:
+        if chat:
+            delta = {"content": text} if text else {}
+            body = chat_chunk(rid, model, delta, out.finish_reason)
+        else:
+            body = completion_object(rid, model, text, out.finish_reason, None, chunk=True)
+        if options.continuous_usage_stats:
+            body["usage"] = usage(out.prompt_tokens, out.completion_tokens)
+        return body
+
     if chat:
-        yield _event(chat_chunk(rid, model, {"role": "assistant", "content": ""}, None))
+        role = chunk(Output([], "", None, first.prompt_tokens), "")
+        role["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+        yield _event(role)
     out = first
     while True:
         if out.error is not None:
@@ -341,13 +360,9 @@ async def _sse(state, rid: str, first, queue: asyncio.Queue, chat: bool, include
             yield _event(body)
             break
         if out.text or out.finish_reason is not None:
-            if chat:
-                delta = {"content": out.text} if out.text else {}
-                yield _event(chat_chunk(rid, model, delta, out.finish_reason))
-            else:
-                yield _event(completion_object(rid, model, out.text, out.finish_reason, None, chunk=True))
+            yield _event(chunk(out, out.text))
         if out.finish_reason is not None:
-            if include_usage:
+            if options.include_usage:
                 final = (
                     chat_chunk(rid, model, {}, None)
                     if chat

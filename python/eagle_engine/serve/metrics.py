@@ -64,12 +64,12 @@ class Metrics:
             registry=r,
         )
         self.queue_seconds = Histogram(
-            "eagle_request_queue_seconds", "From arrival to the start of the prefill", buckets=E2E_BUCKETS,
-            registry=r,
+            "eagle_request_queue_seconds", "From entering the queue to the start of the prefill",
+            buckets=TTFT_BUCKETS, registry=r,
         )
         self.ttft = Histogram(
-            "eagle_time_to_first_token_seconds", "From arrival to the first token", buckets=TTFT_BUCKETS,
-            registry=r,
+            "eagle_time_to_first_token_seconds", "From arrival (before tokenizing) to the first token",
+            buckets=TTFT_BUCKETS, registry=r,
         )
         self.itl = Histogram(
             "eagle_inter_token_latency_seconds",
@@ -82,7 +82,8 @@ class Metrics:
             registry=r,
         )
         self.e2e = Histogram(
-            "eagle_e2e_request_latency_seconds", "From arrival to the end of a finished request",
+            "eagle_e2e_request_latency_seconds",
+            "From arrival (before tokenizing) to the end of a finished request",
             buckets=E2E_BUCKETS, registry=r,
         )
         self._lock = threading.Lock()
@@ -108,7 +109,7 @@ class Metrics:
         """``n_tokens`` new tokens of ``handle`` at ``now`` (``handle.last_token``: the previous delivery)."""
         previous = handle.last_token
         if previous is None:  # the first token(s): the prefill's
-            self.ttft.observe(now - handle.submitted)
+            self.ttft.observe(now - handle.arrived)
             n_tokens -= 1
             previous = now
         for _ in range(n_tokens):
@@ -119,7 +120,7 @@ class Metrics:
         self.prompt_tokens.inc(output.prompt_tokens)
         self.generation_tokens.inc(output.completion_tokens)
         if output.finish_reason in ("stop", "length"):
-            self.e2e.observe(handle.finished - handle.submitted)
+            self.e2e.observe(handle.finished - handle.arrived)
             if handle.first_token is not None and output.completion_tokens > 1:
                 self.tpot.observe((handle.last_token - handle.first_token) / (output.completion_tokens - 1))
         seq = handle.seq

@@ -18,7 +18,10 @@ from .errors import invalid
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False  # a last chunk with the request's usage
+    continuous_usage_stats: bool = False  # extension (vLLM's): every chunk carries the usage so far
 
 
 class _Common(BaseModel):
