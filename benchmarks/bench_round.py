@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build(model: str, step: str, device, dtype):
     """Target (and drafter) with random weights for ``step``."""
-    from eagle_engine.spec.methods import make_drafter
+    from eagle_engine.speculative.methods import make_drafter
     from eagle_engine.tools import shapes
     from eagle_engine.tools.round_model import STEPS
 
@@ -77,7 +77,7 @@ def time_steps(target, drafter, batch: int, context: int, steps: int, device) ->
 
     from eagle_engine.engine.runner import Runner
     from eagle_engine.engine.sequence import Sequence
-    from eagle_engine.spec.sampling import SamplingParams
+    from eagle_engine.speculative.sampling import SamplingParams
 
     total = steps + 2
     width = drafter.width if drafter is not None else 1

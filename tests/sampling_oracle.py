@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from scipy.stats import chisquare
 
-from eagle_engine.spec.sampling import SamplingParams, target_probs
+from eagle_engine.speculative.sampling import SamplingParams, target_probs
 
 VOCAB = 16
 SAMPLES = 3000

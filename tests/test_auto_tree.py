@@ -8,7 +8,7 @@ import json
 import pytest
 from tiny import assert_same_greedy, make_head_dir, make_hf_model, random_prompts, save
 
-import eagle_engine.spec.auto_tree as auto
+import eagle_engine.speculative.auto_tree as auto
 from eagle_engine import EagleEngine, InvalidRequestError, TreeConfig
 
 pytestmark = pytest.mark.usefixtures("reference_ops")

@@ -11,8 +11,8 @@ from tiny import make_hf_model, save
 from eagle_engine import DraftMismatchError, EagleEngine, InvalidRequestError, ModelLoadError
 from eagle_engine.models.draft import init_random_head
 from eagle_engine.models.loading import load_draft, save_draft
-from eagle_engine.spec.tree import MC_SIM_7B_63, TreeConfig
-from eagle_engine.spec.tree_build import DraftTree, build_tree
+from eagle_engine.speculative.tree import MC_SIM_7B_63, TreeConfig
+from eagle_engine.speculative.tree_build import DraftTree, build_tree
 from eagle_kernels import unpack_tree_mask
 
 pytestmark = pytest.mark.usefixtures("reference_ops")

@@ -18,7 +18,7 @@ from tiny import (
 
 from eagle_engine import EagleEngine
 from eagle_engine.models.loading import save_draft
-from eagle_engine.spec.tree import TreeConfig
+from eagle_engine.speculative.tree import TreeConfig
 
 NEW_TOKENS = 200
 
@@ -148,7 +148,7 @@ def test_caches_equal_a_recompute_from_scratch_after_every_round(agreeing):
     (compaction moved the right rows), and the draft's state equals the head run from scratch over the
     committed pairs (its cache is in step with the target's)."""
     from eagle_engine.engine.sequence import Sequence
-    from eagle_engine.spec.sampling import SamplingParams
+    from eagle_engine.speculative.sampling import SamplingParams
 
     _, path, head_dir, prompts = agreeing
     engine = EagleEngine.from_pretrained(path, head_dir)

@@ -21,7 +21,7 @@ from tiny import make_hf_model, save, train_agreeing_head
 
 from eagle_engine import EagleEngine
 from eagle_engine.models.draft import init_random_head
-from eagle_engine.spec.sampling import SamplingParams, target_probs
+from eagle_engine.speculative.sampling import SamplingParams, target_probs
 
 pytestmark = pytest.mark.usefixtures("reference_ops")
 

@@ -12,7 +12,7 @@ from tiny import assert_same_greedy, hf_greedy, make_head_dir, make_hf_model, ra
 
 import eagle_kernels
 from eagle_engine import EagleEngine
-from eagle_engine.spec.tree import TreeConfig
+from eagle_engine.speculative.tree import TreeConfig
 
 NEW_TOKENS = 16
 

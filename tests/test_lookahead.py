@@ -25,9 +25,15 @@ from tiny import (
 import eagle_kernels as ops
 from eagle_engine import EagleEngine
 from eagle_engine.engine.sequence import Sequence
-from eagle_engine.spec.lookahead import LookaheadDrafter, pool_insert, pool_lookup, trie_parents, window_mask
-from eagle_engine.spec.methods import LookaheadConfig
-from eagle_engine.spec.sampling import SamplingParams
+from eagle_engine.speculative.lookahead import (
+    LookaheadDrafter,
+    pool_insert,
+    pool_lookup,
+    trie_parents,
+    window_mask,
+)
+from eagle_engine.speculative.methods import LookaheadConfig
+from eagle_engine.speculative.sampling import SamplingParams
 from eagle_engine.tools.round_cost import step_costs
 
 pytestmark = pytest.mark.usefixtures("reference_ops")

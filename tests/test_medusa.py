@@ -34,9 +34,9 @@ from eagle_engine.errors import (
 from eagle_engine.models import load_target
 from eagle_engine.models.loading import load_draft, save_draft
 from eagle_engine.models.medusa import MedusaHeads, init_random_medusa, save_medusa
-from eagle_engine.spec.medusa import MedusaDrafter
-from eagle_engine.spec.methods import MEDUSA_MC_SIM_7B_63, MedusaConfig
-from eagle_engine.spec.sampling import SamplingParams
+from eagle_engine.speculative.medusa import MedusaDrafter
+from eagle_engine.speculative.methods import MEDUSA_MC_SIM_7B_63, MedusaConfig
+from eagle_engine.speculative.sampling import SamplingParams
 from eagle_engine.tools.cli import main
 
 pytestmark = pytest.mark.usefixtures("reference_ops")  # the engine on the reference ops (fast)

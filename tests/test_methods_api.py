@@ -7,7 +7,7 @@ import pytest
 from tiny import make_head_dir, make_hf_model, random_prompts, save
 
 from eagle_engine import EagleEngine, EagleError, InvalidRequestError
-from eagle_engine.spec.methods import LookaheadConfig, MedusaConfig, PromptLookupConfig
+from eagle_engine.speculative.methods import LookaheadConfig, MedusaConfig, PromptLookupConfig
 from eagle_engine.tools.cli import main
 
 pytestmark = pytest.mark.usefixtures("reference_ops")

@@ -21,9 +21,9 @@ from tiny import (
 
 from eagle_engine import EagleEngine
 from eagle_engine.engine.sequence import Sequence
-from eagle_engine.spec.methods import PromptLookupConfig
-from eagle_engine.spec.prompt_lookup import lookup_candidates
-from eagle_engine.spec.sampling import SamplingParams
+from eagle_engine.speculative.methods import PromptLookupConfig
+from eagle_engine.speculative.prompt_lookup import lookup_candidates
+from eagle_engine.speculative.sampling import SamplingParams
 from eagle_engine.tools.round_cost import step_costs
 
 pytestmark = pytest.mark.usefixtures("reference_ops")

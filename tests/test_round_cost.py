@@ -11,7 +11,7 @@ import torch
 from eagle_engine import EagleEngine, demo_paths
 from eagle_engine.engine.graphs import GraphCache
 from eagle_engine.engine.sequence import Sequence
-from eagle_engine.spec.sampling import SamplingParams
+from eagle_engine.speculative.sampling import SamplingParams
 from eagle_engine.tools.round_cost import count_round_cost, step_costs
 
 pytestmark = pytest.mark.usefixtures("reference_ops")  # counts do not depend on the backend; this one is fast

@@ -13,7 +13,7 @@ import importlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-from eagle_engine.spec.sampling import SamplingParams, probs_per_row, target_probs  # noqa: E402
+from eagle_engine.speculative.sampling import SamplingParams, probs_per_row, target_probs  # noqa: E402
 from eagle_kernels import reference  # noqa: E402
 from eagle_kernels._triton_common import interpreted  # noqa: E402
 

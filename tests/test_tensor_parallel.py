@@ -13,7 +13,7 @@ import pytest
 from launch import ROOT, torchrun_command, torchrun_env
 from tiny import hf_greedy, make_head_dir, make_hf_model, random_prompts, save
 
-import eagle_engine.spec.auto_tree as auto_tree
+import eagle_engine.speculative.auto_tree as auto_tree
 from eagle_engine import EagleEngine
 from eagle_engine.models.parallel import count_parameters
 

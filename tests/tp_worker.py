@@ -33,7 +33,7 @@ def run_job(job: dict, engines: dict) -> dict:
         return {"error": None}
     key = (job["model"], job.get("head"), job.get("tree", "dynamic"))
     if "calibration_tokens" in job:  # a short auto-tree measurement
-        import eagle_engine.spec.auto_tree as auto_tree
+        import eagle_engine.speculative.auto_tree as auto_tree
 
         auto_tree.CALIBRATION_TOKENS = job["calibration_tokens"]
     if key not in engines:

@@ -16,7 +16,7 @@ from .errors import (
     TrainingInputError,
     UnsupportedModelError,
 )
-from .spec import SamplingParams, TreeConfig
+from .speculative import SamplingParams, TreeConfig
 from .tools.demo import demo_head_path, demo_paths
 
 __version__ = "0.1.0"

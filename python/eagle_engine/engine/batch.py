@@ -8,7 +8,7 @@ Invariants between steps, per slot ``b`` of a running sequence:
 - the target cache holds ``lengths[b]`` committed rows; ``root_token[b]`` (the last emitted token) has no
   target KV yet;
 - with a drafter that keeps history, ``history[b, :lengths[b] + 1]`` are the sequence's tokens, the root last;
-- the drafter's own state (:mod:`eagle_engine.spec.drafter`) describes the same committed tokens;
+- the drafter's own state (:mod:`eagle_engine.speculative.drafter`) describes the same committed tokens;
 - a round's rows (target and draft) live past ``lengths[b]`` and are compacted or overwritten.
 """
 
@@ -21,8 +21,8 @@ import torch
 import eagle_kernels as ops
 
 from ..models.llama import LlamaModel
-from ..spec.drafter import Drafter, Verified, gather_rows
-from ..spec.sampling import probs_per_row, sample_from_probs, uniforms
+from ..speculative.drafter import Drafter, Verified, gather_rows
+from ..speculative.sampling import probs_per_row, sample_from_probs, uniforms
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,15 @@ from ..errors import EagleError, InvalidDeviceError
 from ..models import LlamaModel, load_target, parallel
 from ..models.config import load_model_config
 from ..models.weights import resolve_dtype
-from ..spec.methods import SETTINGS_KEYWORD, head_method, make_drafter, resolve_method, resolve_settings
-from ..spec.sampling import SamplingParams
-from ..spec.tree import TreeConfig
+from ..speculative.methods import (
+    SETTINGS_KEYWORD,
+    head_method,
+    make_drafter,
+    resolve_method,
+    resolve_settings,
+)
+from ..speculative.sampling import SamplingParams
+from ..speculative.tree import TreeConfig
 from .cpu_threads import set_threads
 from .handles import Request
 from .inputs import check_max_new_tokens, check_seeds, normalize_prompts, normalize_stop_ids
@@ -126,14 +132,15 @@ class EagleEngine:
 
         ``dtype``: ``torch.float32``/``float16``/``bfloat16`` or a name (``"fp32"``, ``"bf16"``, ...).
         ``method``: ``"eagle"``, ``"medusa"`` (both implied by the head), ``"lookahead"`` or
-        ``"prompt_lookup"`` (no head); None with no head: vanilla only. See :mod:`eagle_engine.spec.methods`.
-        Each method takes its own settings (a settings object or a dict of its fields):
-        ``tree`` (EAGLE): a :class:`~eagle_engine.spec.tree.TreeConfig`, ``"dynamic"`` (EAGLE-2, default: 60
-        nodes, depth 6, top-k 10), ``"static"`` (EAGLE-1 ``mc_sim_7b_63``), ``"chain"``, or ``"auto"`` (sized
-        to the device, see :mod:`eagle_engine.spec.auto_tree`); ``medusa``: a
-        :class:`~eagle_engine.spec.methods.MedusaConfig`; ``lookahead``: a
-        :class:`~eagle_engine.spec.methods.LookaheadConfig`; ``prompt_lookup``: a
-        :class:`~eagle_engine.spec.methods.PromptLookupConfig`.
+        ``"prompt_lookup"`` (no head); None with no head: vanilla only. See
+        :mod:`eagle_engine.speculative.methods`. Each method takes its own settings (a settings object or a
+        dict of its fields): ``tree`` (EAGLE): a :class:`~eagle_engine.speculative.tree.TreeConfig`,
+        ``"dynamic"`` (EAGLE-2, default: 60 nodes, depth 6, top-k 10), ``"static"`` (EAGLE-1
+        ``mc_sim_7b_63``), ``"chain"``, or ``"auto"`` (sized to the device, see
+        :mod:`eagle_engine.speculative.auto_tree`); ``medusa``: a
+        :class:`~eagle_engine.speculative.methods.MedusaConfig`; ``lookahead``: a
+        :class:`~eagle_engine.speculative.methods.LookaheadConfig`; ``prompt_lookup``: a
+        :class:`~eagle_engine.speculative.methods.PromptLookupConfig`.
         ``max_batch_size`` (default 8): sequences decoded together; more prompts than that are queued and
         join as others finish. ``max_model_len`` (default: the model's maximum length, at most 4096): prompt
         plus generated tokens per sequence. The caches for both are allocated once, here.
@@ -207,7 +214,7 @@ class EagleEngine:
 
     def _make_drafter(self):
         if self.method == "eagle" and self.tree.is_auto:
-            from ..spec.auto_tree import auto_tree
+            from ..speculative.auto_tree import auto_tree
 
             graphs = self._runner_args["cuda_graphs"]
             self.tree = self.settings = auto_tree(self.target, self.draft, cuda_graphs=graphs)

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..spec.sampling import SamplingParams
+from ..speculative.sampling import SamplingParams
 
 FINISH_REASONS = {"stop_token": "stop", "stop": "stop", "max_new_tokens": "length", "max_length": "length"}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from ..spec.sampling import SamplingParams
+from ..speculative.sampling import SamplingParams
 
 CONTROL_TIMEOUT = timedelta(days=7)  # followers wait for the next plan this long (an idle server is fine)
 

@@ -19,7 +19,7 @@ import eagle_kernels as ops
 
 from ..errors import EagleError, InvalidRequestError
 from ..models.llama import LlamaModel
-from ..spec.drafter import Drafter
+from ..speculative.drafter import Drafter
 from .batch import BatchState, Mode, prefill, speculative_round, vanilla_step
 from .graphs import GraphCache
 from .sequence import Sequence

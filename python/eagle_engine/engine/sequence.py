@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from ..spec.sampling import SamplingParams
+from ..speculative.sampling import SamplingParams
 
 
 @dataclass

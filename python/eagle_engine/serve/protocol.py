@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import InvalidRequestError
-from ..spec.sampling import SamplingParams
+from ..speculative.sampling import SamplingParams
 from .errors import invalid
 
 

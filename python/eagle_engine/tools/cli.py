@@ -8,7 +8,7 @@ import os
 import sys
 
 from ..errors import EagleError
-from ..spec.methods import METHODS
+from ..speculative.methods import METHODS
 from .common import (
     add_stop_arg,
     add_threads_arg,

@@ -85,7 +85,7 @@ def run_demo(
     ``head``: the demo head drafting, ``"eagle2"`` (EAGLE-1/2, the default) or ``"eagle3"`` (EAGLE-3).
 
     ``tree="auto"`` sizes the tree to the device (measured once, cached; see
-    :mod:`eagle_engine.spec.auto_tree`): a short chain on a CPU, where a 60-node tree costs about what
+    :mod:`eagle_engine.speculative.auto_tree`): a short chain on a CPU, where a 60-node tree costs about what
     decoding 60 tokens does, a bigger tree on a GPU, where verifying 60 tokens costs about what one does."""
     from ..engine.engine import EagleEngine
 

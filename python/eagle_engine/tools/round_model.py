@@ -34,8 +34,8 @@ import eagle_kernels
 from ..engine import batch
 from ..engine.batch import BatchState, Mode
 from ..models.llama import LlamaModel
-from ..spec.methods import make_drafter
-from ..spec.tree import TreeConfig
+from ..speculative.methods import make_drafter
+from ..speculative.tree import TreeConfig
 from .round_cost import FREE_OPS
 from .shapes import build_eagle_head, build_target, model_config
 

@@ -86,7 +86,7 @@ class TreeConfig:
         if self.is_auto:
             if self.kind != "dynamic":
                 raise InvalidRequestError(f"total_tokens='auto' sizes a dynamic tree, not a {self.kind} one")
-            return  # the engine measures and replaces it (see spec/auto_tree.py)
+            return  # the engine measures and replaces it (see speculative/auto_tree.py)
         for name in ("total_tokens", "depth", "top_k"):
             object.__setattr__(self, name, self._int(getattr(self, name), f"tree {name}"))
         self._check_choices()  # every field is type-checked, whatever the kind
@@ -147,7 +147,8 @@ class TreeConfig:
 
     @property
     def is_auto(self) -> bool:
-        """``total_tokens="auto"``: sized to the device by :func:`eagle_engine.spec.auto_tree.auto_tree`."""
+        """``total_tokens="auto"``: sized to the device by
+        :func:`eagle_engine.speculative.auto_tree.auto_tree`."""
         return isinstance(self.total_tokens, str) and self.total_tokens == "auto"
 
     @property
