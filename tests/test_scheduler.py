@@ -28,20 +28,26 @@ def prompts(n: int, offset: int = 0) -> list[list[int]]:
 
 
 def test_concurrent_callers_batch_together_and_get_their_own_tokens(model_dir):
-    """Two threads call generate (and generate_vanilla) on one engine at once, 8 times each: every result
-    equals the same request made alone; the calls really overlapped in one batch."""
+    """Two threads call generate_vanilla on one engine at once, 8 times each, greedy and seeded sampling
+    alternately: every result equals the same request made alone."""
     engine = EagleEngine.from_pretrained(model_dir, max_batch_size=4)
-    alone = {tuple(p): engine.generate_vanilla(p, 12, stop_token_ids=[]).tokens for p in prompts(16)}
+
+    def sampling(i):
+        return {"temperature": 0.9, "seed": i} if (i // 2) % 2 else {}  # each thread mixes both
+
+    alone = {i: engine.generate_vanilla(p, 12, stop_token_ids=[], **sampling(i)).tokens
+             for i, p in enumerate(prompts(16))}
     got, errors = {}, []
 
-    def caller(ps):
+    def caller(indices):
         try:
-            for p in ps:
-                got[tuple(p)] = engine.generate_vanilla(p, 12, stop_token_ids=[]).tokens
+            for i in indices:
+                p = prompts(16)[i]
+                got[i] = engine.generate_vanilla(p, 12, stop_token_ids=[], **sampling(i)).tokens
         except BaseException as e:  # noqa: BLE001 (reported by the test)
             errors.append(e)
 
-    threads = [threading.Thread(target=caller, args=(prompts(16)[k::2],)) for k in range(2)]
+    threads = [threading.Thread(target=caller, args=(range(k, 16, 2),)) for k in range(2)]
     for t in threads:
         t.start()
     for t in threads:

@@ -228,13 +228,18 @@ def test_dropped_client_frees_its_slot(server):
         # the connection is closed here, long before 900 tokens
         for f, (_, want) in zip(futures, others):
             assert f.result(timeout=TIMEOUT)[0] == want
-    deadline = time.monotonic() + TIMEOUT
-    while server.scheduler.num_running or server.engine.runner.free_slots() != 4:
-        assert time.monotonic() < deadline, "the dropped client's slot never came back"
-        time.sleep(0.05)
+    _wait_for_every_slot(server)
     after = server.metrics()['eagle_requests_total{"finish_reason": "cancelled"}']
     assert after == before + 1
     assert complete(server, PROMPTS[0], max_tokens=4)[1] == "length"
+
+
+def _wait_for_every_slot(server):
+    """Until nothing runs and every one of the server's 4 slots is free (bounded)."""
+    deadline = time.monotonic() + TIMEOUT
+    while server.scheduler.num_running or server.engine.runner.free_slots() != 4:
+        assert time.monotonic() < deadline, "a dropped client's slot never came back"
+        time.sleep(0.02)
 
 
 def test_dropped_non_streaming_clients_free_their_slots(server):
@@ -256,10 +261,7 @@ def test_dropped_non_streaming_clients_free_their_slots(server):
     finally:
         for sock in socks:
             sock.close()
-    deadline = time.monotonic() + TIMEOUT
-    while server.scheduler.num_running or server.engine.runner.free_slots() != 4:
-        assert time.monotonic() < deadline, "a dropped client's slot never came back"
-        time.sleep(0.02)
+    _wait_for_every_slot(server)
     after = server.metrics()['eagle_requests_total{"finish_reason": "cancelled"}']
     assert after == before + 4
     generated = server.metrics()["eagle_generation_tokens_total{}"]
@@ -580,9 +582,9 @@ def test_cli_serve_flags():
         "chain",
         "127.0.0.1",
     )
-    assert (args.shutdown_timeout, args.tensor_parallel_size) == (30.0, 1)
+    assert (args.shutdown_timeout, args.queue_timeout, args.tensor_parallel_size) == (30.0, 300.0, 1)
     for bad in (["--max-batch-size", "0"], ["--shutdown-timeout", "-1"], ["--shutdown-timeout", "inf"],
-                ["--tensor-parallel-size", "0"]):
+                ["--queue-timeout", "0"], ["--queue-timeout", "nan"], ["--tensor-parallel-size", "0"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", *bad])
 

@@ -47,7 +47,7 @@ def serve(args) -> None:
     if tp is not None and tp.rank != 0:
         follow(engine)
         return
-    app = create_app(engine, tokenizer, name, args.max_queue, args.max_request_bytes)
+    app = create_app(engine, tokenizer, name, args.max_queue, args.max_request_bytes, args.queue_timeout)
     mode = engine.method or "vanilla"
     ranks = f", {tp.size} tensor-parallel ranks" if tp is not None else ""
     print(f"eagle serve: {name} ({mode}{ranks}) on http://{args.host}:{args.port}/v1", flush=True)

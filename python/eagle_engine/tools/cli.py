@@ -18,6 +18,7 @@ from .common import (
     non_negative_seconds,
     port_int,
     positive_int,
+    positive_seconds,
     report,
     seed_int,
 )
@@ -196,6 +197,9 @@ def _add_serve_parser(sub) -> None:
     sv.add_argument("--max-queue", type=positive_int, default=256, help="requests waiting before a 503")
     sv.add_argument("--max-request-bytes", type=positive_int, default=2 * 1024 * 1024,
                     help="larger request bodies answer 413 before they are read (default: 2 MiB)")
+    sv.add_argument("--queue-timeout", type=positive_seconds, default=300.0,
+                    help="seconds a request may wait for a slot before it answers 503, unless the request "
+                    "gives its own 'timeout' (default: 300)")
     sv.add_argument(
         "--tree",
         default="auto",
