@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     graphs = [True, False] if str(args.device).startswith("cuda") else [False]
     engines = {
         (method, g): EagleEngine.from_pretrained(base, draft, device=args.device, dtype=args.dtype,
-                                                 tree=args.tree, cuda_graphs=g)
+                                                 tree=args.tree, cuda_graphs=g, threads=0)
         for method in ("eagle", "vanilla") for g in graphs
     }
     vocab = next(iter(engines.values())).target.config.vocab_size

@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     texts = read_corpus(corpus.stdlib_files("heldout"))
     snippets = corpus.code_prompts(texts, args.prompts, args.prompt_chars, seed=args.seed)
     prompts = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in snippets]
-    engine = EagleEngine.from_pretrained(target_dir, head_dir, device=args.device, dtype=args.dtype)
+    engine = EagleEngine.from_pretrained(target_dir, head_dir, device=args.device, dtype=args.dtype,
+                                         threads=0)  # (set above)
     load = load_average()
     trees = args.trees.split(",")
     rows = measure_trees(engine, prompts, trees, args.new_tokens, args.repeats, stop_token_ids=[])

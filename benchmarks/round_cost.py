@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     rows = []
     for tree in ("dynamic", "static", "chain"):
         engine = EagleEngine.from_pretrained(base, draft, device=args.device, dtype=args.dtype, tree=tree,
-                                             cuda_graphs=False)
+                                             cuda_graphs=False, threads=0)
         for batch in map(int, args.batches.split(",")):
             for label, params in (("greedy", SamplingParams()), ("sampled", SamplingParams(0.8, 0.9, 20))):
                 rows.append({"method": f"eagle-{tree}", "batch": batch, "sampling": label,
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
                                  **measure(engine, False, batch, args.steps, params)})
     for method in ("lookahead", "prompt_lookup"):  # the weight-free methods, default settings
         engine = EagleEngine.from_pretrained(base, device=args.device, dtype=args.dtype, method=method,
-                                             cuda_graphs=False)
+                                             cuda_graphs=False, threads=0)
         for batch in map(int, args.batches.split(",")):
             rows.append({"method": method, "batch": batch, "sampling": "greedy",
                          **measure(engine, True, batch, args.steps, SamplingParams())})

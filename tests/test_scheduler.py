@@ -3,6 +3,7 @@ concurrent callers queue and batch instead of racing, the caller's thread stays 
 requests start by priority then arrival, and one that waits past its timeout never starts. Bounded in count
 and time."""
 
+import queue
 import threading
 import time
 
@@ -12,7 +13,8 @@ from tiny import make_hf_model, save
 
 from eagle_engine import EagleEngine
 from eagle_engine.engine.handles import Request
-from eagle_engine.engine.scheduler import QueueTimeoutError
+from eagle_engine.engine.plan import PlanChannel
+from eagle_engine.engine.scheduler import QueueTimeoutError, Scheduler
 
 pytestmark = pytest.mark.usefixtures("reference_ops")
 TIMEOUT = 60
@@ -135,3 +137,135 @@ def test_a_request_waiting_past_its_timeout_never_starts(model_dir):
     assert last["late"].finish_reason == "timeout" and isinstance(last["late"].error, QueueTimeoutError)
     assert last["patient"].finish_reason == "length" and last["blocker"].finish_reason == "length"
     engine.close()
+
+
+class _Angles:
+    """A detokenizer that writes token t as ``<t>``: stop strings can name exact tokens."""
+
+    def push(self, ids):
+        return "".join(f"<{t}>" for t in ids)
+
+    def flush(self):
+        return ""
+
+
+def _leader_and_follower_channels():
+    """A leader's plans to a follower in one process, through a queue: what PlanChannel's broadcast does."""
+    pipe = queue.Queue()
+
+    class Leader(PlanChannel):
+        def exchange(self, plan):
+            pipe.put(plan)
+            return plan
+
+    class Follower(PlanChannel):
+        leader = False
+
+        def __init__(self):
+            super().__init__()
+            self.leader = False
+
+        def exchange(self, plan):
+            return pipe.get(timeout=TIMEOUT)
+
+    return Leader(), Follower()
+
+
+def test_ranks_stay_in_step_through_stop_strings_and_cancels(model_dir):
+    """Rank 0's scheduler and a follower's, in one process: whatever rank 0 decides on the host (a stop
+    string in a prefill's text, one in a round, a caller cancelling right after its stop, a stop string in
+    the round that reaches the budget) ends with a plan, so at every step both runners hold the same
+    sequences; each request ends once; queued requests get the slots freed; nothing is left behind."""
+    engines = [EagleEngine.from_pretrained(model_dir, max_batch_size=2) for _ in range(2)]
+    ps = prompts(5, offset=40)
+    greedy = [engines[0].generate_vanilla(p, 4, stop_token_ids=[]).tokens for p in ps]
+    engines[0].close()  # the test's two schedulers drive the engines' runners from here on
+    steps = {0: [], 1: []}
+    for rank, engine in enumerate(engines):
+        runner, step = engine._runner(False), engine._runner(False).step
+
+        def recording_step(runner=runner, step=step, rank=rank):
+            kept = step()
+            steps[rank].append(sorted(tuple(q.prompt) for q in kept))
+            return kept
+
+        runner.step = recording_step
+    lead_channel, follow_channel = _leader_and_follower_channels()
+    finished = []
+
+    class Observer:
+        def finished(self, h, out):
+            finished.append(h.id)
+
+        def __getattr__(self, name):
+            return lambda *args: None
+
+    lead = Scheduler(engines[0]._runner, engines[0].max_length, lead_channel, observer=Observer())
+    follow = Scheduler(engines[1]._runner, engines[1].max_length, follow_channel)
+    follow.local_submissions = False
+    follow.start()
+
+    specs = {  # name: (prompt, max_tokens, stop strings)
+        "long": (ps[0], 16, ()),
+        "stop_at_prefill": (ps[1], 16, (f"<{greedy[1][0]}>",)),
+        "stop_in_a_round_then_cancel": (ps[2], 16, (f"<{greedy[2][2]}>",)),
+        "queued": (ps[3], 6, ()),
+        "stop_at_the_budget": (ps[4], 3, (f"<{greedy[4][2]}>",)),
+    }
+    finals, handles, done = {}, {}, threading.Event()
+
+    def deliver(name):
+        def d(out):
+            if out.finish_reason is not None:
+                finals.setdefault(name, []).append(out)
+                if name == "stop_in_a_round_then_cancel":
+                    lead.cancel(handles[name])  # what the server's stream does as it closes
+                if len(finals) == len(specs):
+                    done.set()
+        return d
+
+    requests = [Request(p, n, stop_ids=frozenset(), stop_strings=stops, detokenizer=_Angles(),
+                        speculative=False) for p, n, stops in specs.values()]
+    for name, h in zip(specs, lead.submit_all(requests, [deliver(name) for name in specs])):
+        handles[name] = h
+    assert done.wait(TIMEOUT)
+    lead.stop()
+    follow.stop()
+    ends = {name: [(o.finish_reason, o.completion_tokens) for o in outs] for name, outs in finals.items()}
+    assert ends == {"long": [("length", 16)], "stop_at_prefill": [("stop", 0)],
+                    "stop_in_a_round_then_cancel": [("stop", 2)], "queued": [("length", 6)],
+                    "stop_at_the_budget": [("stop", 2)]}
+    assert sorted(finished) == sorted(h.id for h in handles.values())  # each counted once
+    assert steps[0] == steps[1] and len(steps[0]) > 5
+    for sched, engine in ((lead, engines[0]), (follow, engines[1])):
+        assert not sched._handles and not sched._running and not engine._runner(False).running
+
+
+def test_a_follower_whose_callers_submit_out_of_order_fails_them_loudly(model_dir):
+    """Under tensor parallelism the Python API needs every rank to submit alike: a follower whose callers
+    submitted rank 0's requests in another order gets errors saying so, never another request's tokens,
+    and still runs what rank 0 runs."""
+    engines = [EagleEngine.from_pretrained(model_dir, max_batch_size=2) for _ in range(2)]
+    lead_channel, follow_channel = _leader_and_follower_channels()
+    lead = Scheduler(engines[0]._runner, engines[0].max_length, lead_channel)
+    follow = Scheduler(engines[1]._runner, engines[1].max_length, follow_channel)
+    ps = prompts(2, offset=70)
+    outs = {}
+
+    def collect(key):
+        return lambda out: out.finish_reason is not None and outs.setdefault(key, out)
+
+    follow.submit_all([Request(p, 4, stop_ids=frozenset(), speculative=False) for p in reversed(ps)],
+                      [collect(("follower", i)) for i in (1, 0)])
+    lead.submit_all([Request(p, 4, stop_ids=frozenset(), speculative=False) for p in ps],
+                    [collect(("leader", i)) for i in (0, 1)])
+    deadline = time.monotonic() + TIMEOUT
+    while len(outs) < 4:
+        assert time.monotonic() < deadline, outs
+        time.sleep(0.01)
+    lead.stop()
+    follow.stop()
+    assert all(outs["leader", i].finish_reason == "length" for i in (0, 1))
+    for i in (0, 1):
+        assert outs["follower", i].finish_reason == "error" and "same order" in str(outs["follower", i].error)
+    assert not follow._handles and not engines[1]._runner(False).running

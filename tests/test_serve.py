@@ -82,6 +82,39 @@ def test_models_and_health(server):
     assert [m.id for m in models.data] == ["tiny"]
     assert models.data[0].max_model_len == server.engine.max_length  # the context length
     assert httpx.get(server.url + "/health", timeout=TIMEOUT).json() == {"status": "ok"}
+    assert httpx.head(server.url + "/health", timeout=TIMEOUT).status_code == 200
+    server.scheduler.stop()  # the engine thread down: unhealthy, in the OpenAI shape, until a request
+    r = httpx.get(server.url + "/health", timeout=TIMEOUT)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "unhealthy" and r.headers["retry-after"]
+    assert complete(server, PROMPTS[0], max_tokens=2)[1] == "length"  # a request starts it again
+    assert httpx.get(server.url + "/health", timeout=TIMEOUT).status_code == 200
+
+
+def test_a_stop_string_in_the_first_token_ends_the_request_once(server):
+    """The prefill's own token holds the stop string: an empty completion, finished and counted once (its
+    sequence runs on until the next plan ends it; nothing more reaches the client or the metrics)."""
+    for prompt in PROMPTS:
+        first = server.tokenizer.decode(server.reference.generate(_ids(server, prompt), 1).tokens)
+        if first and "\ufffd" not in first:
+            break
+    before = server.metrics()
+    for stream in (False, True):
+        text, finish, use = complete(server, prompt, stream=stream, max_tokens=20, stop=[first[0]])
+        assert (text, finish, use.completion_tokens) == ("", "stop", 0)
+    after = server.metrics()
+    stops = 'eagle_requests_total{"finish_reason": "stop"}'
+    assert after[stops] - before.get(stops, 0) == 2
+    e2e = "eagle_e2e_request_latency_seconds_count{}"
+    assert after[e2e] - before[e2e] == 2
+
+
+def test_chat_messages_take_a_name_and_refuse_unknown_fields(server):
+    messages = [{"role": "user", "content": "hi", "name": "ann"}]
+    assert server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, temperature=0)
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=TIMEOUT, json={
+        "messages": [{"role": "assistant", "content": "", "tool_calls": []}], "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_field"
+    assert r.json()["error"]["param"] == "messages.0.tool_calls"
 
 
 def test_completion_streamed_and_not(server):
@@ -115,6 +148,14 @@ def test_continuous_usage_stats(server, path):
         for e, n in zip(chunks, used):
             text += e["choices"][0]["text"]
             assert text == server.tokenizer.decode(tokens[:n])
+        # With a stop string the counts still never go back: held-back text is counted once delivered.
+        full = server.tokenizer.decode(tokens)
+        for cut in range(3, len(full) - 2):
+            with httpx.stream("POST", f"{server.url}/v1/{path}", json=dict(body, stop=[full[cut:cut + 2]]),
+                              timeout=TIMEOUT) as r:
+                events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+            used = [e["usage"]["completion_tokens"] for e in events]
+            assert used == sorted(used), (cut, used)
     body["stream_options"] = {"include_usage": True, "bogus": True}
     r = httpx.post(f"{server.url}/v1/{path}", json=body, timeout=TIMEOUT)
     assert r.status_code == 400 and "bogus" in r.json()["error"]["message"]

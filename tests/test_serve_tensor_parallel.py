@@ -144,6 +144,31 @@ def test_answers_equal_the_single_process_server(servers):
     assert together == expected
 
 
+def test_stop_strings_answer_as_on_one_process(servers):
+    """A stop string found in the prefill's text, and one found in a later round, alone and beside a
+    running neighbour: rank 0 decides them on the host, and the ranks stay in step (the next answers too)."""
+    tp, single = servers
+    for prompt in ("def main(", "import json\n", "class Foo:", "x = [", "return None", "for i in"):
+        first_text = ask(single, "completions", {"prompt": prompt, "max_tokens": 1})[1]["choices"][0]["text"]
+        if first_text and "\ufffd" not in first_text:  # the prefill's token makes text of its own (not a
+            break  # part of a multi-byte character, which only the end of a request flushes)
+    _, plain = ask(single, "completions", {"prompt": prompt, "max_tokens": 24})
+    text = plain["choices"][0]["text"]
+    assert text.startswith(first_text) and len(text) > 9
+    stops = [{"prompt": prompt, "max_tokens": 24, "stop": [first_text[:1]]},
+             {"prompt": prompt, "max_tokens": 24, "stop": [text[6:9]], "stream": True}]
+    expected = [ask(single, "completions", body) for body in stops]
+    first = expected[0][1]["choices"][0]
+    assert first["text"] == "" and first["finish_reason"] == "stop"
+    assert [ask(tp, "completions", body) for body in stops] == expected
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        neighbour = pool.submit(ask, tp, *REQUESTS[0])
+        assert list(pool.map(lambda body: ask(tp, "completions", body), stops)) == expected
+        assert neighbour.result() == ask(single, *REQUESTS[0])
+    for path, body in REQUESTS[:2]:
+        assert ask(tp, path, body) == ask(single, path, body)
+
+
 @pytest.mark.parametrize("body", [
     {"prompt": "x", "max_tokens": 4, "bogus": 1},  # an unknown field
     {"prompt": "x", "max_tokens": 4, "tools": []},  # an unsupported one
@@ -157,6 +182,13 @@ def test_bad_requests_answer_as_on_one_process(servers, body):
     assert status == 400 and (status, answer) == ask(single, "completions", body)
 
 
+def _wait_for_metrics(endpoint: Endpoint, condition) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not condition(metrics := endpoint.metrics()):
+        assert time.monotonic() < deadline, {k: v for k, v in metrics.items() if k.startswith("eagle_r")}
+        time.sleep(0.05)
+
+
 def test_dropped_clients_free_their_slots_on_every_rank(servers):
     """A stream closed after its first chunk and a non-streaming client hanging up: both cancelled, both
     slots free, and the ranks still in step (the next answers equal the single-process server's)."""
@@ -165,18 +197,13 @@ def test_dropped_clients_free_their_slots_on_every_rank(servers):
     long = {"prompt": "def main(", "max_tokens": 900, "temperature": 0, "ignore_eos": True}
     with httpx.stream("POST", tp.url + "/v1/completions", json=dict(long, stream=True), timeout=TIMEOUT) as r:
         next(r.iter_lines())
+    _wait_for_metrics(tp, lambda m: m.get(CANCELLED, 0) - before == 1 and m["eagle_running_batch{}"] == 0)
     with socket.create_connection(("127.0.0.1", tp.port), timeout=TIMEOUT) as sock:
         body = json.dumps(long).encode()
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        time.sleep(0.5)  # it runs (or waits) before it hangs up
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        metrics = tp.metrics()
-        if metrics.get(CANCELLED, 0) - before == 2 and metrics["eagle_running_batch{}"] == 0:
-            break
-        assert time.monotonic() < deadline, {k: v for k, v in metrics.items() if k.startswith("eagle_r")}
-        time.sleep(0.05)
+        _wait_for_metrics(tp, lambda m: m["eagle_running_batch{}"] == 1)  # it runs; then it hangs up
+    _wait_for_metrics(tp, lambda m: m.get(CANCELLED, 0) - before == 2 and m["eagle_running_batch{}"] == 0)
     for path, body in REQUESTS[:2]:
         assert ask(tp, path, body) == ask(single, path, body)
 

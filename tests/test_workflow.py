@@ -254,6 +254,28 @@ def test_the_api_sets_the_commands_default_threads(pair, monkeypatch, caplog):
         torch.set_num_threads(before)
 
 
+def test_the_commands_keep_their_threads_through_loading(pair, monkeypatch, capsys):
+    """``--threads N`` is what runs: loading the model (whose API default would be 4 here) keeps it."""
+    from eagle_engine.serve.server import load
+    from eagle_engine.tools.cli import build_parser
+
+    base, head = pair
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    try:
+        assert main(["generate", "--base", base, "--draft", head, "--prompt", "x", "--max-new-tokens", "2",
+                     "--threads", "3"]) == 0
+        assert torch.get_num_threads() == 3
+        pytest.importorskip("fastapi")
+        args = build_parser().parse_args(["serve", "--base", base, "--threads", "2", "--tree", "chain"])
+        common.apply_threads(args.threads)  # what eagle serve does first
+        load(args)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    capsys.readouterr()
+
+
 def test_model_directory_is_checked_before_the_tokenizer(tmp_path, pair, capsys):
     assert main(["generate", "--base", str(tmp_path / "nonexistent"), "--prompt", "x"]) == 2
     assert "model directory not found" in capsys.readouterr().err

@@ -105,7 +105,7 @@ class EagleEngine:
         self._runners: dict[bool, Runner] = {}
         self.runner  # allocate the caches now: a size that does not fit fails here, not mid-request
         # The one driver of the runners, for this API and the server alike (one engine thread).
-        self.scheduler = Scheduler(self._runner, PlanChannel(target.tp))
+        self.scheduler = Scheduler(self._runner, max_model_len, PlanChannel(target.tp))
 
     @classmethod
     def from_pretrained(
@@ -193,7 +193,7 @@ class EagleEngine:
         self.settings = self._method_settings({})
         self._draft = head
         self._runners.pop(True, None)
-        self.scheduler = Scheduler(self._runner, self.scheduler.channel)
+        self.scheduler = Scheduler(self._runner, self.max_length, self.scheduler.channel)
 
     def _method_settings(self, given: dict):
         """The settings object of ``self.method``: the tree for EAGLE, else the one ``given`` under the

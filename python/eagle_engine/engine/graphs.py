@@ -59,7 +59,9 @@ class GraphCache:
         side.wait_stream(caller)
         error = None
         with torch.cuda.stream(side):
-            graph.capture_begin(pool=self.pool)
+            # thread_local: CUDA work the caller's threads do meanwhile (their own torch code between
+            # stream chunks) does not invalidate this thread's capture
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
             try:
                 step()
             except Exception as e:  # noqa: BLE001 (any failure inside capture means: run this key eagerly)

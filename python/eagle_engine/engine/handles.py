@@ -81,13 +81,15 @@ class Handle:
 
     def advance(self, tokens: list[int]) -> tuple[Output, bool]:
         """Turn a step's new tokens into text and apply stop strings: the output to deliver, and whether a
-        stop string ended the request here (its sequence is finished; the runner has not released it)."""
+        stop string ended the request here while its sequence runs on (the scheduler ends that with its
+        next plan; the sequence itself is left alone, so every rank's runner stays the same)."""
         seq, r = self.seq, self.request
         text_ids = tokens
         if seq.done and seq.stop_reason == "stop_token" and tokens and tokens[-1] in r.stop_ids:
             text_ids = tokens[:-1]  # the stop token's own text is not part of the completion
         finish = FINISH_REASONS.get(seq.stop_reason, seq.stop_reason) if seq.done else None
         piece, stopped = "", False
+        returned = len(seq.tokens)  # returned so far: every token, without text to look at
         if r.detokenizer is not None:
             for tok in text_ids:  # one at a time: where each token's text ends (usage at a stop string)
                 self.text += r.detokenizer.push([tok])
@@ -95,17 +97,18 @@ class Handle:
             if finish is not None:
                 self.text += r.detokenizer.flush()
             piece, cut = self._take_text(final=finish is not None)
-            if cut is not None:
+            if cut is not None:  # a stop string, even in the round that also reached a limit
                 self.cut = cut
-                if finish is None:
-                    seq.finish("stop")
-                    finish, stopped = "stop", True
-        # Returned: every token, or with a stop string those whose text begins before it.
-        returned = len(seq.tokens)
-        if self.cut is not None:
-            returned = bisect.bisect_left([0] + self.token_ends[:-1], self.cut)
+                stopped, finish = finish is None, "stop"
+            # With text: the tokens whose text begins before what was delivered (before the stop string
+            # once there is one), so a count never goes back and text held back is not counted yet.
+            starts = [0] + self.token_ends[:-1]
+            if self.cut is not None:
+                returned = bisect.bisect_left(starts, self.cut)
+            elif finish is None:
+                returned = bisect.bisect_left(starts, self.emitted)
         new, self.sent = seq.tokens[self.sent : returned], max(self.sent, returned)
-        return Output(new, piece, finish, len(r.prompt), returned), stopped
+        return Output(new, piece, finish, len(r.prompt), self.sent), stopped
 
     def _take_text(self, final: bool) -> tuple[str, int | None]:
         """The deliverable text since the last delivery, and where a stop string cut it (None: no cut); a

@@ -34,6 +34,9 @@ from .sequence import Sequence
 log = logging.getLogger(__name__)
 
 
+HEARTBEAT_SECONDS = 30.0  # an idle leader under tensor parallelism sends an empty plan this often
+
+
 class QueueFullError(EagleError):
     """The waiting queue is full: the server is overloaded (HTTP 503)."""
 
@@ -48,9 +51,9 @@ class Scheduler:
     ``delivered(handle, n_tokens, now)`` and ``finished(handle, output)`` calls on the engine thread
     (metrics)."""
 
-    def __init__(self, runner_of: Callable[[bool], object], channel: PlanChannel | None = None,
-                 observer=None):
-        self.runner_of, self.observer = runner_of, observer
+    def __init__(self, runner_of: Callable[[bool], object], max_model_len: int,
+                 channel: PlanChannel | None = None, observer=None):
+        self.runner_of, self.max_model_len, self.observer = runner_of, max_model_len, observer
         self.channel = channel or PlanChannel()
         self._waiting: list[tuple[tuple[int, int], Handle]] = []  # a heap by (priority, arrival)
         self._handles: dict[int, Handle] = {}  # every request not finished yet, by id
@@ -60,6 +63,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._next_id = 0
         self.local_submissions = True  # a follower's requests come from its own callers (see follow)
+        self.on_broken: Callable[[], None] | None = None  # called (engine thread) when the ranks lose touch
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -67,7 +71,8 @@ class Scheduler:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        with self._cond:
+            return len(self._waiting)
 
     @property
     def num_running(self) -> int:
@@ -79,14 +84,20 @@ class Scheduler:
         return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
-        """Start the engine thread (the leader's loop, or a follower's); a no-op while it runs."""
-        with self._cond:
-            if self.alive:
-                return
-            self._stopping = False
-            target = self._lead if self.channel.leader else self.follow
-            self._thread = threading.Thread(target=target, name="eagle-engine", daemon=True)
-            self._thread.start()
+        """Start the engine thread (the leader's loop, or a follower's); a no-op while it runs. A thread on
+        its way out (stopped) is waited for first, so that what was submitted meanwhile is served."""
+        while True:
+            with self._cond:
+                old = self._thread
+                if old is None or not old.is_alive():
+                    self._stopping = False
+                    target = self._lead if self.channel.leader else self.follow
+                    self._thread = threading.Thread(target=target, name="eagle-engine", daemon=True)
+                    self._thread.start()
+                    return
+                if not self._stopping:
+                    return
+            old.join()
 
     def stop(self, timeout: float = 30.0) -> None:
         """End the engine thread (every rank's, under tensor parallelism): requests still waiting or running
@@ -107,8 +118,8 @@ class Scheduler:
                    max_queue: int | None = None) -> list[Handle]:
         """:meth:`submit` for several requests at once: queued together (a caller's batch starts together
         where slots allow), or none of them."""
-        for request in requests:
-            room = self._runner(request.speculative).max_model_len - len(request.prompt)
+        for request in requests:  # (runners are built on the engine thread only)
+            room = self.max_model_len - len(request.prompt)
             if not request.prompt or room < 1:
                 raise InvalidRequestError(
                     f"the prompt has {len(request.prompt)} tokens; the model's maximum length is "
@@ -146,17 +157,21 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self._cond:
+                    idle = False
                     while not (self._stopping or self._waiting or self._running or self._finishes):
-                        self._cond.wait()
+                        if not self._cond.wait(HEARTBEAT_SECONDS if self.channel.tp is not None else None):
+                            idle = True  # an empty plan now and then: the other ranks know rank 0 lives
+                            break
                     stopping = self._stopping
-                plan = Plan(stop=True) if stopping else None
+                plan = Plan(stop=True) if stopping else Plan() if idle else self._plan()
                 try:
-                    plan = plan or self._plan()
                     plan = self.channel.exchange(plan)
                 except Exception as e:  # the other ranks are gone (a rank died, the launcher stops them)
                     log.exception("the plan could not reach the other ranks; the engine stops")
-                    for a in plan.admit if plan is not None else []:
+                    for a in plan.admit:
                         self._fail(self._handles[a.rid], e)
+                    if self.on_broken is not None:
+                        self.on_broken()
                     break
                 try:
                     self._apply(plan)
@@ -169,37 +184,40 @@ class Scheduler:
         self._fail_all(EagleError("the engine stopped"))
 
     def _plan(self) -> Plan:
-        """The next iteration: cancelled and timed-out requests out, waiting ones into the slots they free."""
+        """The next iteration: ended requests out (each once), waiting ones into the slots they free."""
         plan = Plan(finish=self._finishes)
         self._finishes = []
         now = time.perf_counter()
+        ending = {rid for rid, _ in plan.finish}
         for h in list(self._running.values()):
-            if h.cancelled:
+            if h.cancelled and h.finished is None and h.id not in ending:
                 plan.finish.append((h.id, "cancelled"))
-        ending = [self._running_handle(rid) for rid, _ in plan.finish]
-        freed = {spec: sum(1 for h in ending if h is not None and h.request.speculative == spec)
-                 for spec in (True, False)}
+                ending.add(h.id)
+        freed = {True: 0, False: 0}
+        for h in self._running.values():  # slots the plan's ends free (the runner's own ends are free)
+            if h.id in ending and h.seq in self._runner(h.request.speculative).running:
+                freed[h.request.speculative] += 1
         free = {spec: None for spec in (True, False)}
-        held = []
         with self._cond:
-            while self._waiting:
-                _, h = heapq.heappop(self._waiting)
-                if h.cancelled:
-                    self._end_waiting(h, Output([], "", "cancelled", len(h.request.prompt)))
-                elif h.deadline is not None and now > h.deadline:
-                    error = QueueTimeoutError(f"no free slot within the timeout ({h.request.timeout} s)")
-                    self._end_waiting(h, Output([], "", "timeout", len(h.request.prompt), error=error))
-                else:
-                    spec = h.request.speculative
-                    if free[spec] is None:
-                        free[spec] = self._runner(spec).free_slots() + freed[spec]
-                    if free[spec] > 0:
-                        free[spec] -= 1
-                        plan.admit.append(self._admission(h))
+            waiting, self._waiting = sorted(self._waiting), []  # (the queue's depth is read under the lock)
+            for order, h in waiting:
+                try:
+                    if h.cancelled:
+                        self._end_waiting(h, Output([], "", "cancelled", len(h.request.prompt)))
+                    elif h.deadline is not None and now > h.deadline:
+                        error = QueueTimeoutError(f"no free slot within the timeout ({h.request.timeout} s)")
+                        self._end_waiting(h, Output([], "", "timeout", len(h.request.prompt), error=error))
                     else:
-                        held.append(h)
-            for h in held:
-                heapq.heappush(self._waiting, (h.order(), h))
+                        spec = h.request.speculative
+                        if free[spec] is None:  # (builds the runner on first use: memory may run out)
+                            free[spec] = self._runner(spec).free_slots() + freed[spec]
+                        if free[spec] > 0:
+                            plan.admit.append(self._admission(h))
+                            free[spec] -= 1
+                        else:
+                            self._waiting.append((order, h))  # (sorted: still a heap)
+                except Exception as e:  # this request cannot start: it fails, the others go on
+                    self._fail(h, e)
         return plan
 
     def _admission(self, h: Handle) -> Admission:
@@ -238,13 +256,24 @@ class Scheduler:
         parallelism, where every rank submits alike, in the same order) the one this rank's caller submitted,
         waited for if the caller is not there yet; else (the server's other ranks) a silent one."""
         with self._cond:
-            if not self.local_submissions:
-                request = Request(list(a.prompt), a.max_new_tokens, a.params, a.seed, a.stop_ids,
-                                  speculative=a.speculative)
-                self._handles[a.rid] = Handle(request, lambda out: None, a.rid)
-            while a.rid not in self._handles:
-                self._cond.wait()
-            return self._handles[a.rid]
+            if self.local_submissions:
+                while a.rid not in self._handles:
+                    self._cond.wait()
+                h = self._handles[a.rid]
+                r = h.request
+                if (list(a.prompt), a.max_new_tokens, a.params, a.speculative) == (
+                        r.prompt, r.max_tokens, r.params, r.speculative):
+                    return h
+            request = Request(list(a.prompt), a.max_new_tokens, a.params, a.seed, a.stop_ids,
+                              speculative=a.speculative)
+            silent = Handle(request, lambda out: None, a.rid)
+        if self.local_submissions:  # this rank's callers submitted in another order than rank 0's
+            self._finished(h, Output([], "", "error", len(h.request.prompt), error=EagleError(
+                "under tensor parallelism every rank must submit the same requests in the same order (one "
+                "calling thread per rank); this rank's request did not match rank 0's")))
+        with self._cond:
+            self._handles[a.rid] = silent  # runs as rank 0 says, so the ranks stay in step
+        return silent
 
     # --------------------------------------------------------------------------- engine thread: apply
 
@@ -257,8 +286,9 @@ class Scheduler:
             if h is not None:
                 h.seq.finish(reason)
                 self._leave(h)
-                if reason == "cancelled":
-                    self._finished(h, Output([], "", "cancelled", len(h.request.prompt), h.sent))
+                if h.finished is None:  # (a stop string or a failure on rank 0 told its caller there)
+                    error = EagleError("the request failed on rank 0") if reason == "error" else None
+                    self._finished(h, Output([], "", reason, len(h.request.prompt), h.sent, error))
         if plan.stop:
             return
         for spec in (True, False):
@@ -271,15 +301,21 @@ class Scheduler:
 
     def _admit(self, spec: bool, admissions: list[Admission]) -> None:
         """Make the sequences of ``admissions`` and prefill them together (one step)."""
-        runner = self._runner(spec)
         joining = []
         for a in admissions:
             h = self._handles[a.rid] if self.channel.leader else self._follower_handle(a)
-            h.seq = Sequence(list(a.prompt), a.params, a.max_new_tokens, a.stop_ids, a.seed,
-                             runner.max_model_len)
+            try:
+                runner = self._runner(spec)
+                h.seq = Sequence(list(a.prompt), a.params, a.max_new_tokens, a.stop_ids, a.seed,
+                                 runner.max_model_len)
+            except Exception as e:  # (every rank fails it alike)
+                self._fail(h, e)
+                continue
             h.admitted = time.perf_counter()
             self._observe("admitted", h)
             joining.append(h)
+        if not joining:
+            return
         t0 = time.perf_counter()
         try:
             first = runner.add([h.seq for h in joining])
@@ -293,7 +329,7 @@ class Scheduler:
                     first.update(runner.add([h.seq]))
                 except Exception as e:
                     self._fail(h, e)
-            joining = [h for h in joining if h.seq in first or h.seq.done]
+            joining = [h for h in joining if h.finished is None]
         for h in joining:
             self._running[h.seq] = h
         self._observe("round", "prefill", time.perf_counter() - t0, len(joining))
@@ -327,11 +363,15 @@ class Scheduler:
             h = self._running.get(seq)
             if h is None:
                 continue
+            if h.finished is not None:  # its caller was told (a stop string, a failure): the next plan
+                if seq.done:  # ends it on every rank, unless the runner already did (on every rank)
+                    self._running.pop(seq)
+                continue
             try:
                 out, stopped = h.advance(list(tokens))
-                if stopped:  # a stop string: every rank ends it in the next plan
-                    self._finishes.append((h.id, "stop"))
-                if out.finish_reason is not None and not stopped:
+                if stopped:  # a stop string: the sequence runs on until the next plan ends it everywhere
+                    self._end_next_plan(h, "stop")
+                elif out.finish_reason is not None:  # the runner ended it (on every rank alike)
                     self._leave(h)
                 if out.token_ids:
                     self._observe("delivered", h, len(out.token_ids), now)  # (before last_token moves)
@@ -366,22 +406,40 @@ class Scheduler:
             except Exception:
                 log.exception("releasing request %d failed", h.id)
 
-    def _fail(self, h: Handle, error: BaseException) -> None:
+    def _end_next_plan(self, h: Handle, reason: str) -> None:
+        """End a running request with the next plan, on every rank (the leader's host-side decisions: a
+        stop string, a failure). A runner's membership changes only inside a plan, so the ranks stay in
+        step."""
+        if self.channel.leader and all(rid != h.id for rid, _ in self._finishes):
+            self._finishes.append((h.id, reason))
+
+    def _fail(self, h: Handle, error: BaseException, release: bool = False) -> None:
+        """Fail ``h`` (once): its caller gets ``error`` now; a running sequence leaves its runner with the
+        next plan, or now with ``release`` (the engine stopping, on every rank)."""
+        if h.finished is not None:
+            return
         if not isinstance(error, InvalidRequestError):
             log.warning("request %d failed: %s: %s", h.id, type(error).__name__, error)
         if h.seq is not None:
-            h.seq.finish("error")
-            self._leave(h)
-            if self.channel.leader and h.id not in [rid for rid, _ in self._finishes]:
-                self._finishes.append((h.id, "error"))  # the other ranks end it too
+            if release:
+                h.seq.finish("error")
+                self._leave(h)
+            else:
+                self._end_next_plan(h, "error")
         tokens = 0 if h.seq is None else h.sent
         self._finished(h, Output([], "", "error", len(h.request.prompt), tokens, error))
 
     def _fail_all(self, error: BaseException) -> None:
+        """The engine stops: everything waiting or running fails, and the runners are emptied."""
         with self._cond:
             waiting = [h for _, h in self._waiting]
             self._waiting.clear()
-        for h in list(self._running.values()) + waiting:
+        for h in list(self._running.values()):
+            self._fail(h, error, release=True)
+            if h.seq in self._running:  # told before (a stop string): still leaves its runner
+                h.seq.finish("stop")
+                self._leave(h)
+        for h in waiting:
             self._fail(h, error)
 
 

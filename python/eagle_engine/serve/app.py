@@ -16,7 +16,7 @@ import time
 
 import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..engine.handles import Output
@@ -110,11 +110,16 @@ def create_app(engine, tokenizer, model_name: str = "eagle", max_queue: int = 25
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes,
                        on_refused=lambda: state.metrics.rejected.labels("413").inc())
 
-    @app.get("/health")
-    async def health():
-        if not state.scheduler.alive:
-            return JSONResponse({"status": "engine thread not running"}, status_code=503)
-        return {"status": "ok"}
+    @app.api_route("/health", methods=["GET", "HEAD"])
+    async def health(request: Request):
+        scheduler = state.scheduler
+        if scheduler.channel.broken:
+            problem = "a tensor-parallel rank is gone: this server cannot serve"
+        elif not scheduler.alive:
+            problem = "the engine thread is not running"
+        else:
+            return {"status": "ok"}
+        return APIError(problem, 503, None, "unhealthy", "server_error").response(request)
 
     @app.get("/metrics")
     async def metrics():
@@ -217,7 +222,10 @@ def _chat_prompt(state: ServeState, body: ChatCompletionRequest) -> list[int]:
                     f"messages[{i}].content: only text parts are supported", f"messages.{i}.content"
                 )
             content = "".join(str(part.get("text", "")) for part in content)
-        messages.append({"role": m.role, "content": content or ""})
+        message = {"role": m.role, "content": content or ""}
+        if m.name is not None:
+            message["name"] = m.name  # (the chat template decides what a name does)
+        messages.append(message)
     try:
         text = state.encoder.render_chat(messages)
     except Exception as e:  # the template rejects the conversation (jinja's TemplateError and friends)
@@ -267,6 +275,7 @@ async def _respond(state: ServeState, request: Request, body, prompt: list[int],
         raise invalid(str(e), "prompt") from None
     rid = new_id("chatcmpl" if chat else "cmpl")
     gone = asyncio.ensure_future(_client_gone(request))  # the client leaving, streaming or not
+    gone.add_done_callback(lambda task: task.cancelled() or task.exception())  # (an error there is retrieved)
     try:
         first = await _next(queue, gone)
         if first is None:
@@ -305,11 +314,12 @@ async def _client_gone(request: Request) -> None:
 async def _next(queue: asyncio.Queue, gone: asyncio.Future):
     """The next output, or ``None`` when the client disconnected first."""
     get = asyncio.ensure_future(queue.get())
-    done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
-    if get in done:
-        return get.result()
-    get.cancel()
-    return None
+    try:
+        done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not get.done():  # (also when this request is cancelled: the server shutting down)
+            get.cancel()
+    return get.result() if get in done else None
 
 
 async def _collect(state, handle, rid, first, queue, gone, chat: bool):

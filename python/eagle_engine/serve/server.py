@@ -27,7 +27,7 @@ def load(args, max_batch_size: int = 8):
     with naming_the_demo_target(on_demo):
         engine = EagleEngine.from_pretrained(
             args.base, args.draft, device=args.device, dtype=args.dtype, max_batch_size=max_batch_size,
-            tensor_parallel_size=args.tensor_parallel_size, **method_kwargs(args),
+            threads=0, tensor_parallel_size=args.tensor_parallel_size, **method_kwargs(args),
         )
     return engine, load_tokenizer(args.base), name
 
@@ -64,9 +64,11 @@ def serve(args) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, shut_down)
+    engine.scheduler.on_broken = lambda: setattr(server, "should_exit", True)  # nothing left to serve
     server.run()
     if engine.scheduler.channel.broken:  # another rank died or was stopped first: no barrier can meet
         shutdown(barrier=False)
+        raise EagleError("another tensor-parallel rank is gone; the server stopped")
 
 
 def follow(engine) -> None:
@@ -80,3 +82,4 @@ def follow(engine) -> None:
     engine.scheduler.follow()
     if engine.scheduler.channel.broken:
         shutdown(barrier=False)
+        raise EagleError("rank 0 is gone; this rank stopped")

@@ -147,7 +147,8 @@ def run_bench(args) -> dict:
     skipped = len(corpus.documents) - len(pool)
     print(f"[bench] corpus: {corpus.describe()}; prompts cut from {len(pool)} of them "
           f"({skipped} shorter than {2 * args.prompt_chars} characters skipped)")  # fmt: skip
-    engine = EagleEngine.from_pretrained(args.base, args.draft, device=args.device, dtype=args.dtype)
+    engine = EagleEngine.from_pretrained(args.base, args.draft, device=args.device, dtype=args.dtype,
+                                         threads=0)  # (set above)
     texts = code_prompts(pool, args.prompts, args.prompt_chars, seed=args.seed)
     prompts = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
     prompts = fit_prompts(prompts, engine.max_length, args.max_new_tokens)

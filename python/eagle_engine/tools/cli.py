@@ -226,7 +226,7 @@ def cmd_generate(args) -> None:
     tokenizer = load_tokenizer(args.base)
     with naming_the_demo_target(on_demo):
         engine = EagleEngine.from_pretrained(
-            args.base, args.draft, device=args.device, dtype=args.dtype,
+            args.base, args.draft, device=args.device, dtype=args.dtype, threads=0,  # (set above)
             tensor_parallel_size=args.tensor_parallel_size, **method_kwargs(args),
         )
     with contextlib.ExitStack() as stack:

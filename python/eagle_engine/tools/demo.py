@@ -95,7 +95,8 @@ def run_demo(
     print(f"[demo] head: {head} ({DEMO_HEADS[head][1]}), draft tree: {tree}, device: {device}")
     prompt = DEMO_PROMPT if prompt is None else prompt
     tokenizer = load_tokenizer(target_dir)
-    engine = EagleEngine.from_pretrained(target_dir, head_dir, device=device, dtype="float32", tree=tree)
+    engine = EagleEngine.from_pretrained(target_dir, head_dir, device=device, dtype="float32", tree=tree,
+                                         threads=0)  # (set above)
     if tree == "auto":
         t = engine.tree
         print(f"[demo] auto tree: {t.num_nodes} nodes, depth {t.depth}, top-k {t.top_k}")
