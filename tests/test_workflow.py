@@ -12,6 +12,7 @@ import torch
 from tiny import make_head_dir, make_hf_model, make_tokenizer, save
 
 from eagle_engine import EagleEngine, EagleError, TrainingInputError
+from eagle_engine.engine import cpu_threads
 from eagle_engine.tools import common
 from eagle_engine.tools.cli import main
 from eagle_engine.tools.corpus import read_documents, token_stream
@@ -214,9 +215,9 @@ def test_threads_flag_and_default(monkeypatch, capsys):
     try:
         for cores, expected in ((1, 1), (2, 1), (4, 2), (16, 4), (None, 1)):
             monkeypatch.setattr(os, "cpu_count", lambda c=cores: c)
-            assert common.default_threads() == expected
-        assert common.apply_threads(None) == 1 and torch.get_num_threads() == 1
-        assert common.apply_threads(2) == 2 and torch.get_num_threads() == 2
+            assert cpu_threads.default_threads() == expected
+        assert cpu_threads.set_threads(None) == 1 and torch.get_num_threads() == 1
+        assert cpu_threads.set_threads(2) == 2 and torch.get_num_threads() == 2
         parser = argparse.ArgumentParser()
         common.add_threads_arg(parser)
         assert parser.parse_args(["--threads", "3"]).threads == 3
@@ -268,7 +269,7 @@ def test_the_commands_keep_their_threads_through_loading(pair, monkeypatch, caps
         assert torch.get_num_threads() == 3
         pytest.importorskip("fastapi")
         args = build_parser().parse_args(["serve", "--base", base, "--threads", "2", "--tree", "chain"])
-        common.apply_threads(args.threads)  # what eagle serve does first
+        cpu_threads.set_threads(args.threads)  # what eagle serve does first
         load(args)
         assert torch.get_num_threads() == 2
     finally:

@@ -202,11 +202,11 @@ class Scheduler:
             waiting, self._waiting = sorted(self._waiting), []  # (the queue's depth is read under the lock)
             for order, h in waiting:
                 try:
-                    if h.cancelled:
-                        self._end_waiting(h, Output([], "", "cancelled", len(h.request.prompt)))
+                    if h.cancelled:  # never started: counted and told
+                        self._finished(h, Output([], "", "cancelled", len(h.request.prompt)))
                     elif h.deadline is not None and now > h.deadline:
                         error = QueueTimeoutError(f"no free slot within the timeout ({h.request.timeout} s)")
-                        self._end_waiting(h, Output([], "", "timeout", len(h.request.prompt), error=error))
+                        self._finished(h, Output([], "", "timeout", len(h.request.prompt), error=error))
                     else:
                         spec = h.request.speculative
                         if free[spec] is None:  # (builds the runner on first use: memory may run out)
@@ -224,10 +224,6 @@ class Scheduler:
         r = h.request
         seed = r.seed if r.seed is not None else random.SystemRandom().randrange(2**63)
         return Admission(h.id, r.speculative, tuple(r.prompt), r.params, r.max_tokens, r.stop_ids, seed)
-
-    def _end_waiting(self, h: Handle, out: Output) -> None:
-        """A request that never started ends (cancelled, timed out): it is counted and told."""
-        self._finished(h, out)
 
     # -------------------------------------------------------------------------- engine thread: follow
 

@@ -284,7 +284,6 @@ async def _respond(state: ServeState, request: Request, body, prompt: list[int],
         if first.error is not None:
             _raise_for(first.error)
         if body.stream:
-            gone.cancel()  # the stream watches the connection itself from here on
             events = _sse(state, rid, first, queue, chat, body.stream_options or StreamOptions())
             return _Stream(events, lambda: state.scheduler.cancel(handle))
         return await _collect(state, handle, rid, first, queue, gone, chat)
@@ -292,7 +291,7 @@ async def _respond(state: ServeState, request: Request, body, prompt: list[int],
         state.scheduler.cancel(handle)
         raise
     finally:
-        gone.cancel()
+        gone.cancel()  # (a stream watches the connection itself from here on)
 
 
 def _raise_for(error: BaseException):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from .errors import APIError
+
 DEFAULT_MAX_REQUEST_BYTES = 2 * 1024 * 1024  # 2 MiB: far more text than any context this engine serves
 
 
@@ -13,8 +15,7 @@ class _TooLarge(BaseException):  # not an Exception: no handler inside the app m
 
 def _error_body(limit: int) -> bytes:
     message = f"the request body exceeds this server's limit of {limit} bytes (--max-request-bytes)"
-    error = {"message": message, "type": "invalid_request_error", "param": None, "code": "request_too_large"}
-    return json.dumps({"error": error}).encode()
+    return json.dumps(APIError(message, 413, None, "request_too_large").body()).encode()
 
 
 class BodyLimit:

@@ -37,10 +37,10 @@ def serve(args) -> None:
         import uvicorn
     except ImportError:
         raise EagleError("eagle serve needs the server extras: pip install 'eagle-spec[serve]'") from None
-    from ..tools.common import apply_threads
+    from ..engine.cpu_threads import set_threads
     from .app import create_app
 
-    apply_threads(args.threads)
+    set_threads(args.threads)
 
     engine, tokenizer, name = load(args, args.max_batch_size)
     tp = engine.target.tp

@@ -124,12 +124,13 @@ def fit_prompts(prompts: list[list[int]], max_length: int, max_new_tokens: int, 
 
 def run_bench(args) -> dict:
     """``eagle bench`` (see the module docstring); prints the table, writes ``args.json`` if given."""
+    from ..engine.cpu_threads import set_threads
     from ..engine.engine import EagleEngine
     from ..errors import EagleError
-    from .common import apply_threads, check_model_dir, load_tokenizer
+    from .common import check_model_dir, load_tokenizer
     from .corpus import code_prompts, prompt_pool, read_documents
 
-    threads = apply_threads(args.threads)
+    threads = set_threads(args.threads)
     check_model_dir(args.base)
     tokenizer = load_tokenizer(args.base)
     trees = [t.strip() for t in args.trees.split(",") if t.strip()]

@@ -7,12 +7,12 @@ import contextlib
 import os
 import sys
 
+from ..engine.cpu_threads import set_threads
 from ..errors import EagleError
 from ..speculative.methods import METHODS
 from .common import (
     add_stop_arg,
     add_threads_arg,
-    apply_threads,
     check_model_dir,
     load_tokenizer,
     non_negative_seconds,
@@ -220,7 +220,7 @@ def _add_serve_parser(sub) -> None:
 def cmd_generate(args) -> None:
     from ..engine.engine import EagleEngine
 
-    apply_threads(args.threads)
+    set_threads(args.threads)
     on_demo = use_demo_target(args)
     check_model_dir(args.base)  # a missing directory or config.json is named before any tokenizer problem
     tokenizer = load_tokenizer(args.base)
@@ -269,7 +269,7 @@ def _generate(args, engine, tokenizer) -> None:
 def cmd_train_draft(args) -> None:
     from .train import DraftTrainJob, train_draft
 
-    apply_threads(args.threads)
+    set_threads(args.threads)
     _check_method_flags(args)
     medusa = {"medusa_heads": args.medusa_heads, "medusa_layers": args.medusa_layers}
     job = DraftTrainJob(

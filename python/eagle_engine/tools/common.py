@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..engine.cpu_threads import default_threads, set_threads
+from ..engine.cpu_threads import default_threads
 from ..errors import ModelLoadError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -50,11 +50,6 @@ def add_threads_arg(parser: argparse.ArgumentParser) -> None:
         help="CPU threads for torch (default: min(4, max(1, cores // 2)), "
         f"{default_threads()} on this machine)",
     )
-
-
-def apply_threads(n: int | None) -> int:
-    """Set torch's intra-op CPU threads to ``n`` (None: :func:`default_threads`); returns the number set."""
-    return set_threads(n)
 
 
 # ------------------------------------------------------------------------------------- argument types
