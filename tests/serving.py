@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import httpx
 import openai
-from launch import free_port
+from launch import free_port, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from tiny import make_head_dir, make_hf_model, make_tokenizer, save
 
@@ -78,10 +77,9 @@ class Server(Endpoint):
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + TIMEOUT
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
+        wait_until(lambda: self.server.started or not self.thread.is_alive(), "server did not start",
+                   TIMEOUT, 0.02)
+        assert self.server.started, "server did not start"
 
     @property
     def scheduler(self):

@@ -5,10 +5,10 @@ and time."""
 
 import queue
 import threading
-import time
 
 import pytest
 import torch
+from launch import wait_until
 from tiny import make_hf_model, save
 
 from eagle_engine import EagleEngine
@@ -107,10 +107,7 @@ def run_one_slot(engine, requests):
 
     blocker = Request(prompts(1)[0], 120, stop_ids=frozenset(), speculative=False)
     sched.submit(blocker, deliver("blocker"))
-    deadline = time.monotonic() + TIMEOUT
-    while sched.num_running < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    wait_until(lambda: sched.num_running >= 1, "the blocker running", TIMEOUT, 0.005)
     handles = {name: sched.submit(r, deliver(name)) for name, r in requests.items()}
     assert done.wait(TIMEOUT)
     order = sorted((h.admitted, name) for name, h in handles.items() if h.admitted is not None)
@@ -259,10 +256,7 @@ def test_a_follower_whose_callers_submit_out_of_order_fails_them_loudly(model_di
                       [collect(("follower", i)) for i in (1, 0)])
     lead.submit_all([Request(p, 4, stop_ids=frozenset(), speculative=False) for p in ps],
                     [collect(("leader", i)) for i in (0, 1)])
-    deadline = time.monotonic() + TIMEOUT
-    while len(outs) < 4:
-        assert time.monotonic() < deadline, outs
-        time.sleep(0.01)
+    wait_until(lambda: len(outs) >= 4, lambda: outs, TIMEOUT)
     lead.stop()
     follow.stop()
     assert all(outs["leader", i].finish_reason == "length" for i in (0, 1))

@@ -20,6 +20,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("prometheus_client")
 
+from launch import wait_until  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from serving import TIMEOUT, Server, make_serve_model  # noqa: E402
 
@@ -277,10 +278,8 @@ def test_dropped_client_frees_its_slot(server):
 
 def _wait_for_every_slot(server):
     """Until nothing runs and every one of the server's 4 slots is free (bounded)."""
-    deadline = time.monotonic() + TIMEOUT
-    while server.scheduler.num_running or server.engine.runner.free_slots() != 4:
-        assert time.monotonic() < deadline, "a dropped client's slot never came back"
-        time.sleep(0.02)
+    wait_until(lambda: not server.scheduler.num_running and server.engine.runner.free_slots() == 4,
+               "a dropped client's slot never came back", TIMEOUT, 0.02)
 
 
 def test_dropped_non_streaming_clients_free_their_slots(server):
@@ -295,10 +294,7 @@ def test_dropped_non_streaming_clients_free_their_slots(server):
     try:
         for sock in socks:
             sock.sendall(request)
-        deadline = time.monotonic() + TIMEOUT
-        while server.scheduler.num_running < 4:  # all four decoding
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until(lambda: server.scheduler.num_running == 4, "all four decoding", TIMEOUT)
     finally:
         for sock in socks:
             sock.close()
@@ -451,10 +447,7 @@ def test_full_queue_and_missing_chat_template(model):
                 lines = running.iter_lines()  # (dropping this iterator would close the stream)
                 next(lines)  # it holds the only slot now
                 waiting = pool.submit(httpx.post, s.url + "/v1/completions", json=short, timeout=TIMEOUT)
-                deadline = time.monotonic() + TIMEOUT
-                while s.scheduler.queue_depth < 1:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.02)
+                wait_until(lambda: s.scheduler.queue_depth >= 1, "a request waiting", TIMEOUT, 0.02)
                 r = httpx.post(s.url + "/v1/completions", json=short, timeout=TIMEOUT)
                 assert r.status_code == 503 and "queue is full" in r.json()["error"]["message"]
                 assert int(r.headers["retry-after"]) >= 1
@@ -578,27 +571,18 @@ def test_priority_order_and_queue_timeouts_over_http(model):
             with concurrent.futures.ThreadPoolExecutor(2) as pool:
                 later = pool.submit(httpx.post, s.url + "/v1/completions", timeout=TIMEOUT,
                                     json={"prompt": "a", "max_tokens": 2, "temperature": 0, "priority": 1})
-                deadline = time.monotonic() + TIMEOUT
-                while s.scheduler.queue_depth < 1:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.01)
+                wait_until(lambda: s.scheduler.queue_depth >= 1, "'a' waiting", TIMEOUT)
                 first = pool.submit(httpx.post, s.url + "/v1/completions", timeout=TIMEOUT,
                                     json={"prompt": "b", "max_tokens": 2, "temperature": 0, "priority": -1})
-                while s.scheduler.queue_depth < 2:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.01)
+                wait_until(lambda: s.scheduler.queue_depth >= 2, "'b' waiting", TIMEOUT)
                 # A third waiting client hangs up: counted as cancelled though it never started.
                 sock = socket.create_connection(("127.0.0.1", s.port), timeout=TIMEOUT)
                 body = json.dumps({"prompt": "c", "max_tokens": 2}).encode()
                 sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-                while s.scheduler.queue_depth < 3:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.01)
+                wait_until(lambda: s.scheduler.queue_depth >= 3, "'c' waiting", TIMEOUT)
                 sock.close()
-                while s.scheduler.queue_depth > 2:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.01)
+                wait_until(lambda: s.scheduler.queue_depth <= 2, "'c' gone from the queue", TIMEOUT)
                 running.close()  # the stream hangs up: cancelled at the next boundary, the waiting ones run
                 stalled.clear()
         # the stream left: the waiting ones start, priority -1 first

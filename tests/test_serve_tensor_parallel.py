@@ -21,7 +21,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("prometheus_client")
 
-from launch import free_port, torchrun_command, torchrun_env  # noqa: E402
+from launch import free_port, torchrun_command, torchrun_env, wait_until  # noqa: E402
 from serving import TIMEOUT, Endpoint, Server, make_serve_model  # noqa: E402
 
 START_TIMEOUT = 120.0  # two ranks import torch and load the model (seconds, on a loaded 2-core machine)
@@ -71,18 +71,17 @@ class TorchrunServer(Endpoint):
         with open(log_path, "w") as log:
             self.proc = subprocess.Popen(torchrun_command(2, *args), env=torchrun_env(), stdout=log,
                                          stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            assert self.proc.poll() is None, f"torchrun exited {self.proc.returncode}:\n{self.log()}"
-            assert time.monotonic() < deadline, f"no server after {START_TIMEOUT} s:\n{self.log()}"
-            try:
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_until(self._serving, lambda: f"no server after {START_TIMEOUT} s:\n{self.log()}", START_TIMEOUT,
+                   0.2)
         self.ranks = _children(self.proc.pid)
         assert len(self.ranks) == 2, self.ranks
+
+    def _serving(self) -> bool:
+        assert self.proc.poll() is None, f"torchrun exited {self.proc.returncode}:\n{self.log()}"
+        try:
+            return httpx.get(self.url + "/health", timeout=1.0).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def log(self) -> str:
         with open(self.log_path) as f:
@@ -183,10 +182,13 @@ def test_bad_requests_answer_as_on_one_process(servers, body):
 
 
 def _wait_for_metrics(endpoint: Endpoint, condition) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not condition(metrics := endpoint.metrics()):
-        assert time.monotonic() < deadline, {k: v for k, v in metrics.items() if k.startswith("eagle_r")}
-        time.sleep(0.05)
+    seen = {}
+
+    def holds():
+        seen.update(endpoint.metrics())
+        return condition(seen)
+
+    wait_until(holds, lambda: {k: v for k, v in seen.items() if k.startswith("eagle_r")}, TIMEOUT, 0.05)
 
 
 def test_dropped_clients_free_their_slots_on_every_rank(servers):
@@ -228,10 +230,8 @@ def _sigterm_during_a_stream(tp: TorchrunServer, pid: int) -> list[str]:
         except httpx.RemoteProtocolError:  # the server cut the stream
             pass
     tp.proc.wait(60)
-    deadline = time.monotonic() + TIMEOUT
-    while any(_alive(rank) for rank in tp.ranks):
-        assert time.monotonic() < deadline, f"ranks still running:\n{tp.log()}"
-        time.sleep(0.1)
+    wait_until(lambda: not any(_alive(rank) for rank in tp.ranks),
+               lambda: f"ranks still running:\n{tp.log()}", TIMEOUT, 0.1)
     return rest
 
 
