@@ -277,12 +277,9 @@ async def _respond(state: ServeState, request: Request, body, prompt: list[int],
     gone = asyncio.ensure_future(_client_gone(request))  # the client leaving, streaming or not
     gone.add_done_callback(lambda task: task.cancelled() or task.exception())  # (an error there is retrieved)
     try:
-        first = await _next(queue, gone)
+        first = await _next_output(state, handle, queue, gone)
         if first is None:
-            state.scheduler.cancel(handle)
             return Response(status_code=499)
-        if first.error is not None:
-            _raise_for(first.error)
         if body.stream:
             events = _sse(state, rid, first, queue, chat, body.stream_options or StreamOptions())
             return _Stream(events, lambda: state.scheduler.cancel(handle))
@@ -321,15 +318,23 @@ async def _next(queue: asyncio.Queue, gone: asyncio.Future):
     return get.result() if get in done else None
 
 
+async def _next_output(state, handle, queue: asyncio.Queue, gone: asyncio.Future):
+    """The request's next output; its error raised as the HTTP answer; ``None`` (the request cancelled) when
+    the client left first."""
+    out = await _next(queue, gone)
+    if out is None:
+        state.scheduler.cancel(handle)
+    elif out.error is not None:
+        _raise_for(out.error)
+    return out
+
+
 async def _collect(state, handle, rid, first, queue, gone, chat: bool):
     parts, out = [first.text], first
     while out.finish_reason is None:
-        out = await _next(queue, gone)
+        out = await _next_output(state, handle, queue, gone)
         if out is None:
-            state.scheduler.cancel(handle)
             return Response(status_code=499)
-        if out.error is not None:
-            _raise_for(out.error)
         parts.append(out.text)
     text, use = "".join(parts), usage(out.prompt_tokens, out.completion_tokens)
     if chat:
