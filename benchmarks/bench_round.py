@@ -51,12 +51,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--accept", action="append", default=[], metavar="STEP=TAU",
                     help="acceptance length to imply a speedup with (default: PUBLISHED_ACCEPTANCE)")
+    ap.add_argument("--draft-vocab", type=int, default=None,
+                    help="EAGLE-1/2 steps: a reduced draft vocabulary of N tokens (default: the whole)")
     ap.add_argument("--no-save", action="store_true", help="print only")
     return common.parse(ap, argv)
 
 
-def build(model: str, step: str, device, dtype):
-    """Target (and drafter) with random weights for ``step``."""
+def build(model: str, step: str, device, dtype, draft_vocab: int | None = None):
+    """Target (and drafter) with random weights for ``step``; an EAGLE-1/2 head over ``draft_vocab`` tokens
+    (which ones does not change the cost: the first ones)."""
+    import torch
+
     from eagle_engine.speculative.methods import make_drafter
     from eagle_engine.tools import shapes
     from eagle_engine.tools.round_model import STEPS
@@ -68,6 +73,8 @@ def build(model: str, step: str, device, dtype):
     kind, tree = STEPS[step]
     head = shapes.build_eagle_head(target, kind)
     shapes.randomize(head, seed=1)
+    if draft_vocab is not None and kind == "eagle1":
+        head.reduce_vocab(torch.arange(draft_vocab))
     return target, make_drafter("eagle", target, head, tree)
 
 
@@ -118,13 +125,15 @@ def main(argv=None) -> int:
     accept = {**PUBLISHED_ACCEPTANCE, **accept}
     rows, vanilla = [], {}
     for step in args.steps.split(","):  # vanilla first (the default order): each row's speedup comes at once
-        target, drafter = build(args.model, step, device, dtype)
+        target, drafter = build(args.model, step, device, dtype, args.draft_vocab)
         for b in (int(x) for x in args.batches.split(",")):
             times = time_steps(target, drafter, b, args.context, args.steps_timed, device)
-            model = rm.model_step(args.model, step, b, context=args.context, dtype=dtype)
+            model = rm.model_step(args.model, step, b, context=args.context, dtype=dtype,
+                                  draft_vocab=args.draft_vocab)
             q20, q50, q80 = (statistics.quantiles(times, n=10)[i] for i in (1, 4, 7)) if len(times) > 2 else \
                 (min(times), statistics.median(times), max(times))
             row = {"model": args.model, "step": step, "batch": b, "context": args.context,
+                   "draft_vocab": args.draft_vocab,
                    "median_ms": 1e3 * q50, "p20_ms": 1e3 * q20, "p80_ms": 1e3 * q80,
                    "predicted_ms": 1e3 * model.record.seconds(rm.H100),
                    "floor_ms": 1e3 * model.floor_bytes / bandwidth if bandwidth else None,

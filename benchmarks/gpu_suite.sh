@@ -65,7 +65,7 @@ EOF
 $build
 engine_tests|50|\${PY} -m pytest -q \${XDIST} tests/test_cuda_graphs.py tests/test_engine_with_kernels.py|\${PY} -m pytest -q --collect-only tests/test_cuda_graphs.py tests/test_engine_with_kernels.py
 bench_round|75|\${PY} benchmarks/bench_round.py --model llama3.1-8b --batches 1,8,32 --steps-timed 10|
-round_model|15|\${PY} benchmarks/round_model.py --model llama3.1-8b --json > "\$WORK/round_model.json" && \${PY} benchmarks/round_model.py --model llama3.1-8b|\${PY} benchmarks/round_model.py --model tiny --json --batches 1 --memory-batches 1 --max-model-len 256
+bench_round_draft_vocab|15|\${PY} benchmarks/bench_round.py --model llama3.1-8b --steps eagle2_dynamic --batches 1 --steps-timed 10 --draft-vocab 32000|
 bench_e2e|25|\${PY} benchmarks/bench_e2e.py --repeats 2 --new-tokens 96|
 EOF
     ;;
@@ -161,9 +161,6 @@ results = {}
 for path in sorted(glob.glob(os.path.join(work, "results", "*.json"))):
     with open(path) as f:
         results[os.path.basename(path)[:-5]] = [json.loads(line) for line in f if line.strip()]
-if os.path.exists(os.path.join(work, "round_model.json")):
-    with open(os.path.join(work, "round_model.json")) as f:
-        results["round_model"] = json.load(f)
 record = {"phase": phase, "started": start, **common.environment(), "steps": steps, "results": results}
 with open(os.path.join(out, f"gpu_{phase}.json"), "w") as f:
     json.dump(record, f, indent=1)

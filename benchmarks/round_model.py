@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-model-len", type=int, default=8192, help="cache length of the memory table")
     ap.add_argument("--bandwidth", type=float, default=3.0e12, help="bytes/s (H100: 3.0e12 measured copy)")
     ap.add_argument("--tflops", type=float, default=790.0, help="bf16 matrix TFLOP/s (H100: 790 measured)")
+    ap.add_argument("--draft-vocab", type=int, default=None,
+                    help="EAGLE-1/2 steps: a reduced draft vocabulary of N tokens (default: the whole)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     return common.parse(ap, argv)
 
@@ -57,7 +59,7 @@ def run(args) -> dict:
     rows = []
     for step in args.steps.split(","):
         for b in ints(args.batches):
-            m = rm.model_step(args.model, step, b, context=args.context)
+            m = rm.model_step(args.model, step, b, context=args.context, draft_vocab=args.draft_vocab)
             row = rm.summary_row(m, device)
             row["compute_ms"] = 1e3 * sum(x.flops for x in m.record.launches) / device.flops
             row["ratio"] = row["predicted_ms"] / row["floor_ms"]
@@ -72,7 +74,7 @@ def run(args) -> dict:
                        "peak_bytes": max(round_peak, prefill_peak), "round_peak_bytes": round_peak,
                        "prefill_peak_bytes": prefill_peak})
     return {"model": args.model, "device": device.name, "context": args.context, "rows": rows,
-            "memory": memory}
+            "memory": memory, "draft_vocab": args.draft_vocab}
 
 
 def print_tables(result: dict) -> None:

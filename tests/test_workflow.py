@@ -348,7 +348,7 @@ def test_short_evaluation_corpus_fails_before_the_first_step(pair, code_corpus, 
     with pytest.raises(TrainingInputError, match="--eval-prompt-chars") as e:
         train_draft(job(pair[0], code_corpus, out, eval_corpus=[str(short)]))
     assert time.perf_counter() - started < 10
-    assert "--eval-corpus" in str(e.value) and "800" in str(e.value) and "--eval-prompts 0" in str(e.value)
+    assert "--eval-data" in str(e.value) and "800" in str(e.value) and "--eval-prompts 0" in str(e.value)
     assert not os.path.exists(out / "checkpoint") and not os.path.exists(out / "config.json")
 
 

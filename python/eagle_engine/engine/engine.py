@@ -63,6 +63,23 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def reduce_draft_vocab(head, size: int | None, frequencies: str | None, vocab_size: int) -> None:
+    """Give an EAGLE-1/2 ``head`` a draft vocabulary of the ``size`` most frequent tokens of the frequency
+    file ``frequencies`` (both needed; see :mod:`eagle_engine.models.vocab`)."""
+    from ..models.draft import Eagle1Head
+    from ..models.vocab import load_frequencies, most_frequent
+
+    if size is None or frequencies is None:
+        raise EagleError("a reduced draft vocabulary needs both draft_vocab_size and token_frequencies")
+    if not isinstance(head, Eagle1Head):
+        kind = "no draft head" if head is None else f"a {getattr(head, 'kind', type(head).__name__)} head"
+        raise EagleError(
+            f"draft_vocab_size reduces an EAGLE-1/2 head's LM head; this engine has {kind} (EAGLE-3 heads "
+            "carry their own draft vocabulary, chosen at training: train-draft --draft-vocab-size)"
+        )
+    head.reduce_vocab(most_frequent(load_frequencies(frequencies, vocab_size), size))
+
+
 class EagleEngine:
     """Holds a target model (and a draft head for speculative decoding) on one device, and a
     :class:`~eagle_engine.engine.runner.Runner` whose caches are allocated once and reused by every call.
@@ -125,6 +142,8 @@ class EagleEngine:
         cuda_graphs: bool | None = None,
         tensor_parallel_size: int = 1,
         threads: int | None = None,
+        draft_vocab_size: int | None = None,
+        token_frequencies: str | None = None,
     ) -> "EagleEngine":
         """Load a Hugging Face target directory and, if given, a draft head directory: an EAGLE-1/2 or
         EAGLE-3 head (official EAGLE format) or Medusa-1 heads (official Medusa format), told apart by their
@@ -154,6 +173,9 @@ class EagleEngine:
         and logs it (logger ``eagle_engine``); an int sets that many; 0 leaves torch's setting alone (the
         default on CUDA). torch's own default, every core, is many times slower for this engine's small
         matrix products on a shared machine.
+        ``draft_vocab_size`` with ``token_frequencies`` (a file of ``eagle prepare-data``): an EAGLE-1/2 head
+        ranks its drafts over that many most frequent tokens only (:meth:`Eagle1Head.reduce_vocab`; lossless:
+        the target verifies). EAGLE-3 heads carry their own draft vocabulary.
         """
         dev, dt = resolve_device(device), resolve_dtype(dtype)
         if threads != 0 and (threads is not None or dev.type == "cpu"):
@@ -167,6 +189,8 @@ class EagleEngine:
             from ..models.loading import load_draft
 
             draft = load_draft(draft_path, target, device=dev, dtype=dt)
+        if draft_vocab_size is not None or token_frequencies is not None:
+            reduce_draft_vocab(draft, draft_vocab_size, token_frequencies, target.config.vocab_size)
         return cls(target, draft, tree, method=method, medusa=medusa, lookahead=lookahead,
                    prompt_lookup=prompt_lookup, max_batch_size=max_batch_size, max_model_len=max_model_len,
                    cuda_graphs=cuda_graphs)

@@ -101,6 +101,7 @@ class Eagle1Head(_DraftHead):
         layer.mlp = MLP(h, cfg.intermediate_size, False)
         self.layers = nn.ModuleList([layer])
         self.lm_head_weight: torch.Tensor | None = None
+        self.draft_token_ids: torch.Tensor | None = None  # [Vd] target ids of a reduced draft vocabulary
 
     def target_features(self, out) -> torch.Tensor:
         return out.hidden
@@ -122,9 +123,28 @@ class Eagle1Head(_DraftHead):
         return layer.mlp(y) + residual
 
     def topk(self, hidden: torch.Tensor, k: int):
-        """``[..., H]`` -> top-k ``(logprobs [..., k], target token ids [..., k])``."""
+        """``[..., H]`` -> top-k ``(logprobs [..., k], target token ids [..., k])`` (over the reduced draft
+        vocabulary when :meth:`reduce_vocab` made one)."""
         logprobs, ids = ops.lm_head_topk(hidden.reshape(-1, hidden.shape[-1]), self.lm_head_weight, k)
+        if self.draft_token_ids is not None:
+            ids = self.draft_token_ids[ids]
         return logprobs.view(*hidden.shape[:-1], k), ids.view(*hidden.shape[:-1], k)
+
+    def reduce_vocab(self, token_ids: torch.Tensor) -> None:
+        """Rank drafts over the target ids ``token_ids`` (long ``[Vd]``, unique) only: the head keeps its own
+        ``[Vd, H]`` copy of those rows of the target's lm_head, so each draft level reads ``Vd / V`` of
+        the weight. Lossless whatever the ids: the target verifies every draft. Inference only (a trained
+        head stays whole); applied once, to a head that ranks over the whole vocabulary."""
+        if self.draft_token_ids is not None:
+            raise DraftMismatchError("this head's draft vocabulary is already reduced")
+        ids = token_ids.to(self.lm_head_weight.device, torch.long)
+        vocab = self.lm_head_weight.shape[0]
+        if ids.dim() != 1 or ids.numel() == 0 or ids.unique().numel() != ids.numel():
+            raise DraftMismatchError(f"a draft vocabulary is unique token ids [Vd], got {tuple(ids.shape)}")
+        if bool((ids < 0).any() or (ids >= vocab).any()):
+            raise DraftMismatchError(f"draft vocabulary ids outside the target's {vocab}-token vocabulary")
+        self.lm_head_weight = self.lm_head_weight[ids].contiguous()
+        self.draft_token_ids = ids
 
 
 class Eagle3Head(_DraftHead):
@@ -169,6 +189,20 @@ class Eagle3Head(_DraftHead):
         logprobs, draft_ids = ops.lm_head_topk(flat, self.lm_head.weight, k)
         target_ids = draft_ids + self.d2t[draft_ids]
         return logprobs.view(*hidden.shape[:-1], k), target_ids.view(*hidden.shape[:-1], k)
+
+    def set_draft_vocab(self, token_ids: torch.Tensor) -> None:
+        """Make the draft vocabulary the target ids ``token_ids`` (long ``[Vd]``, ascending, unique): draft id
+        ``i`` is ``token_ids[i]`` (``d2t[i] = token_ids[i] - i``: the official offsets); ``t2d`` marks
+        them."""
+        ids = token_ids.to(self.d2t.device, torch.long)
+        if ids.shape != self.d2t.shape or bool((ids[1:] <= ids[:-1]).any()):
+            raise DraftMismatchError(
+                f"a draft vocabulary needs {self.d2t.numel()} ascending unique token ids, got "
+                f"{tuple(ids.shape)}"
+            )
+        self.d2t.copy_(ids - torch.arange(ids.numel(), device=ids.device))
+        self.t2d.zero_()
+        self.t2d[ids] = True
 
 
 def check_head_config(raw: dict, target: ModelConfig) -> ModelConfig:

@@ -8,15 +8,16 @@ import os
 import torch
 
 from ..errors import DraftMismatchError, ModelLoadError
-from .config import load_model_config, read_json
+from .config import load_model_config
 from .draft import Eagle1Head, Eagle3Head, _DraftHead, build_head, check_head_config, head_lm_head
+from .head_formats import OFFICIAL_WEIGHT_FILES, check_aux_layers, read_head
 from .llama import LlamaModel, rotary_table
 from .medusa import MedusaHeads, is_medusa_dir, load_medusa, save_medusa
 from .parallel import TensorParallel, whole_vocab_weight
 from .weights import iter_checkpoint, load_into, resolve_dtype
 
 # The official loader tries pytorch_model.bin first.
-HEAD_WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
+HEAD_WEIGHT_FILES = OFFICIAL_WEIGHT_FILES
 
 
 def load_target(
@@ -62,7 +63,8 @@ def detect_kind(keys: set[str], raw: dict) -> str:
 
 def load_draft(draft_dir: str, target: LlamaModel, *, device=None, dtype=None) -> _DraftHead | MedusaHeads:
     """Load an official-format EAGLE head (``config.json`` + ``pytorch_model.bin`` or ``model.safetensors``),
-    or Medusa heads when the directory is one (:func:`~.medusa.is_medusa_dir`: :func:`~.medusa.load_medusa`).
+    one in SGLang's or vLLM's (speculators) format (:mod:`.head_formats`, told apart by ``config.json``), or
+    Medusa heads when the directory is one (:func:`~.medusa.is_medusa_dir`: :func:`~.medusa.load_medusa`).
 
     The kind is told apart by keys; the embedding (and for EAGLE-1/2 the lm_head) come from the target when
     the head has none. Raises :class:`DraftMismatchError` naming both sizes when it does not fit the target.
@@ -71,10 +73,13 @@ def load_draft(draft_dir: str, target: LlamaModel, *, device=None, dtype=None) -
         raise ModelLoadError(f"draft head directory not found: {draft_dir}")
     if is_medusa_dir(draft_dir):
         return load_medusa(draft_dir, target, device=device, dtype=dtype)
-    raw = read_json(os.path.join(draft_dir, "config.json"), "draft head config")
+    files = read_head(draft_dir)  # the official config as is; SGLang's and vLLM's read into its form
+    raw = files.config
     check_head_config(raw, target.config)  # every field, before the weights are read
-    tensors = dict(iter_checkpoint(draft_dir, HEAD_WEIGHT_FILES))
-    kind = detect_kind(set(tensors), raw)
+    tensors = files.tensors()
+    kind = files.kind or detect_kind(set(tensors), raw)
+    if kind == "eagle3":  # a head trained on other target layers than the engine feeds it is refused
+        check_aux_layers(files.aux_layers, target.config.num_hidden_layers, files.where)
     emb = whole_vocab_weight(target.model.embed_tokens.weight, target.tp)  # the head holds it whole
     device = emb.device if device is None else device
     dtype = emb.dtype if dtype is None else dtype

@@ -129,6 +129,7 @@ def run_bench(args) -> dict:
     from ..errors import EagleError
     from .common import check_model_dir, load_tokenizer
     from .corpus import code_prompts, prompt_pool, read_documents
+    from .model_args import draft_vocab_kwargs
 
     threads = set_threads(args.threads)
     check_model_dir(args.base)
@@ -149,7 +150,7 @@ def run_bench(args) -> dict:
     print(f"[bench] corpus: {corpus.describe()}; prompts cut from {len(pool)} of them "
           f"({skipped} shorter than {2 * args.prompt_chars} characters skipped)")  # fmt: skip
     engine = EagleEngine.from_pretrained(args.base, args.draft, device=args.device, dtype=args.dtype,
-                                         threads=0)  # (set above)
+                                         threads=0, **draft_vocab_kwargs(args))  # (threads set above)
     texts = code_prompts(pool, args.prompts, args.prompt_chars, seed=args.seed)
     prompts = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
     prompts = fit_prompts(prompts, engine.max_length, args.max_new_tokens)

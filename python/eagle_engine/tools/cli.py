@@ -22,6 +22,7 @@ from .common import (
     report,
     seed_int,
 )
+from .conversations import DATA_FORMATS
 from .model_args import method_kwargs, naming_the_demo_target, use_demo_target
 
 TREE_CHOICES = ("dynamic", "static", "chain", "auto")
@@ -37,8 +38,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--draft",
         default=None,
-        help="draft head directory: an EAGLE-1/2/3 head or Medusa-1 heads (official formats, told apart by "
-        "their files); omit: vanilla (with --base), the demo's EAGLE head (without --base)",
+        help="draft head directory: an EAGLE-1/2/3 head (official, SGLang or vLLM format) or Medusa-1 heads, "
+        "told apart by their files; omit: vanilla (with --base), the demo's EAGLE head (without --base)",
     )
     p.add_argument(
         "--method",
@@ -56,6 +57,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default: float32)")
+
+
+def _add_draft_vocab_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft-vocab-size", type=positive_int, default=None,
+                   help="an EAGLE-1/2 head drafts from the N most frequent tokens only (a smaller LM head "
+                   "read per draft level; lossless), with --draft-vocab-frequencies")
+    p.add_argument("--draft-vocab-frequencies", default=None, metavar="FILE",
+                   help="token counts choosing the draft vocabulary (eagle prepare-data --token-frequencies)")
 
 
 def _add_tensor_parallel_arg(p: argparse.ArgumentParser, usage: str) -> None:
@@ -84,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     gen.add_argument("--prompt", required=True, help="prompt text")
     gen.add_argument("--compare", action="store_true", help="also run vanilla decoding and compare")
+    _add_draft_vocab_args(gen)
     gen.add_argument(
         "--tree",
         default=None,
@@ -96,9 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
     add_threads_arg(gen)
     _add_train_parser(sub)
+    _add_features_parser(sub)
     _add_bench_parser(sub)
     _add_demo_parser(sub)
+    _add_prepare_data_parser(sub)
     _add_serve_parser(sub)
+    _add_convert_parser(sub)
     return parser
 
 
@@ -106,12 +119,23 @@ def _add_train_parser(sub) -> None:
     tr = sub.add_parser("train-draft", help="train an EAGLE draft head (or Medusa heads) for a target")
     tr.add_argument("--base", required=True, help="target model directory (HF format, with tokenizer)")
     tr.add_argument(
+        "--data",
         "--corpus",
-        required=True,
+        dest="data",
         nargs="+",
-        help="training text: files or directories (their files, sorted); .jsonl: one JSON object per line "
-        "with a 'text' field; other files: UTF-8 text, one document each or split on --doc-separator",
+        default=None,
+        help="training data: files or directories (their files, sorted). Conversations: ShareGPT JSON/JSONL "
+        "('conversations': [{from, value}]) or OpenAI-style 'messages' JSONL, rendered with the chat "
+        "template, loss on the assistant's tokens. Text: .jsonl with a 'text' field, or UTF-8 text files "
+        "(one document each, or split on --doc-separator)",
     )
+    tr.add_argument("--data-format", choices=DATA_FORMATS, default=None,
+                    help="text, sharegpt or messages (default: detected from the first record)")
+    tr.add_argument("--chat-template", default=None, metavar="FILE",
+                    help="a Jinja chat template to render conversations with (default: the tokenizer's)")
+    tr.add_argument("--features", default=None, metavar="DIR",
+                    help="train from cached features (eagle prepare-features) instead of --data; the "
+                    "target's layers are then loaded only for the evaluation")
     tr.add_argument("--doc-separator", default=None, help="split text files into documents on this string")
     tr.add_argument("--out", required=True, help="output directory: head, eval.json, checkpoint/")
     tr.add_argument(
@@ -122,14 +146,22 @@ def _add_train_parser(sub) -> None:
     tr.add_argument("--medusa-layers", type=int, default=None, help="residual blocks per Medusa head (1)")
     tr.add_argument("--steps", type=int, default=1000)
     tr.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
-    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--batch-size", type=int, default=8, help="rows per rank and micro-batch (default: 8)")
+    tr.add_argument("--accumulation-steps", type=int, default=1,
+                    help="micro-batches per rank and step; global batch = batch size x ranks x this (1)")
     tr.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (warm-up, cosine decay)")
     tr.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    tr.add_argument(
-        "--eval-corpus", nargs="+", default=None, help="held-out corpus for the acceptance (as --corpus)"
-    )
-    tr.add_argument("--eval-prompts", type=int, default=8, help="prompts for the final acceptance (0: skip)")
+    tr.add_argument("--eval-data", "--eval-corpus", dest="eval_data", nargs="+", default=None,
+                    help="held-out data for the acceptance (as --data; default: the training data)")
+    tr.add_argument("--eval-prompts", type=int, default=8, help="prompts for the acceptance (0: skip)")
+    tr.add_argument("--eval-every", type=int, default=0,
+                    help="steps between acceptance measurements while training (0: only at the end)")
+    tr.add_argument("--draft-vocab-size", type=int, default=None,
+                    help="EAGLE-3: a draft vocabulary of the N most frequent trained tokens (default: all)")
+    tr.add_argument("--token-frequencies", default=None, metavar="FILE",
+                    help="token counts (eagle prepare-data --token-frequencies) that choose the draft "
+                    "vocabulary (default: counted from --data)")
     tr.add_argument(
         "--eval-prompt-chars",
         type=int,
@@ -142,10 +174,99 @@ def _add_train_parser(sub) -> None:
     add_threads_arg(tr)
 
 
+def _add_features_parser(sub) -> None:
+    pf = sub.add_parser("prepare-features", help="cache a target's features for train-draft --features")
+    pf.add_argument("--base", required=True, help="target model directory (HF format, with tokenizer)")
+    pf.add_argument("--data", required=True, nargs="+", help="training data, as train-draft's --data")
+    pf.add_argument("--data-format", choices=DATA_FORMATS, default=None, help="default: detected")
+    pf.add_argument("--chat-template", default=None, metavar="FILE", help="as train-draft's")
+    pf.add_argument("--doc-separator", default=None, help="split text files into documents on this string")
+    pf.add_argument("--out", required=True, help="feature directory (features.json + safetensors shards)")
+    pf.add_argument("--kind", choices=("eagle1", "eagle3", "medusa"), default="eagle1",
+                    help="the head the features are for: eagle1 and medusa read the top layer; eagle3 also "
+                    "three inner layers (4x the disk)")
+    pf.add_argument("--seq-len", type=positive_int, default=256, help="tokens per row (as train-draft's)")
+    pf.add_argument("--batch-size", type=positive_int, default=8, help="rows per target forward (8)")
+    pf.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    pf.add_argument("--dtype", default=None,
+                    help="the target's (and the features') dtype (default: bfloat16 on CUDA, else float32)")
+    add_threads_arg(pf)
+
+
+def _add_prepare_data_parser(sub) -> None:
+    pd = sub.add_parser(
+        "prepare-data",
+        help="conversations rewritten by the target (--regenerate) as messages "
+        "JSONL, and the frequencies of the tokens training sees",
+        description="Chat data for train-draft: conversations as 'messages' JSONL, their assistant turns "
+        "rewritten by the target with --regenerate (resumable), and token frequencies. --base is required "
+        "here: the embedded demo pair is not a fallback.",
+    )
+    _add_model_args(pd)  # shared with generate: the engine is built as generate builds it
+    pd.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        help="conversations (ShareGPT or 'messages' JSON/JSONL; files or directories), or text "
+        "data for --token-frequencies alone",
+    )
+    pd.add_argument("--data-format", choices=DATA_FORMATS, default=None, help="default: detected")
+    pd.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template (default: the tokenizer's)",
+    )
+    pd.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE.jsonl",
+        help="the conversations as 'messages' JSONL; with --regenerate, appended batch by batch "
+        "and resumed (the ids already there are skipped)",
+    )
+    pd.add_argument(
+        "--regenerate",
+        action="store_true",
+        help="rewrite every assistant turn with the target (through --draft / --method)",
+    )
+    pd.add_argument("--tree", default=None, choices=TREE_CHOICES, help="EAGLE draft tree (as generate's)")
+    pd.add_argument("--max-new-tokens", type=positive_int, default=None, help="per assistant turn (512)")
+    pd.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
+    pd.add_argument("--top-p", type=float, default=None)
+    pd.add_argument("--top-k", type=int, default=None)
+    pd.add_argument(
+        "--seed",
+        type=seed_int,
+        default=None,
+        help="sampling seed: each turn's seed derives from it and the conversation's id",
+    )
+    pd.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="conversations regenerated together, also the engine's batch size (16)",
+    )
+    pd.add_argument("--limit", type=positive_int, default=None, help="only the first N conversations")
+    pd.add_argument(
+        "--token-frequencies",
+        default=None,
+        metavar="FREQ.json",
+        help="also count the tokens the training loss covers (for train-draft --token-frequencies)",
+    )
+    pd.add_argument(
+        "--seq-len",
+        type=positive_int,
+        default=None,
+        help="training row length the counted rows are cut to: train-draft's (default: 256)",
+    )
+    add_threads_arg(pd)
+
+
 def _add_bench_parser(sub) -> None:
     b = sub.add_parser("bench", help="EAGLE vs vanilla tokens/s and acceptance on prompts cut from a corpus")
     _add_model_args(b)
     b.set_defaults(draft=None)
+    _add_draft_vocab_args(b)
     b.add_argument("--corpus", required=True, nargs="+", help="text to cut prompts from (as train-draft's)")
     b.add_argument("--doc-separator", default=None, help="split text files into documents on this string")
     b.add_argument("--trees", default="dynamic,static,chain",
@@ -191,6 +312,7 @@ def _add_demo_parser(sub) -> None:
 def _add_serve_parser(sub) -> None:
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     _add_model_args(sv)
+    _add_draft_vocab_args(sv)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=port_int, default=8000)
     sv.add_argument("--max-batch-size", type=positive_int, default=8, help="sequences decoded together")
@@ -215,6 +337,27 @@ def _add_serve_parser(sub) -> None:
     sv.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="uvicorn's log level (info)")
     _add_tensor_parallel_arg(sv, "serve ...; rank 0 serves HTTP and schedules, every rank runs the steps")
     add_threads_arg(sv)
+
+
+def _add_convert_parser(sub) -> None:
+    from ..models.head_formats import FORMATS
+
+    cv = sub.add_parser("convert-head", help="write an EAGLE draft head in another engine's format")
+    cv.add_argument("src", help="draft head directory, in any of the formats (told apart by its config.json)")
+    cv.add_argument(
+        "--to",
+        required=True,
+        choices=FORMATS,
+        help="official (SafeAILab EAGLE, this engine), sglang (SGLang, as SpecForge writes it) or vllm "
+        "(vLLM, as the speculators library writes it; EAGLE-3 heads only)",
+    )
+    cv.add_argument("--out", required=True, help="output directory (new or empty)")
+    cv.add_argument(
+        "--base",
+        default=None,
+        help="the target model directory (optional): checks the head fits it and records it as vLLM's "
+        "verifier, with the target layers feeding an EAGLE-3 head",
+    )
 
 
 def cmd_generate(args) -> None:
@@ -274,7 +417,14 @@ def cmd_train_draft(args) -> None:
     medusa = {"medusa_heads": args.medusa_heads, "medusa_layers": args.medusa_layers}
     job = DraftTrainJob(
         base=args.base,
-        corpus=args.corpus,
+        corpus=args.data,
+        data_format=args.data_format,
+        chat_template=args.chat_template,
+        features=args.features,
+        accumulation=args.accumulation_steps,
+        eval_every=args.eval_every,
+        draft_vocab_size=args.draft_vocab_size,
+        token_frequencies=args.token_frequencies,
         out=args.out,
         method=args.method,
         kind=args.kind or "eagle1",
@@ -285,7 +435,7 @@ def cmd_train_draft(args) -> None:
         lr=args.lr,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
-        eval_corpus=args.eval_corpus,
+        eval_corpus=args.eval_data,
         eval_prompts=args.eval_prompts,
         eval_prompt_chars=args.eval_prompt_chars,
         doc_separator=args.doc_separator,
@@ -294,6 +444,8 @@ def cmd_train_draft(args) -> None:
         seed=args.seed,
     )
     summary = train_draft(job)
+    if _rank() != 0:
+        return
     print(f"head saved to {args.out} after {summary['steps']} steps (final loss {summary['final_loss']:.4f})")
     if "mean_accept_length" in summary:
         where = "held-out" if summary["held_out"] else "training"
@@ -309,6 +461,22 @@ def _check_method_flags(args) -> None:
     given = [f for f in ("medusa_heads", "medusa_layers") if getattr(args, f) is not None]
     if args.method == "eagle" and given:
         raise TrainingInputError(f"--{given[0].replace('_', '-')} is for --method medusa")
+
+
+def cmd_prepare_features(args) -> None:
+    from .feature_store import prepare_features
+
+    set_threads(args.threads)
+    manifest = prepare_features(args)
+    print(f"{manifest['rows']} rows of {args.kind} features written to {args.out}")
+
+
+def cmd_prepare_data(args) -> None:
+    from .prepare_data import describe, job_from_args, run_prepare_data
+
+    set_threads(args.threads)
+    for line in describe(run_prepare_data(job_from_args(args))):
+        print(line)
 
 
 def cmd_demo(args) -> None:
@@ -335,12 +503,22 @@ def cmd_serve(args) -> None:
     serve(args)
 
 
+def cmd_convert_head(args) -> None:
+    from .convert_head import convert_head
+
+    done = convert_head(args.src, args.to, args.out, base=args.base)
+    print(f"{done['kind']} head converted from the {done['from']} to the {done['to']} format: {args.out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"generate": cmd_generate, "train-draft": cmd_train_draft, "bench": cmd_bench}
     commands["demo"] = cmd_demo
+    commands["prepare-data"] = cmd_prepare_data
+    commands["prepare-features"] = cmd_prepare_features
     commands["serve"] = cmd_serve
+    commands["convert-head"] = cmd_convert_head
     try:
         commands[args.command](args)
     except EagleError as e:

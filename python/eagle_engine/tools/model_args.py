@@ -56,4 +56,15 @@ def method_kwargs(args) -> dict:
         kwargs[method] = settings
     if method in (None, "eagle"):
         kwargs["tree"] = args.tree
-    return kwargs
+    return kwargs | draft_vocab_kwargs(args)
+
+
+def draft_vocab_kwargs(args) -> dict:
+    """``from_pretrained`` keywords for ``--draft-vocab-size`` and ``--draft-vocab-frequencies`` (commands
+    without them: none)."""
+    size, path = getattr(args, "draft_vocab_size", None), getattr(args, "draft_vocab_frequencies", None)
+    if size is None and path is None:
+        return {}
+    if size is None or path is None:
+        raise EagleError("--draft-vocab-size and --draft-vocab-frequencies go together")
+    return {"draft_vocab_size": size, "token_frequencies": path}

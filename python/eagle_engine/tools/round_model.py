@@ -412,10 +412,12 @@ def _kv_bytes_per_row(cfg, layers: int, dtype: torch.dtype) -> int:
 
 
 def model_step(model: str, step: str, batch_size: int, context: int = 1024, max_model_len: int | None = None,
-               sampling: Mode | None = None, dtype: torch.dtype = torch.bfloat16) -> StepModel:
+               sampling: Mode | None = None, dtype: torch.dtype = torch.bfloat16,
+               draft_vocab: int | None = None) -> StepModel:
     """Run one ``step`` (a key of :data:`STEPS`) of ``model`` at ``batch_size`` sequences each holding
     ``context`` committed tokens, on ``meta`` tensors, and record it. Caches are sized for ``max_model_len``
-    (default: ``context`` + 1024). ``sampling``: a sampling :class:`Mode` (default greedy)."""
+    (default: ``context`` + 1024). ``sampling``: a sampling :class:`Mode` (default greedy). ``draft_vocab``:
+    an EAGLE-1/2 head's reduced draft vocabulary size (:meth:`Eagle1Head.reduce_vocab`; None: whole)."""
     cfg = model_config(model)
     max_len = max_model_len or context + 1024
     mode = sampling or Mode()
@@ -425,6 +427,9 @@ def model_step(model: str, step: str, batch_size: int, context: int = 1024, max_
         if STEPS[step] is not None:
             kind, tree = STEPS[step]
             head = build_eagle_head(target, kind)
+            if draft_vocab is not None and kind == "eagle1":  # reduce_vocab's checks need real ids
+                head.lm_head_weight = head.lm_head_weight[:draft_vocab]
+                head.draft_token_ids = torch.arange(draft_vocab, device=META)
             drafter = make_drafter("eagle", target, head, tree)
             target.fuse()
             drafter.fuse()

@@ -1,236 +1,50 @@
-"""Training EAGLE draft heads on a target's own features.
+"""The ``eagle train-draft`` workflow: data, target, head, training, checkpoints, evaluation.
 
-EAGLE-1/2 (eagle-facts.md): the head reads ``(feature_i, token_{i+1})`` and predicts ``feature_{i+1}``;
-loss ``feature_weight * SmoothL1(pred, f_{i+1}) + ce_weight * CE(lm_head(pred), softmax(lm_head(f_{i+1})))``
-with uniform noise on the input features, AdamW(0.9, 0.95), warm-up then constant, gradient clipping.
-EAGLE-3: the head reads ``(fc(aux_i), token_{i+1})`` and is trained by cross-entropy against the target's
-next-token distribution, unrolled over ``unroll`` steps that feed back its own output (training-time test),
-the i-th step weighted ``0.8 ** i``.
-Medusa-1 heads (:func:`medusa_loss`): head ``i`` reads the target's feature at ``t`` and is trained by
-cross-entropy against the text's token at ``t + i + 2``, weighted ``0.8 ** i``.
+One process, or one per rank under ``torchrun`` (data parallel, :mod:`.data_parallel`). The losses live in
+:mod:`.train_losses`, the optimisation loop in :mod:`.train_loop`, the data in :mod:`.training_data`, and
+cached features in :mod:`.feature_store`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import random
-import shutil
 import sys
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
-
-import eagle_kernels as ops
 
 from ..errors import TrainingInputError
-from ..models.draft import Eagle1Head, Eagle3Head
 from ..models.llama import LlamaModel
 from ..models.medusa import MAX_HEADS, MAX_LAYERS
+from ..models.vocab import load_frequencies, most_frequent
 from .checks import check_number, check_output_dir, flag
-from .corpus import code_prompts, corpus_files, prompt_pool, read_documents, token_stream
+from .corpus import code_prompts, corpus_files, prompt_pool, read_documents
+from .data_parallel import DataParallel, join
+from .train_loop import TrainConfig, load_checkpoint, make_optimizer, save_checkpoint, train_head
+from .training_data import TrainingRows, read_rows, token_frequencies
 
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings (published EAGLE values where they apply; tiny models want a larger lr)."""
-
-    steps: int = 1000
-    lr: float = 3e-4
-    batch_size: int = 4
-    warmup_steps: int = 100
-    feature_weight: float = 1.0
-    ce_weight: float = 0.1
-    noise: float = 0.2  # uniform noise U(-noise/2, noise/2) added to input features
-    grad_clip: float = 0.5
-    unroll: int = 3  # EAGLE-3 training-time-test steps
-    seed: int = 0
-    schedule: str = "constant"  # after warm-up: "constant" (published) or "cosine" (decay to 10% of lr)
-
-    def __post_init__(self):
-        check_number("steps", self.steps, "int", low=0)
-        check_number("batch_size", self.batch_size, "int", low=1)
-        check_number("warmup_steps", self.warmup_steps, "int", low=0)
-        check_number("unroll", self.unroll, "int", low=1)
-        check_number("seed", self.seed, "int")
-        check_number("lr", self.lr, "float", positive=True)
-        for name in ("feature_weight", "ce_weight", "noise", "grad_clip"):
-            check_number(name, getattr(self, name), "float", low=0)
-        if self.schedule not in ("constant", "cosine"):
-            raise TrainingInputError(f"unknown lr schedule {self.schedule!r}: use 'constant' or 'cosine'")
-
-    def lr_at(self, step: int) -> float:
-        """Learning rate of 0-based ``step``: linear warm-up, then constant or cosine decay to 10%."""
-        warm = min(1.0, (step + 1) / max(1, self.warmup_steps))
-        if self.schedule == "constant" or step < self.warmup_steps:
-            return self.lr * warm
-        t = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return self.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, t))))
-
-
-@dataclass
-class FeatureBatch:
-    """Teacher-forcing data for one batch of equal-length sequences: ``ids`` long ``[B, T]``, ``hidden``
-    ``[B, T, H]`` (the target's top-layer features), ``aux`` ``[B, T, 3H]`` or None, ``target_logp`` fp32
-    ``[B, T, V]``: the target's next-token log-distribution after each position (None when not asked for:
-    Medusa's loss uses the text's tokens)."""
-
-    ids: torch.Tensor
-    hidden: torch.Tensor
-    aux: torch.Tensor | None
-    target_logp: torch.Tensor | None
-
-
-@torch.no_grad()
-def collect_features(target: LlamaModel, ids: torch.Tensor, aux_layers: tuple[int, ...] = (),
-                     with_logp: bool = True) -> FeatureBatch:
-    """Run the target over ``ids`` long ``[B, T]`` (no padding) and keep what training needs (the
-    full-vocabulary ``target_logp`` only ``with_logp``)."""
-    b, t = ids.shape
-    cache = target.allocate_cache(b, t)
-    target.ensure_positions(t)
-    out = target(ids, torch.arange(t, device=ids.device).expand(b, t), cache, None, aux_layers)
-    logp = torch.log_softmax(target.logits(out.hidden), -1) if with_logp else None
-    return FeatureBatch(ids, out.hidden.float(), None if out.aux is None else out.aux.float(), logp)
-
-
-def _run_head(head, tokens, features):
-    """Causal head forward over fresh caches, with autograd (reference ops)."""
-    b, t = tokens.shape
-    cache = head.allocate_cache(b, t)
-    head.ensure_positions(t)
-    positions = torch.arange(t, device=tokens.device).expand(b, t)
-    return head.step(tokens, features, positions, cache)
-
-
-def medusa_loss(heads, batch: FeatureBatch, decay: float = 0.8) -> torch.Tensor:
-    """Medusa-1's loss: ``sum_i decay ** i * CE(head_i(f_t), x_{t+i+2})`` over positions ``t`` that have
-    that token, ``decay`` the official ``medusa_decay_coefficient``.
-
-    Labels are the text's own tokens, as in Medusa-1 (whose data is the target's own generations, so that
-    they are the target's next tokens); the target's soft distribution after ``t + i + 1`` would be the
-    self-distillation alternative. The heads see the target's features exactly (no noise)."""
-    b, t, h = batch.hidden.shape
-    features = heads.features(batch.hidden.to(heads.projection(0).dtype).reshape(b * t, h)).view(-1, b, t, h)
-    loss = 0.0
-    for i in range(min(heads.num_heads, t - 2)):
-        n = t - (i + 2)  # positions whose token i + 2 ahead is in the sequence
-        logits = F.linear(features[i, :, :n], heads.projection(i)).float()
-        loss = loss + decay**i * F.cross_entropy(logits.flatten(0, 1), batch.ids[:, i + 2 :].flatten())
-    return loss
-
-
-def head_loss(head, target: LlamaModel, batch: FeatureBatch, cfg: TrainConfig) -> torch.Tensor:
-    """The training loss of ``head`` on one batch (see the module docstring)."""
-    if getattr(head, "kind", "") == "medusa":
-        return medusa_loss(head, batch)
-    tokens = batch.ids[:, 1:]  # row i pairs position i's feature with token i + 1
-    target_logp = batch.target_logp[:, 1:]  # the distribution row i must predict (after token i + 1)
-    dtype = head.fc.weight.dtype
-    if isinstance(head, Eagle1Head):
-        feats = batch.hidden[:, :-1]
-        noisy = feats + (torch.rand_like(feats) - 0.5) * cfg.noise
-        pred = _run_head(head, tokens, noisy.to(dtype)).float()
-        feature_loss = F.smooth_l1_loss(pred, batch.hidden[:, 1:])
-        logp = torch.log_softmax(F.linear(pred, target.lm_head_weight.float()), -1)
-        ce = -(target_logp.exp() * logp).sum(-1).mean()
-        return cfg.feature_weight * feature_loss + cfg.ce_weight * ce
-    assert isinstance(head, Eagle3Head)
-    feats = head.fc(batch.aux[:, :-1].to(dtype))
-    loss = 0.0
-    for i in range(cfg.unroll):
-        n = tokens.shape[1] - i
-        if n <= 0:
-            break
-        pred = _run_head(head, tokens[:, i:], feats[:, :n])
-        logp = torch.log_softmax(head.lm_head(head.norm(pred)).float(), -1)
-        goal = _to_draft_vocab(head, target_logp[:, i:]).exp()
-        loss = loss + (0.8**i) * -(goal * logp).sum(-1).mean()
-        feats = pred[:, :-1]  # the next step reads the head's own prediction (training-time test)
-    return loss
-
-
-def _to_draft_vocab(head: Eagle3Head, logp: torch.Tensor) -> torch.Tensor:
-    """Target log-probs ``[..., V]`` -> renormalised log-probs over the draft vocabulary ``[..., Vd]``."""
-    draft_ids = torch.arange(head.d2t.numel(), device=logp.device) + head.d2t
-    return torch.log_softmax(logp[..., draft_ids], -1)
-
-
-def trainable_parameters(head) -> list[torch.nn.Parameter]:
-    """The head's trained parameters, in a fixed order (a borrowed target embedding stays frozen)."""
-    return [p for n, p in head.named_parameters() if n != "embed_tokens.weight" or head.owns_embedding]
-
-
-def make_optimizer(head, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW(0.9, 0.95) over :func:`trainable_parameters` (the published EAGLE setting)."""
-    return torch.optim.AdamW(trainable_parameters(head), lr=cfg.lr, betas=(0.9, 0.95))
-
-
-def train_head(
-    head,
-    target: LlamaModel,
-    sequences: torch.Tensor,
-    cfg: TrainConfig,
-    *,
-    progress=None,
-    start_step: int = 0,
-    optimizer=None,
-):
-    """Train ``head`` in place on long ``[N, T]`` token sequences; returns ``(losses, optimizer)``.
-
-    ``progress(step, loss)`` is called after each step (a progress bar, checkpoints). The target's features
-    are computed per batch under no_grad; the head runs the reference ops so that autograd flows.
-    """
-    rng = random.Random(cfg.seed + start_step)
-    params = trainable_parameters(head)
-    for p in params:
-        p.requires_grad_(True)
-    if optimizer is None:
-        optimizer = make_optimizer(head, cfg)
-    aux_layers = head.aux_layers(target.config.num_hidden_layers)
-    with_logp = getattr(head, "kind", "") != "medusa"  # Medusa learns the text's tokens (medusa_loss)
-    head.train()
-    losses = []
-    with ops.reference_backend():
-        for step in range(start_step, cfg.steps):
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr_at(step)
-            rows = [rng.randrange(sequences.shape[0]) for _ in range(cfg.batch_size)]
-            batch = collect_features(target, sequences[rows], aux_layers, with_logp)
-            loss = head_loss(head, target, batch, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            if progress is not None:
-                progress(step, losses[-1])
-    head.eval()
-    for p in params:
-        p.requires_grad_(False)
-    if not all(math.isfinite(x) for x in losses):
-        raise FloatingPointError("training diverged: non-finite loss")
-    return losses, optimizer
-
-
-# ------------------------------------------------------------------------------------- the workflow
+__all__ = ["DraftTrainJob", "TrainConfig", "TrainingInputError", "train_draft", "train_head"]
 
 
 @dataclass
 class DraftTrainJob:
-    """One ``eagle train-draft`` run: train a head for ``base`` on the text files ``corpus``; write it to
-    ``out``. ``method="eagle"``: an EAGLE head of ``kind``; ``method="medusa"``: ``medusa_heads`` Medusa-1
-    heads of ``medusa_layers`` residual blocks each (started from the target's lm_head, as Medusa does).
+    """One ``eagle train-draft`` run: train a head for ``base`` on ``corpus`` (text, ShareGPT or ``messages``
+    data: ``data_format``, detected when None); write it to ``out``. ``method="eagle"``: an EAGLE head of
+    ``kind``; ``method="medusa"``: ``medusa_heads`` Medusa-1 heads of ``medusa_layers`` residual blocks each
+    (started from the target's lm_head, as Medusa does).
 
-    ``out`` receives the final head (official format) and ``eval.json``; ``out/checkpoint`` the head, the
-    optimizer state and the step every ``checkpoint_every`` steps (``resume`` continues from there).
-    ``eval_corpus``: text files the held-out acceptance is measured on (None: the training corpus itself).
+    ``out`` receives the final head (official format), ``eval.json`` and ``train_log.jsonl``;
+    ``out/checkpoint`` the head, the optimizer state and the step every ``checkpoint_every`` steps
+    (``resume`` continues from there, with any number of ranks). ``features``: a directory of
+    ``eagle prepare-features`` to train from instead of running the target. ``eval_every``: steps between
+    acceptance measurements during training (0: only at the end). ``draft_vocab_size`` (EAGLE-3): the draft
+    vocabulary's size, its tokens the most frequent trained tokens (of ``token_frequencies``, a file of
+    ``eagle prepare-data``, or of the training data).
     """
 
     base: str
-    corpus: list[str]
+    corpus: list[str] | None
     out: str
     kind: str = "eagle1"
     method: str = "eagle"
@@ -239,13 +53,20 @@ class DraftTrainJob:
     steps: int = 1000
     seq_len: int = 256
     batch_size: int = 8
+    accumulation: int = 1
     lr: float = 1e-3
     warmup_steps: int | None = None  # None: min(100, steps // 10)
     resume: bool = False
+    data_format: str | None = None
+    chat_template: str | None = None
+    features: str | None = None
     eval_corpus: list[str] | None = None
     eval_prompts: int = 8
     eval_prompt_chars: int = 400
     eval_new_tokens: int = 64
+    eval_every: int = 0
+    draft_vocab_size: int | None = None
+    token_frequencies: str | None = None
     doc_separator: str | None = None
     checkpoint_every: int = 100
     device: str = "cpu"
@@ -258,9 +79,20 @@ class DraftTrainJob:
         if self.kind not in ("eagle1", "eagle3"):
             raise TrainingInputError(f"unknown head kind {self.kind!r} (--kind): use eagle1 or eagle3")
         medusa = self.method == "medusa"
-        ints = (("steps", 1), ("seq_len", 3 if medusa else 2), ("batch_size", 1), ("checkpoint_every", 1),
-                ("eval_prompts", 0), ("eval_prompt_chars", 1), ("eval_new_tokens", 1), ("seed", None),
-                ("medusa_heads", 1), ("medusa_layers", 0))  # fmt: skip
+        ints = (
+            ("steps", 1),
+            ("seq_len", 3 if medusa else 2),
+            ("batch_size", 1),
+            ("checkpoint_every", 1),
+            ("eval_prompts", 0),
+            ("eval_prompt_chars", 1),
+            ("eval_new_tokens", 1),
+            ("seed", None),
+            ("medusa_heads", 1),
+            ("medusa_layers", 0),
+            ("accumulation", 1),
+            ("eval_every", 0),
+        )
         for name, low in ints:
             check_number(name, getattr(self, name), "int", low=low)
         for name, most in (("medusa_heads", MAX_HEADS), ("medusa_layers", MAX_LAYERS)):
@@ -272,79 +104,59 @@ class DraftTrainJob:
         check_number("lr", self.lr, "float", positive=True)
         if isinstance(self.corpus, str) or isinstance(self.eval_corpus, str):
             raise TrainingInputError("corpus and eval_corpus are lists of paths, not one string")
-        if not self.corpus:
-            raise TrainingInputError("no corpus given (--corpus)")
-        corpus_files(self.corpus, "--corpus")  # every path exists
+        if not self.corpus and self.features is None:
+            raise TrainingInputError("no training data given (--data, or --features from prepare-features)")
+        if self.corpus and self.features is not None:
+            raise TrainingInputError("--data and --features both given: the features already hold their rows")
+        if self.corpus:
+            corpus_files(self.corpus, "--data")  # every path exists
         if self.eval_corpus is not None:
-            corpus_files(self.eval_corpus, "--eval-corpus")
+            corpus_files(self.eval_corpus, "--eval-data")
+        if self.draft_vocab_size is not None:
+            check_number("draft_vocab_size", self.draft_vocab_size, "int", low=1)
+            if self.method != "eagle" or self.kind != "eagle3":
+                raise TrainingInputError(
+                    "--draft-vocab-size is for EAGLE-3 heads (--kind eagle3); EAGLE-1/2 heads reduce their "
+                    "draft LM head at inference instead (eagle generate/serve --draft-vocab-size)"
+                )
+        if self.token_frequencies is not None and self.draft_vocab_size is None:
+            raise TrainingInputError("--token-frequencies is read for --draft-vocab-size only")
         if not self.out:
             raise TrainingInputError("no output directory given (--out)")
 
     def train_config(self) -> TrainConfig:
         warm = min(100, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
         return TrainConfig(
-            steps=self.steps, lr=self.lr, batch_size=self.batch_size, warmup_steps=warm,
-            seed=self.seed, schedule="cosine",
-        )  # fmt: skip
-
-
-def make_sequences(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
-    """Tokenize ``texts`` into one stream (:func:`~.corpus.token_stream`: BOS at every document start when the
-    tokenizer has one) and cut it into non-overlapping rows: long ``[N, seq_len]``."""
-    stream = token_stream(tokenizer, texts)
-    n = len(stream) // seq_len
-    if n == 0:
-        raise TrainingInputError(
-            f"the corpus has {len(stream)} tokens: fewer than one sequence of --seq-len {seq_len}; "
-            "give more text or a smaller --seq-len"
+            steps=self.steps,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            warmup_steps=warm,
+            seed=self.seed,
+            schedule="cosine",
+            accumulation=self.accumulation,
         )
-    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def save_checkpoint(head, optimizer, step: int, losses: list[float], directory: str) -> None:
-    """Head (official format) + ``trainer_state.pt`` (step, optimizer state, losses), replaced atomically."""
-    from ..models.loading import save_draft
+# ------------------------------------------------------------------------------------------ evaluation
 
-    tmp = directory + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_draft(head, tmp)
-    torch.save(
-        {"step": step, "optimizer": optimizer.state_dict(), "losses": losses}, f"{tmp}/trainer_state.pt"
-    )
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+TREE_ROOM = 80  # positions an evaluation prompt leaves free for a draft tree beyond its new tokens
 
 
-def load_checkpoint(directory: str, target: LlamaModel, cfg: TrainConfig):
-    """``(head, optimizer, step, losses)`` from :func:`save_checkpoint`'s directory."""
-    from ..models.loading import load_draft
-
-    head = load_draft(directory, target, dtype=torch.float32)
-    state = torch.load(f"{directory}/trainer_state.pt", map_location=target.lm_head_weight.device)
-    optimizer = make_optimizer(head, cfg)
-    optimizer.load_state_dict(state["optimizer"])
-    return head, optimizer, int(state["step"]), list(state["losses"])
-
-
-def evaluate_acceptance(engine, tokenizer, texts: list[str], job: DraftTrainJob) -> dict:
-    """Greedy speculative decoding (the head's method) on ``job.eval_prompts`` prompts cut from ``texts``:
-    the mean acceptance length."""
-
-    prompts = code_prompts(texts, job.eval_prompts, job.eval_prompt_chars, seed=job.seed)
-    rounds, new_tokens, seconds = [], 0, 0.0
-    keep = max(1, engine.max_length - job.eval_new_tokens - TREE_ROOM)  # room for the output and a tree
-    for text in prompts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][-keep:]
-        result = engine.generate(ids, job.eval_new_tokens)
+def evaluate_acceptance(engine, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Greedy speculative decoding (the head's method) of token ``prompts``: the mean acceptance length."""
+    rounds, generated, seconds = [], 0, 0.0
+    keep = max(1, engine.max_length - new_tokens - TREE_ROOM)  # room for the output and a tree
+    for ids in prompts:
+        result = engine.generate(ids[-keep:], new_tokens)
         rounds.extend(result.accept_lengths)
-        new_tokens += len(result.tokens)
+        generated += len(result.tokens)
         seconds += result.total_seconds
     return {
         "mean_accept_length": sum(rounds) / max(1, len(rounds)),
         "prompts": len(prompts),
         "rounds": len(rounds),
-        "new_tokens": new_tokens,
-        "tokens_per_second": new_tokens / max(seconds, 1e-9),
+        "new_tokens": generated,
+        "tokens_per_second": generated / max(seconds, 1e-9),
         "method": engine.method,
         **_settings_summary(engine),
     }
@@ -358,7 +170,30 @@ def _settings_summary(engine) -> dict:
     return {"tree": {k: v for k, v in asdict(engine.tree).items() if k != "choices"}}
 
 
-TREE_ROOM = 80  # positions an evaluation prompt leaves free for a draft tree beyond its new tokens
+def _chat_prompts(tokenizer, paths, job: DraftTrainJob, fmt: str | None) -> list[list[int]]:
+    """Evaluation prompts from conversations: each rendered up to its first assistant turn, with the
+    generation prompt (seeded choice of ``job.eval_prompts`` conversations)."""
+    import random
+
+    from .conversations import read_conversations
+
+    found = read_conversations(paths, fmt, "--eval-data" if job.eval_corpus else "--data")
+    rng = random.Random(job.seed)
+    prompts = []
+    for _ in range(job.eval_prompts):
+        messages = rng.choice(found.conversations).messages
+        first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        text = tokenizer.apply_chat_template(messages[:first], tokenize=False, add_generation_prompt=True)
+        prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return prompts
+
+
+def _say(job: DraftTrainJob, dp: DataParallel, line: str) -> None:
+    if job.show_progress and dp.is_main:
+        print(f"train-draft: {line}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------- checks
 
 
 @dataclass
@@ -366,23 +201,19 @@ class PreparedJob:
     """What :func:`prepare_job` checked and built before the first training step."""
 
     tokenizer: object
-    sequences: torch.Tensor
-    eval_texts: list[str]
+    rows: TrainingRows | None  # None: the rows come from --features
+    eval_prompts: list[list[int]]
     report: dict
 
 
-def _say(job: DraftTrainJob, line: str) -> None:
-    if job.show_progress:
-        print(f"train-draft: {line}", file=sys.stderr)
-
-
-def prepare_job(job: DraftTrainJob) -> PreparedJob:
+def prepare_job(job: DraftTrainJob, dp: DataParallel | None = None) -> PreparedJob:
     """Every check that can fail, before any training step: the model directory and its tokenizer, --seq-len
-    against the model's max_position_embeddings, the corpora (readable, non-empty, enough tokens), the
-    evaluation prompts (some text long enough to cut them from), a writable --out.
-    Reports documents used and skipped on stderr."""
+    against the model's max_position_embeddings, the data (readable, non-empty, enough tokens; rendered with
+    the chat template for conversations), the evaluation prompts, a writable --out. Reports what was used,
+    cut and skipped on stderr."""
     from .common import check_model_dir, load_tokenizer
 
+    dp = dp or DataParallel()
     config = check_model_dir(job.base)
     if job.seq_len > config.max_length:
         raise TrainingInputError(
@@ -391,26 +222,58 @@ def prepare_job(job: DraftTrainJob) -> PreparedJob:
             f"use --seq-len <= {config.max_length}"
         )
     tokenizer = load_tokenizer(job.base)
-    corpus = read_documents(job.corpus, job.doc_separator, "--corpus")
-    report = {"corpus": corpus.describe()}
-    _say(job, f"corpus: {report['corpus']}")
-    sequences = make_sequences(tokenizer, corpus.documents, job.seq_len)
-    report["sequences"] = int(sequences.shape[0])
-    _say(job, f"{sequences.shape[0]} training sequences of {job.seq_len} tokens")
-    eval_texts = []
+    rows, report = None, {}
+    if job.corpus:
+        rows = read_rows(
+            tokenizer,
+            job.corpus,
+            job.seq_len,
+            data_format=job.data_format,
+            doc_separator=job.doc_separator,
+            chat_template=job.chat_template,
+            model_dir=job.base,
+        )
+        report = dict(rows.report)
+        _say(job, dp, f"data: {json.dumps(report)}")
+    elif job.chat_template is not None:
+        from .chat_template import apply_template_file
+
+        apply_template_file(tokenizer, job.chat_template, job.base)
+    if job.token_frequencies is not None:
+        load_frequencies(job.token_frequencies, config.vocab_size)  # readable, of this vocabulary
+    prompts = []
     if job.eval_prompts:
-        eval_texts = _check_evaluation(job, corpus)
-        report["eval_texts"] = len(eval_texts)
+        prompts = _evaluation_prompts(job, tokenizer, report, dp)
+        report["eval_prompts"] = len(prompts)
     check_output_dir(job.out)
-    return PreparedJob(tokenizer, sequences, eval_texts, report)
+    return PreparedJob(tokenizer, rows, prompts, report)
 
 
-def _check_evaluation(job: DraftTrainJob, corpus) -> list[str]:
+def _evaluation_prompts(job: DraftTrainJob, tokenizer, report: dict, dp: DataParallel) -> list[list[int]]:
+    """Token prompts the acceptance is measured on, from --eval-data or the training data."""
+    from .conversations import detect_format
+
+    paths = job.eval_corpus or job.corpus
+    if not paths:
+        raise TrainingInputError(
+            "training from --features: give --eval-data to measure the acceptance on, or --eval-prompts 0"
+        )
+    fmt = job.data_format if job.eval_corpus is None else None
+    fmt = fmt or detect_format(paths, "--eval-data" if job.eval_corpus else "--data")
+    if fmt != "text":
+        from .chat_template import apply_template_file
+
+        apply_template_file(tokenizer, job.chat_template, job.base)
+        return _chat_prompts(tokenizer, paths, job, fmt)
+    texts = _check_evaluation(job, paths, report, dp)
+    chosen = code_prompts(texts, job.eval_prompts, job.eval_prompt_chars, seed=job.seed)
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in chosen]
+
+
+def _check_evaluation(job: DraftTrainJob, paths, report: dict, dp: DataParallel) -> list[str]:
     """The texts evaluation prompts are cut from; raise naming the flags when there are none."""
-    source = corpus if job.eval_corpus is None else read_documents(job.eval_corpus, job.doc_separator,
-                                                                     "--eval-corpus")  # fmt: skip
-    flag_name = "--corpus (used for evaluation without --eval-corpus)" if job.eval_corpus is None else (
-        "--eval-corpus")  # fmt: skip
+    source = read_documents(paths, job.doc_separator, "--eval-data" if job.eval_corpus else "--data")
+    flag_name = "--eval-data" if job.eval_corpus else "--data (used for evaluation without --eval-data)"
     pool = prompt_pool(source.documents, job.eval_prompt_chars)
     need = 2 * job.eval_prompt_chars
     if not pool:
@@ -421,20 +284,37 @@ def _check_evaluation(job: DraftTrainJob, corpus) -> list[str]:
             "--eval-prompt-chars, give longer texts, or skip the evaluation with --eval-prompts 0"
         )
     skipped = len(source.documents) - len(pool)
-    _say(job, f"evaluation prompts: cut from {len(pool)} of {len(source.documents)} document(s) "
-              f"({skipped} shorter than {need} characters skipped; {source.describe()})")  # fmt: skip
+    report["eval_texts"] = len(pool)
+    _say(
+        job,
+        dp,
+        f"evaluation prompts: cut from {len(pool)} of {len(source.documents)} document(s) "
+        f"({skipped} shorter than {need} characters skipped; {source.describe()})",
+    )
     return pool
 
 
-def _initial_head(job: DraftTrainJob, target: LlamaModel):
+# ------------------------------------------------------------------------------------------- the run
+
+
+def _initial_head(job: DraftTrainJob, target: LlamaModel, rows: TrainingRows):
     """The head a fresh run starts from, in fp32: Medusa's start (the target's lm_head, identity blocks)
-    or a small random EAGLE head."""
+    or a small random EAGLE head (EAGLE-3 with ``--draft-vocab-size``: over the most frequent tokens)."""
     from ..models.draft import init_random_head
     from ..models.medusa import init_random_medusa
 
     if job.method == "medusa":
         return init_random_medusa(target, job.medusa_heads, job.medusa_layers, from_lm_head=True).float()
-    return init_random_head(job.kind, target, seed=job.seed, std=0.02).float()
+    vocab = job.draft_vocab_size
+    head = init_random_head(job.kind, target, seed=job.seed, std=0.02, draft_vocab=vocab).float()
+    if vocab is not None:
+        size = target.config.vocab_size
+        if job.token_frequencies is not None:
+            counts = load_frequencies(job.token_frequencies, size)
+        else:
+            counts = token_frequencies(rows, size)
+        head.set_draft_vocab(most_frequent(counts, vocab))
+    return head
 
 
 def _check_resumed(head, job: DraftTrainJob) -> None:
@@ -452,51 +332,144 @@ def _check_resumed(head, job: DraftTrainJob) -> None:
         )
 
 
+class _Evaluator:
+    """Held-out acceptance of the head as it trains: saved and loaded as the engine loads it, then decoded
+    greedily (rank 0 only). The full target is loaded on first use when training ran from cached features."""
+
+    def __init__(self, job: DraftTrainJob, target: LlamaModel, prompts: list[list[int]], full_target: bool):
+        self.job, self.target, self.prompts, self.full = job, target, prompts, full_target
+
+    def __call__(self, head) -> dict:
+        from ..engine.engine import EagleEngine
+        from ..models import load_target
+        from ..models.loading import load_draft, save_draft
+
+        if not self.full:
+            self.target = load_target(
+                self.job.base,
+                device=self.target.lm_head_weight.device,
+                dtype=self.target.lm_head_weight.dtype,
+            )
+            self.full = True
+        where = os.path.join(self.job.out, "eval-head.tmp")
+        save_draft(head, where)
+        engine = EagleEngine(self.target, load_draft(where, self.target))
+        try:
+            return evaluate_acceptance(engine, self.prompts, self.job.eval_new_tokens)
+        finally:
+            engine.close()
+
+
+def _log(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def train_draft(job: DraftTrainJob) -> dict:
-    """The ``eagle train-draft`` workflow (see :class:`DraftTrainJob`); returns what ``eval.json`` holds.
+    """The ``eagle train-draft`` workflow (see :class:`DraftTrainJob`); returns what ``eval.json`` holds
+    (every rank returns it; only rank 0 writes it).
 
     Everything that can be checked is checked before the first step (:func:`prepare_job`)."""
     from tqdm import tqdm
 
-    from ..engine.engine import EagleEngine, resolve_device
+    from ..engine.engine import resolve_device
     from ..models import load_target
-    from ..models.loading import load_draft, save_draft
+    from ..models.loading import save_draft
+    from .feature_store import FeatureStore, load_output_layers
 
-    device = resolve_device(job.device)
-    prep = prepare_job(job)
-    tokenizer, sequences = prep.tokenizer, prep.sequences
-    target = load_target(job.base, device=device, dtype=torch.float32)
+    dp, device = join(resolve_device(job.device))
+    prep = prepare_job(job, dp)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if job.features is not None:
+        target = load_output_layers(job.base, device=device, dtype=dtype)
+        features = FeatureStore(job.features, target, job.kind if job.method == "eagle" else "medusa")
+        rows = features.rows
+        prep.report = {**features.rows.report, **prep.report}
+        _say(job, dp, f"features: {len(rows)} cached rows from {job.features}")
+    else:
+        target = load_target(job.base, device=device, dtype=dtype)
+        features, rows = None, prep.rows
     cfg = job.train_config()
+    if rows.ids.shape[1] < 3 and job.method == "medusa":
+        raise TrainingInputError("Medusa heads need rows of at least 3 tokens")
     ckpt = os.path.join(job.out, "checkpoint")
     if job.resume and os.path.isfile(os.path.join(ckpt, "trainer_state.pt")):
         head, optimizer, start, losses = load_checkpoint(ckpt, target, cfg)
         _check_resumed(head, job)
     else:
-        head = _initial_head(job, target)
+        head = _initial_head(job, target, rows)
         optimizer, start, losses = make_optimizer(head, cfg), 0, []
-    torch.manual_seed(job.seed + start)  # feature noise
-    bar = tqdm(total=job.steps, initial=start, desc="train-draft", file=sys.stderr,
-               disable=not job.show_progress, mininterval=2)  # fmt: skip
+    global_batch = cfg.batch_size * dp.world * cfg.accumulation
+    _say(
+        job,
+        dp,
+        f"{len(rows)} rows of {rows.ids.shape[1]} tokens; global batch {global_batch} = "
+        f"{cfg.batch_size} per rank x {dp.world} rank(s) x {cfg.accumulation} accumulation step(s)",
+    )
+    evaluate = _Evaluator(job, target, prep.eval_prompts, job.features is None)
+    log_path = os.path.join(job.out, "train_log.jsonl")
+    bar = tqdm(
+        total=job.steps,
+        initial=start,
+        desc="train-draft",
+        file=sys.stderr,
+        disable=not (job.show_progress and dp.is_main),
+        mininterval=2,
+    )
+    evaluations = []
 
     def progress(step: int, loss: float) -> None:
         losses.append(loss)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        if (step + 1) % job.checkpoint_every == 0 or step + 1 == job.steps:
-            save_checkpoint(head, optimizer, step + 1, losses, ckpt)
+        done = step + 1
+        record = {"step": done, "loss": loss, "lr": cfg.lr_at(step)}
+        if job.eval_every and job.eval_prompts and done % job.eval_every == 0 and done < job.steps:
+            if dp.is_main:
+                record["eval"] = evaluate(head)
+                evaluations.append(record["eval"] | {"step": done})
+                bar.set_postfix(
+                    loss=f"{loss:.4f}", accept=f"{record['eval']['mean_accept_length']:.2f}", refresh=False
+                )
+            dp.barrier()
+        else:
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if dp.is_main:
+            _log(log_path, record)
+        if done % job.checkpoint_every == 0 or done == job.steps:
+            if dp.is_main:
+                save_checkpoint(head, optimizer, done, losses, ckpt)
+            dp.barrier()
 
     if start < job.steps:
-        train_head(head, target, sequences.to(device), cfg, progress=progress, start_step=start,
-                   optimizer=optimizer)  # fmt: skip
+        train_head(
+            head,
+            target,
+            rows,
+            cfg,
+            progress=progress,
+            start_step=start,
+            optimizer=optimizer,
+            features=features,
+            data_parallel=dp,
+        )
     bar.close()
-    save_draft(head, job.out)
     held_out = job.eval_corpus is not None
-    summary = {"steps": job.steps, "final_loss": losses[-1] if losses else None, "held_out": held_out}
-    summary["inputs"] = prep.report
-    if job.eval_prompts:
-        engine = EagleEngine(target, load_draft(job.out, target))
-        summary.update(evaluate_acceptance(engine, tokenizer, prep.eval_texts, job))
-        _say(job, f"mean acceptance length: {summary['mean_accept_length']:.2f}")
-    with open(os.path.join(job.out, "eval.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    summary = {
+        "steps": job.steps,
+        "final_loss": losses[-1] if losses else None,
+        "held_out": held_out,
+        "ranks": dp.world,
+        "global_batch": global_batch,
+        "inputs": prep.report,
+    }
+    if dp.is_main:
+        save_draft(head, job.out)
+        if job.eval_prompts:
+            summary.update(evaluate(head))
+            summary["during_training"] = evaluations
+            _log(log_path, {"step": job.steps, "eval": {k: v for k, v in summary.items() if k != "inputs"}})
+            _say(job, dp, f"mean acceptance length: {summary['mean_accept_length']:.2f}")
+        with open(os.path.join(job.out, "eval.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    dp.barrier()
     return summary
