@@ -60,6 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--draft-vocab-size", type=int, default=1024, help="reduced draft vocabulary (1024)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
+        "--measure-only",
+        action="store_true",
+        help="skip steps 1-3: measure the head and frequencies an earlier run left in --work",
+    )
+    ap.add_argument(
         "--work", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".work", "chat")
     )
     return parse(ap, argv)
@@ -130,22 +135,16 @@ def measure(args, base, heads: dict, prompts: list[list[int]]) -> list[dict]:
     ]
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    base, demo_head = demo_paths()
+def prepare_and_train(args, base, demo_head, template, regenerated, freq, head) -> None:
+    """Steps 1-3 (see the module docstring), each an ``eagle`` command."""
     w = args.work
-    os.makedirs(w, exist_ok=True)
-    template = os.path.join(w, "template.jinja")
-    with open(template, "w") as f:
-        f.write(TEMPLATE)
     for name, files, n, seed in (
         ("train", stdlib_files("train"), args.conversations, 0),
         ("heldout", stdlib_files("heldout"), max(64, args.prompts), 1),
     ):
         with open(os.path.join(w, f"{name}.json"), "w") as f:
             json.dump(conversations(files, n, seed), f)
-    regenerated, freq, head = (os.path.join(w, x) for x in ("regenerated.jsonl", "freq.json", "head"))
-    for path in (regenerated, freq):
+    for path in (regenerated, regenerated + ".prepare.json", freq):
         if os.path.exists(path):
             os.remove(path)
     common = ["--base", base, "--chat-template", template]
@@ -202,6 +201,19 @@ def main(argv=None) -> int:
             str(args.threads),
         ]
     )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    base, demo_head = demo_paths()
+    w = args.work
+    os.makedirs(w, exist_ok=True)
+    template = os.path.join(w, "template.jinja")
+    with open(template, "w") as f:
+        f.write(TEMPLATE)
+    regenerated, freq, head = (os.path.join(w, x) for x in ("regenerated.jsonl", "freq.json", "head"))
+    if not args.measure_only:
+        prepare_and_train(args, base, demo_head, template, regenerated, freq, head)
     tokenizer = load_tokenizer(base)
     with open(template) as f:
         tokenizer.chat_template = f.read()

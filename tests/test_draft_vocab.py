@@ -54,7 +54,7 @@ def test_reduced_draft_vocabulary_is_lossless_and_drafts_only_from_it(frequencie
     for prompt in prompts:
         mine = reduced.generate(prompt, 48, stop_token_ids=[])
         assert mine.tokens == whole.generate_vanilla(prompt, 48, stop_token_ids=[]).tokens
-        assert sum(mine.accept_lengths) / len(mine.accept_lengths) > 0.5  # the drafts were used
+        assert sum(mine.accept_lengths) / len(mine.accept_lengths) > 1.0  # drafts were accepted
     for engine in (whole, reduced):
         engine.close()
 

@@ -18,8 +18,8 @@ from eagle_engine import (
     UnsupportedModelError,
 )
 from eagle_engine.models import load_target
-from eagle_engine.models.draft import init_random_head
-from eagle_engine.models.head_formats import detect_format, engine_aux_layers
+from eagle_engine.models.draft import eagle3_aux_layers, init_random_head
+from eagle_engine.models.head_formats import detect_format
 from eagle_engine.models.loading import load_draft, save_draft
 from eagle_engine.models.medusa import init_random_medusa
 from eagle_engine.tools.cli import main
@@ -182,7 +182,7 @@ def test_eagle1_heads(target, tmp_path):
 
 
 def test_pinned_target_layers(target, target_dir, tmp_path):
-    assert engine_aux_layers(4) == init_random_head("eagle3", target).aux_layers(4) == (2, 2, 1)
+    assert eagle3_aux_layers(4) == init_random_head("eagle3", target).aux_layers(4) == (2, 2, 1)
     official = save_draft(eagle3_head(target), str(tmp_path / "official"))
     vllm = str(tmp_path / "vllm")
     convert_head(official, "vllm", vllm)

@@ -4,21 +4,24 @@ errors that name the flag before any model loads. The embedded demo pair, a chat
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from eagle_engine import EagleEngine
 from eagle_engine.engine.sequence import GenerationResult
 from eagle_engine.models.vocab import load_frequencies
-from eagle_engine.tools import prepare_data
+from eagle_engine.tools import common, prepare_data
 from eagle_engine.tools.chat_template import render
 from eagle_engine.tools.cli import main
 from eagle_engine.tools.common import load_tokenizer
 from eagle_engine.tools.demo import demo_paths
 from eagle_engine.tools.detokenize import decode_new
-from eagle_engine.tools.prepare_data import PrepareDataJob, Regenerator, end_of_turn_id, turn_seed
+from eagle_engine.tools.prepare_data import PrepareDataJob
+from eagle_engine.tools.regenerate import Regenerator, end_of_turn_id, turn_seed
 
 pytestmark = pytest.mark.usefixtures("reference_ops")  # the engine on the reference ops (fast)
 
@@ -66,38 +69,43 @@ def tokenizer(files):
     return tok
 
 
-def run(files, out, *extra) -> int:
-    """``eagle prepare-data`` on the demo pair and the test data, EAGLE with a chain tree."""
-    argv = [
-        "prepare-data",
-        "--base",
-        files["base"],
-        "--data",
-        files["data"],
-        "--chat-template",
-        files["template"],
-        "--out",
-        str(out),
-        "--threads",
-        "1",
-        *extra,
-    ]
-    return main(argv)
+def run(files, out, *extra, data=None) -> int:
+    """``eagle prepare-data`` on the demo target and the test data (``data``: another --data)."""
+    data = data or files["data"]
+    return main(["prepare-data", "--base", files["base"], "--data", data, "--out", str(out), *extra])
 
 
-def regenerate(files, out, *extra) -> int:
+def regenerate(files, out, *extra, data=None) -> int:
+    """``--regenerate`` with the demo pair, EAGLE with a chain tree, the test's chat template."""
     return run(
         files,
         out,
         "--regenerate",
+        "--chat-template",
+        files["template"],
         "--draft",
         files["head"],
         "--tree",
         "chain",
         "--max-new-tokens",
         str(NEW),
+        "--threads",
+        "1",
         *extra,
+        data=data,
     )
+
+
+def content_id(messages: list[dict]) -> str:
+    """The id of a record without one: the sha1 of its messages' canonical JSON, 16 hex digits."""
+    canonical = json.dumps(messages, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def source_messages(record: dict) -> list[dict]:
+    """A ShareGPT record's messages as the reader gives them."""
+    roles = {"human": "user", "gpt": "assistant", "system": "system"}
+    return [{"role": roles[t["from"]], "content": t["value"]} for t in record["conversations"]]
 
 
 def records(path) -> list[dict]:
@@ -107,13 +115,15 @@ def records(path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def greedy(files, tmp_path_factory):
-    """One greedy regeneration (batches of 2 conversations) with its token frequencies."""
+    """One greedy regeneration (batches of 2 conversations) with its token frequencies: its records, the
+    frequency file read and its path, and the regeneration's settings file as written."""
     d = tmp_path_factory.mktemp("greedy")
     assert (
         regenerate(files, d / "out.jsonl", "--batch-size", "2", "--token-frequencies", str(d / "f.json")) == 0
     )
+    manifest = (d / "out.jsonl.prepare.json").read_text()
     with open(d / "f.json") as f:
-        return records(d / "out.jsonl"), json.load(f), str(d / "f.json")
+        return records(d / "out.jsonl"), json.load(f), str(d / "f.json"), manifest
 
 
 def test_regenerated_turns_are_the_targets_greedy_text(files, greedy, tokenizer):
@@ -121,7 +131,7 @@ def test_regenerated_turns_are_the_targets_greedy_text(files, greedy, tokenizer)
     before it (the earlier assistant turns already regenerated), up to eos, and decoded; the other turns and
     the ids are the input's."""
     out = greedy[0]
-    assert [r["id"] for r in out] == ["multi", "system", files["data"] + ":2", "last"]
+    assert [r["id"] for r in out] == ["multi", "system", content_id(source_messages(SHAREGPT[2])), "last"]
     engine = EagleEngine.from_pretrained(files["base"], threads=0)
     try:
         for record, source in zip(out, SHAREGPT):
@@ -130,7 +140,7 @@ def test_regenerated_turns_are_the_targets_greedy_text(files, greedy, tokenizer)
             assert [m["content"] for m in messages if m["role"] != "assistant"] == [
                 t["value"] for t in theirs
             ]
-            assert len(messages) == len(source["conversations"]) - (record["id"].endswith(":2"))
+            assert len(messages) == len(source["conversations"]) - ("id" not in source)
             for k, message in enumerate(messages):
                 if message["role"] != "assistant":
                     continue
@@ -147,7 +157,7 @@ def test_regenerated_turns_are_the_targets_greedy_text(files, greedy, tokenizer)
 def test_token_frequencies_count_the_assistant_tokens(greedy, tokenizer):
     """The frequency file counts, for every conversation of the output, the tokens the template's rendering
     marks as the assistant's (the first token of a row predicts nothing and is not trained)."""
-    out, freq, path = greedy
+    out, freq, path, _ = greedy
     hand = Counter()
     for record in out:
         rendered = render(tokenizer, record["messages"])
@@ -186,6 +196,7 @@ def test_resume_skips_what_is_written(files, greedy, tmp_path, monkeypatch, caps
 
 def test_an_incomplete_last_line_is_dropped_and_redone(files, greedy, tmp_path, capsys):
     out = tmp_path / "out.jsonl"
+    (tmp_path / "out.jsonl.prepare.json").write_text(greedy[3])  # as the interrupted run wrote it
     lines = [json.dumps(r) + "\n" for r in greedy[0]]
     out.write_text(lines[0] + lines[1][:25])  # a write cut short
     assert regenerate(files, out) == 0
@@ -200,6 +211,82 @@ def test_an_incomplete_last_line_is_dropped_and_redone(files, greedy, tmp_path, 
     out.write_text("not json\n")
     assert regenerate(files, out) == 2
     assert "is not a prepare-data record" in capsys.readouterr().err
+
+
+def test_regenerate_resumes_only_its_own_output_with_the_same_settings(files, tmp_path, monkeypatch, capsys):
+    """--regenerate writes its settings to OUT.prepare.json before the first record, and continues only an
+    --out that has them, given the same settings (spelled as they may be): an --out that --regenerate did not
+    write, or other settings, are refused before anything loads, naming the flags that differ. A conversion
+    removes a manifest left next to its --out."""
+    out = tmp_path / "out.jsonl"
+    manifest = tmp_path / "out.jsonl.prepare.json"
+    assert run(files, out, "--limit", "1") == 0  # a conversion: it holds the input's answers
+    assert not manifest.exists()
+    nothing_loads = pytest.MonkeyPatch()
+    nothing_loads.setattr(EagleEngine, "from_pretrained", pytest.fail)
+    nothing_loads.setattr(common, "load_tokenizer", pytest.fail)
+    capsys.readouterr()
+    try:
+        assert regenerate(files, out) == 2
+        assert f"--out {out} was not written by --regenerate" in capsys.readouterr().err
+    finally:
+        nothing_loads.undo()
+
+    out.unlink()
+    assert regenerate(files, out, "--limit", "1") == 0
+    settings = json.loads(manifest.read_text())["settings"]
+    assert settings["--max-new-tokens"] == NEW and settings["--tree"] == "chain"
+    assert settings["--temperature"] == 0.0 and settings["--seed"] is None
+    first = out.read_text()
+    other_base = tmp_path / "other-base"
+    other_base.mkdir()
+    (other_base / "config.json").write_text((Path(files["base"]) / "config.json").read_text())
+    (tmp_path / "other-head").mkdir()
+    (tmp_path / "other.jinja").write_text(TEMPLATE.replace("# ", "## "))
+    cases = [
+        (["--temperature", "0.7", "--seed", "1"], "--temperature (0.0 then, 0.7 now), --seed (none"),
+        (["--max-new-tokens", "8"], f"--max-new-tokens ({NEW} then, 8 now)"),
+        (["--tree", "static"], "--tree ('chain' then, 'static' now)"),
+        (["--top-p", "0.5", "--top-k", "3"], "--top-p (1.0 then, 0.5 now), --top-k (0 then, 3 now)"),
+        (["--draft", str(tmp_path / "other-head")], "--draft ("),
+        (["--chat-template", str(tmp_path / "other.jinja")], "--chat-template (the file of sha1 "),
+        (["--base", str(other_base)], "--base ("),
+    ]
+    nothing_loads.setattr(EagleEngine, "from_pretrained", pytest.fail)
+    nothing_loads.setattr(common, "load_tokenizer", pytest.fail)
+    try:
+        for extra, differ in cases:
+            assert regenerate(files, out, *extra) == 2, extra
+            err = capsys.readouterr().err
+            assert f"--out {out} was regenerated with other settings" in err and differ in err, (extra, err)
+            assert out.read_text() == first
+    finally:
+        nothing_loads.undo()
+    # the same settings, spelled otherwise: it continues
+    same = ["--base", files["base"] + "/", "--draft", files["head"] + "/.", "--temperature", "0"]
+    assert regenerate(files, out, *same, "--limit", "2") == 0
+    assert [r["id"] for r in records(out)] == ["multi", "system"] and out.read_text().startswith(first)
+
+    out.unlink()
+    assert run(files, out, "--limit", "1") == 0
+    assert not manifest.exists()  # it described a file that is gone
+    assert regenerate(files, out) == 2
+    assert "was not written by --regenerate" in capsys.readouterr().err
+
+
+def test_records_without_an_id_resume_under_another_spelling_of_the_path(files, tmp_path, monkeypatch):
+    """A record without an id is known by a hash of its messages, written into the output: a resumed run
+    finds it however --data is spelled, and two spellings give one conversation each."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x").mkdir()
+    data = [{"conversations": record["conversations"]} for record in SHAREGPT]  # none has an id
+    (tmp_path / "x" / "data.json").write_text(json.dumps(data))
+    assert regenerate(files, "out.jsonl", "--limit", "2", data="./x/data.json") == 0
+    first = (tmp_path / "out.jsonl").read_text()
+    assert regenerate(files, "out.jsonl", data="x/../x/data.json") == 0
+    got = records(tmp_path / "out.jsonl")
+    assert (tmp_path / "out.jsonl").read_text().startswith(first)
+    assert [r["id"] for r in got] == [content_id(source_messages(record)) for record in data]
 
 
 def test_sampling_with_a_seed_is_reproducible(files, tmp_path):
@@ -221,7 +308,7 @@ def test_conversion_without_regenerate(files, tmp_path, monkeypatch, capsys):
     out = tmp_path / "conv.jsonl"
     assert run(files, out, "--limit", "3") == 0
     got = records(out)
-    assert [r["id"] for r in got] == ["multi", "system", files["data"] + ":2"]
+    assert [r["id"] for r in got] == ["multi", "system", content_id(source_messages(SHAREGPT[2]))]
     assert got[2]["messages"][0] == {"role": "assistant", "content": "lead"}  # nothing dropped: a conversion
     assert got[0]["messages"][1] == {"role": "assistant", "content": "old answer"}
     capsys.readouterr()
@@ -243,15 +330,14 @@ def test_text_data_gives_token_frequencies_only(files, tmp_path, tokenizer, caps
         str(freq),
         "--seq-len",
         "32",
-        "--threads",
-        "1",
     ]
     assert main(argv) == 0
     data = json.loads(freq.read_text())
     assert data["total"] == data["source"]["rows"] * 31 and data["source"]["format"] == "text"
     capsys.readouterr()
-    assert main([*argv, "--regenerate"]) == 2
-    assert "--regenerate is for conversation data" in capsys.readouterr().err
+    for extra in (["--regenerate"], ["--limit", "1"]):
+        assert main([*argv, *extra]) == 2
+        assert f"{extra[0]} is for conversation data" in capsys.readouterr().err
 
 
 def bad_cases(files):
@@ -266,7 +352,14 @@ def bad_cases(files):
         (["--regenerate", "--draft", str(d / "nohead")], "--draft: directory not found"),
         (["--regenerate", "--max-new-tokens", "1024"], "--max-new-tokens 1024 leaves no room for a prompt"),
         (["--regenerate", "--top-p", "2"], "top_p must be a finite number in (0, 1]"),
-        (["--chat-template", str(d / "none.jinja")], "--chat-template: file not found"),
+        (["--regenerate", "--chat-template", str(d / "none.jinja")], "--chat-template: file not found"),
+        (["--chat-template", files["template"]], "--chat-template is for --regenerate or --token-frequ"),
+        (["--device", "cpu"], "--device is for --regenerate"),
+        (["--dtype", "float32"], "--dtype is for --regenerate"),
+        (["--threads", "2"], "--threads is for --regenerate"),
+        (["--method", "prompt_lookup"], "--method is for --regenerate"),
+        (["--method-settings", "{}"], "--method-settings is for --regenerate"),
+        (["--tree", "chain"], "--tree is for --regenerate"),
         (
             ["--token-frequencies", str(d / "f.json"), "--seq-len", "5000"],
             "exceeds the model's maximum length",
@@ -285,6 +378,10 @@ def test_bad_inputs_fail_before_any_model_loads(files, tmp_path, monkeypatch, ca
         err = capsys.readouterr().err
         assert message in err, (extra, err)
         assert not out.exists()
+    manifest = str(tmp_path / "out.jsonl.prepare.json")
+    argv = ["prepare-data", "--base", files["base"], "--data", files["data"], "--out", str(out)]
+    assert main([*argv, "--regenerate", "--token-frequencies", manifest]) == 2
+    assert "is where --regenerate keeps the settings of --out" in capsys.readouterr().err
     assert main(["prepare-data", "--data", files["data"], "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "needs --base" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -367,3 +464,38 @@ def test_turns_that_do_not_fit_end_their_conversation(tokenizer):
         "regenerated whole": 1,
         "assistant turns before any user turn, dropped": 1,
     }
+
+
+def test_regeneration_is_a_module_below_the_job():
+    """tools/regenerate.py holds the engine loop and imports nothing of tools/prepare_data (imports go
+    downward: the job uses the regeneration, not the reverse)."""
+    import ast
+    import inspect
+
+    from eagle_engine.tools import regenerate as module
+
+    tree = ast.parse(inspect.getsource(module))
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert imported and not [m for m in imported if "prepare_data" in m]
+    assert not hasattr(prepare_data, "_Rewrite") and hasattr(module, "_Rewrite")
+
+
+def test_help_gives_every_flag_a_text_and_its_default(capsys):
+    """``eagle prepare-data --help``: every flag explained, with its default (or that it is required); no
+    text of another command's (the demo pair is no fallback here)."""
+    import argparse
+
+    from eagle_engine.tools.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices["prepare-data"]._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        flag = action.option_strings[0]
+        assert action.help, flag
+        assert action.required or "default" in action.help or "required" in action.help, (flag, action.help)
+    with pytest.raises(SystemExit):
+        main(["prepare-data", "--help"])
+    text = capsys.readouterr().out
+    assert "demo" not in text and "only with --regenerate" in text

@@ -303,7 +303,7 @@ def test_corpus_formats(tmp_path, pair):
     corpus = read_documents([str(d)], doc_separator="<SEP>")
     assert corpus.documents == ["one", "two", "three", "second file", "from jsonl", "again"]
     assert [os.path.basename(f) for f in corpus.files] == ["a.txt", "b.txt", "c.jsonl"]
-    assert corpus.skipped == {"empty document(s)": 2, "JSON line(s) without a string 'text' field": 1}
+    assert corpus.skipped == {"empty document(s)": 2, "JSON record(s) without a string 'text' field": 1}
     assert "6 document(s) from 3 file(s)" in corpus.describe() and "skipped" in corpus.describe()
     assert read_documents([str(d / "a.txt")]).documents == ["one<SEP>two<SEP>  <SEP>three"]
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
@@ -410,7 +410,7 @@ def test_train_draft_on_jsonl_with_prompt_chars_flag_reports_inputs(pair, tmp_pa
     args += ["--eval-new-tokens", "8", "--eval-prompt-chars", "60", "--threads", "1"]
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert "2 document(s) from 1 file(s); skipped: 1 JSON line(s) without a string 'text' field" in err
+    assert "2 document(s) from 1 file(s); skipped: 1 JSON record(s) without a string 'text' field" in err
     assert "evaluation prompts: cut from 1 of 2 document(s) (1 shorter than 120 characters skipped" in err
     summary = json.loads((out / "eval.json").read_text())
     assert summary["inputs"]["eval_texts"] == 1 and summary["mean_accept_length"] >= 1.0

@@ -43,6 +43,12 @@ def head_config(raw: dict, target: ModelConfig) -> ModelConfig:
     return cfg
 
 
+def eagle3_aux_layers(num_target_layers: int) -> tuple[int, ...]:
+    """The target layers whose input residual streams feed an EAGLE-3 head: ``(2, L // 2, L - 3)``, as the
+    official code, SGLang and vLLM take them by default."""
+    return (2, num_target_layers // 2, num_target_layers - 3)
+
+
 class _DraftHead(nn.Module):
     kind = ""
 
@@ -170,7 +176,7 @@ class Eagle3Head(_DraftHead):
         self.register_buffer("t2d", torch.zeros(target_vocab, dtype=torch.bool))
 
     def aux_layers(self, num_target_layers: int) -> tuple[int, ...]:
-        return (2, num_target_layers // 2, num_target_layers - 3)
+        return eagle3_aux_layers(num_target_layers)
 
     def target_features(self, out) -> torch.Tensor:
         return self.fc(out.aux)

@@ -28,6 +28,7 @@ import torch
 
 from ..errors import CheckpointMismatchError, DraftMismatchError, ModelLoadError, UnsupportedModelError
 from .config import ModelConfig, check_int, load_model_config, read_json
+from .draft import eagle3_aux_layers
 from .weights import WEIGHT_FILES, iter_checkpoint
 
 FORMATS = ("official", "sglang", "vllm")
@@ -52,11 +53,6 @@ LLAMA_DEFAULTS = {
 }
 # official config keys that are not the draft layer's own (kept out of vLLM's transformer_layer_config)
 EAGLE_KEYS = ("architectures", "draft_vocab_size", "target_hidden_size", "bias", "qkv_bias")
-
-
-def engine_aux_layers(num_target_layers: int) -> tuple[int, ...]:
-    """Target layers whose input residual streams feed an EAGLE-3 head here (``Eagle3Head.aux_layers``)."""
-    return (2, num_target_layers // 2, num_target_layers - 3)
 
 
 @dataclass
@@ -277,7 +273,7 @@ def _fill_vocab_maps(state: dict, config: dict, where: str) -> None:
 
 def check_aux_layers(recorded, num_target_layers: int, where: str) -> None:
     """Raise :class:`DraftMismatchError` when a head pins target layers other than the engine's."""
-    expected = engine_aux_layers(num_target_layers)
+    expected = eagle3_aux_layers(num_target_layers)
     if recorded is not None and tuple(recorded) != expected:
         raise DraftMismatchError(
             f"{where} pins the target layers feeding the head to {list(recorded)} (their inputs, as vLLM "
@@ -316,7 +312,7 @@ def write_head(
     elif (
         aux_layers is not None
         and target is not None
-        and tuple(aux_layers) == engine_aux_layers(target.config.num_hidden_layers)
+        and tuple(aux_layers) == eagle3_aux_layers(target.config.num_hidden_layers)
     ):
         aux_layers = None  # the defaults: every format means them when it names none
     config = dict(config)
@@ -412,7 +408,7 @@ def _to_vllm(config: dict, tensors: dict, kind: str, aux_layers, verifier, targe
     layer.update(model_type="llama", num_hidden_layers=1, attention_bias=False, mlp_bias=False)
     layer["tie_word_embeddings"] = False
     if aux_layers is None and target is not None:
-        aux_layers = engine_aux_layers(target.config.num_hidden_layers)  # pinned: speculators warns otherwise
+        aux_layers = eagle3_aux_layers(target.config.num_hidden_layers)  # pinned: speculators warns otherwise
     if target is not None:
         verifier = {"name_or_path": target.name_or_path, "architectures": target.architectures}
     verifier = verifier or {"name_or_path": None, "architectures": []}

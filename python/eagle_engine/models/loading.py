@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from ..errors import DraftMismatchError, ModelLoadError
+from ..errors import CheckpointMismatchError, DraftMismatchError, ModelLoadError
 from .config import load_model_config
 from .draft import Eagle1Head, Eagle3Head, _DraftHead, build_head, check_head_config, head_lm_head
 from .head_formats import OFFICIAL_WEIGHT_FILES, check_aux_layers, read_head
@@ -49,6 +49,44 @@ def load_target(
     load_into(model, iter_checkpoint(model_dir, shard=shard), ignore=ignore, optional=("cos_sin",))
     model.init_rotary(device)
     return model.eval().requires_grad_(False)
+
+
+
+OUTPUT_LAYERS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+
+
+def load_output_layers(model_dir: str, *, device="cpu", dtype=torch.float32) -> LlamaModel:
+    """The target with only its embedding, final norm and output projection loaded (its decoder layers stay
+    on the meta device: no memory, and any use of them fails loudly). Enough to start, train and save a
+    head from cached features."""
+    config = load_model_config(model_dir)
+    dtype = resolve_dtype(dtype)
+    with torch.device("meta"):
+        model = LlamaModel(config)
+    own = dict(model.named_parameters())
+    wanted = [n for n in OUTPUT_LAYERS if n in own]
+    for name in wanted:
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        setattr(
+            module,
+            attr,
+            torch.nn.Parameter(torch.empty(own[name].shape, device=device, dtype=dtype), requires_grad=False),
+        )
+
+    def only_wanted(name, shape):
+        return None if name in wanted else tuple(slice(0, 0) for _ in shape)
+
+    found = set()
+    for name, tensor in iter_checkpoint(model_dir, shard=only_wanted):
+        if name in wanted:
+            with torch.no_grad():
+                model.get_parameter(name).copy_(tensor.to(dtype))
+            found.add(name)
+    missing = set(wanted) - found
+    if missing:
+        raise CheckpointMismatchError(f"{model_dir}: the checkpoint lacks {', '.join(sorted(missing))}")
+    return model.eval()
 
 
 

@@ -120,6 +120,10 @@ def fingerprint(*modules) -> str:
         for name, p in module.named_parameters():
             h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
             h.update(p.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
+        vocab = getattr(module, "draft_token_ids", None)  # a reduced draft vocabulary changes the cost
+        if vocab is not None:
+            h.update(f"draft_vocab:{vocab.numel()}".encode())
+            h.update(vocab[:64].cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

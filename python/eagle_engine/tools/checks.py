@@ -34,7 +34,7 @@ def check_output_dir(out: str) -> None:
     """Create ``out`` if needed and prove it writable, or raise :class:`TrainingInputError` naming --out."""
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".eagle-write-test")
+        probe = os.path.join(out, f".eagle-write-test-{os.getpid()}")  # one per process: ranks probe at once
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)

@@ -187,6 +187,7 @@ def _add_features_parser(sub) -> None:
                     "three inner layers (4x the disk)")
     pf.add_argument("--seq-len", type=positive_int, default=256, help="tokens per row (as train-draft's)")
     pf.add_argument("--batch-size", type=positive_int, default=8, help="rows per target forward (8)")
+    pf.add_argument("--shard-rows", type=positive_int, default=256, help="rows per safetensors shard (256)")
     pf.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     pf.add_argument("--dtype", default=None,
                     help="the target's (and the features') dtype (default: bfloat16 on CUDA, else float32)")
@@ -199,67 +200,146 @@ def _add_prepare_data_parser(sub) -> None:
         help="conversations rewritten by the target (--regenerate) as messages "
         "JSONL, and the frequencies of the tokens training sees",
         description="Chat data for train-draft: conversations as 'messages' JSONL, their assistant turns "
-        "rewritten by the target with --regenerate (resumable), and token frequencies. --base is required "
-        "here: the embedded demo pair is not a fallback.",
+        "rewritten by the target with --regenerate (resumable), and token frequencies. A flag that would "
+        "change nothing (an engine or sampling flag without --regenerate, --seq-len without "
+        "--token-frequencies, ...) is an error.",
     )
-    _add_model_args(pd)  # shared with generate: the engine is built as generate builds it
-    pd.add_argument(
+    io = pd.add_argument_group("data and outputs")
+    io.add_argument(
+        "--base",
+        default=None,
+        metavar="DIR",
+        help="target model directory (Hugging Face format, with tokenizer); required",
+    )
+    io.add_argument(
         "--data",
         required=True,
         nargs="+",
+        metavar="PATH",
         help="conversations (ShareGPT or 'messages' JSON/JSONL; files or directories), or text "
-        "data for --token-frequencies alone",
+        "data for --token-frequencies alone; required",
     )
-    pd.add_argument("--data-format", choices=DATA_FORMATS, default=None, help="default: detected")
-    pd.add_argument(
+    io.add_argument(
+        "--data-format",
+        choices=DATA_FORMATS,
+        default=None,
+        help="the format of --data (default: detected from the first record)",
+    )
+    io.add_argument(
         "--chat-template",
         default=None,
         metavar="FILE",
-        help="a Jinja chat template (default: the tokenizer's)",
+        help="a Jinja chat template to render the conversations with (default: the tokenizer's); used by "
+        "--regenerate and --token-frequencies",
     )
-    pd.add_argument(
+    io.add_argument(
         "--out",
         default=None,
         metavar="FILE.jsonl",
-        help="the conversations as 'messages' JSONL; with --regenerate, appended batch by batch "
-        "and resumed (the ids already there are skipped)",
+        help="the conversations as 'messages' JSONL (default: none; needed with conversation data); with "
+        "--regenerate, appended batch by batch and resumed, its settings in FILE.jsonl.prepare.json",
     )
-    pd.add_argument(
-        "--regenerate",
-        action="store_true",
-        help="rewrite every assistant turn with the target (through --draft / --method)",
-    )
-    pd.add_argument("--tree", default=None, choices=TREE_CHOICES, help="EAGLE draft tree (as generate's)")
-    pd.add_argument("--max-new-tokens", type=positive_int, default=None, help="per assistant turn (512)")
-    pd.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
-    pd.add_argument("--top-p", type=float, default=None)
-    pd.add_argument("--top-k", type=int, default=None)
-    pd.add_argument(
-        "--seed",
-        type=seed_int,
-        default=None,
-        help="sampling seed: each turn's seed derives from it and the conversation's id",
-    )
-    pd.add_argument(
-        "--batch-size",
+    io.add_argument(
+        "--limit",
         type=positive_int,
         default=None,
-        help="conversations regenerated together, also the engine's batch size (16)",
+        metavar="N",
+        help="only the first N conversations (default: all)",
     )
-    pd.add_argument("--limit", type=positive_int, default=None, help="only the first N conversations")
-    pd.add_argument(
+    io.add_argument(
         "--token-frequencies",
         default=None,
         metavar="FREQ.json",
-        help="also count the tokens the training loss covers (for train-draft --token-frequencies)",
+        help="also count the tokens the training loss covers, for train-draft --token-frequencies "
+        "(default: not counted)",
     )
-    pd.add_argument(
+    io.add_argument(
         "--seq-len",
         type=positive_int,
         default=None,
-        help="training row length the counted rows are cut to: train-draft's (default: 256)",
+        metavar="N",
+        help="with --token-frequencies: the training row length the counted rows are cut to, give "
+        "train-draft's (default: 256)",
     )
-    add_threads_arg(pd)
+    rg = pd.add_argument_group(
+        "regeneration", "only with --regenerate; the engine is built as eagle generate builds it"
+    )
+    rg.add_argument(
+        "--regenerate",
+        action="store_true",
+        help="rewrite every assistant turn with the target (default: off: a format conversion only)",
+    )
+    rg.add_argument(
+        "--draft",
+        default=None,
+        metavar="DIR",
+        help="draft head directory, for faster generation: an EAGLE-1/2/3 head or Medusa-1 heads "
+        "(default: none, vanilla decoding)",
+    )
+    rg.add_argument(
+        "--method",
+        default=None,
+        choices=METHODS,
+        help="speculative method (default: the --draft head's, eagle or medusa; without --draft: vanilla); "
+        "lookahead and prompt_lookup need no --draft",
+    )
+    rg.add_argument(
+        "--method-settings",
+        default=None,
+        metavar="JSON",
+        help="settings of a medusa, lookahead or prompt_lookup method as JSON (default: the method's)",
+    )
+    rg.add_argument(
+        "--tree",
+        default=None,
+        choices=TREE_CHOICES,
+        help="EAGLE draft tree, as generate's (default: dynamic)",
+    )
+    rg.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="at most N tokens per assistant turn (default: 512)",
+    )
+    rg.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        metavar="T",
+        help="sampling temperature (default: 0, greedy)",
+    )
+    rg.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        metavar="P",
+        help="sample from the most likely tokens of total probability P (default: 1, all)",
+    )
+    rg.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        metavar="K",
+        help="sample from the K most likely tokens (default: 0, all)",
+    )
+    rg.add_argument(
+        "--seed",
+        type=seed_int,
+        default=None,
+        help="sampling seed: each turn's seed derives from it, the conversation's id and the turn "
+        "(default: none; sampling then draws one)",
+    )
+    rg.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="conversations regenerated together, also the engine's batch size (default: 16)",
+    )
+    rg.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    rg.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float32)")
+    add_threads_arg(rg)
 
 
 def _add_bench_parser(sub) -> None:
@@ -421,7 +501,7 @@ def cmd_train_draft(args) -> None:
         data_format=args.data_format,
         chat_template=args.chat_template,
         features=args.features,
-        accumulation=args.accumulation_steps,
+        accumulation_steps=args.accumulation_steps,
         eval_every=args.eval_every,
         draft_vocab_size=args.draft_vocab_size,
         token_frequencies=args.token_frequencies,
@@ -464,7 +544,7 @@ def _check_method_flags(args) -> None:
 
 
 def cmd_prepare_features(args) -> None:
-    from .feature_store import prepare_features
+    from .prepare_features import prepare_features
 
     set_threads(args.threads)
     manifest = prepare_features(args)
@@ -474,8 +554,9 @@ def cmd_prepare_features(args) -> None:
 def cmd_prepare_data(args) -> None:
     from .prepare_data import describe, job_from_args, run_prepare_data
 
+    job = job_from_args(args)  # a flag that would change nothing fails here, before anything is set
     set_threads(args.threads)
-    for line in describe(run_prepare_data(job_from_args(args))):
+    for line in describe(run_prepare_data(job)):
         print(line)
 
 

@@ -83,25 +83,38 @@ def _records(path: str):
             raise TrainingInputError(f"{path}:{line_no}: not valid JSON: {e}") from None
 
 
-def _record_format(record) -> str:
+def _record_format(record, path: str, flag_name: str) -> str:
     if isinstance(record, dict):
-        if "conversations" in record:
-            return "sharegpt"
-        if "messages" in record:
-            return "messages"
+        for key, fmt in (("conversations", "sharegpt"), ("messages", "messages"), ("text", "text")):
+            if key in record:
+                return fmt
+        keys = ", ".join(sorted(map(str, record))[:8])
+        raise TrainingInputError(
+            f"{flag_name}: {path} holds records with neither 'conversations' (ShareGPT), 'messages' nor "
+            f"'text' (its first has: {keys}); convert them to one of those formats"
+        )
     return "text"
 
 
+def _is_record_list(path: str) -> bool:
+    """A ``.jsonl`` file, or a ``.json`` file holding a list: records (any other JSON file is text)."""
+    if path.endswith(".jsonl"):
+        return True
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read(4096).lstrip().startswith("[")
+
+
 def detect_format(paths: list[str], flag_name: str = "--data") -> str:
-    """``"sharegpt"``, ``"messages"`` or ``"text"``: from the first record of the first ``.json``/``.jsonl``
-    file (text when there is none). Files of mixed formats are an error."""
+    """``"sharegpt"``, ``"messages"`` or ``"text"``: from the first record of each ``.jsonl`` file and
+    ``.json`` list (other files are text). Records of none of these formats, and files of mixed formats, are
+    errors."""
     found = set()
     for path in corpus_files(paths, flag_name):
-        if not path.endswith((".json", ".jsonl")):
+        if not path.endswith((".json", ".jsonl")) or not _is_record_list(path):
             found.add("text")
             continue
         for _, record in _records(path):
-            found.add(_record_format(record))
+            found.add(_record_format(record, path, flag_name))
             break
     if len(found) > 1:
         raise TrainingInputError(

@@ -3,8 +3,9 @@ directories in the formats `eagle train-draft` and `eagle bench` read, and their
 
 Corpus formats (:func:`read_documents`): each path is a file or a directory (its files, recursively, sorted by
 path; hidden files skipped). A ``.jsonl`` file holds one JSON object per line whose ``text`` field is a
-document; any other file is UTF-8 text (undecodable bytes replaced): one document, or several separated by
-``doc_separator`` (e.g. ``"<|endoftext|>"`` or ``"\n\n\n"``). Empty documents are skipped and counted.
+document, a ``.json`` file a list of such objects; any other file is UTF-8 text (undecodable bytes
+replaced): one document, or several separated by ``doc_separator`` (e.g. ``"<|endoftext|>"`` or
+``"\n\n\n"``). Empty documents are skipped and counted.
 In a token stream (:func:`token_stream`) every document starts with the tokenizer's BOS token if it has one.
 
 Corpus split (written down so that every number quoted for the demo can be reproduced): every ``.py`` file
@@ -135,6 +136,8 @@ def read_documents(paths: list[str], doc_separator: str | None = None, flag: str
             raise TrainingInputError(f"{flag}: cannot read {path}: {e.strerror or e}") from None
         if path.endswith(".jsonl"):
             docs = _jsonl_texts(path, text, corpus.skipped, flag)
+        elif path.endswith(".json") and text.lstrip().startswith("["):
+            docs = _json_list_texts(path, text, corpus.skipped, flag)
         else:
             docs = text.split(doc_separator) if doc_separator else [text]
         for doc in docs:
@@ -148,21 +151,34 @@ def read_documents(paths: list[str], doc_separator: str | None = None, flag: str
 
 
 def _jsonl_texts(path: str, text: str, skipped: dict, flag: str) -> list[str]:
-    docs = []
+    records = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            records.append(json.loads(line))
         except json.JSONDecodeError as e:
             raise TrainingInputError(f"{flag}: {path} line {n} is not JSON: {e.msg}") from None
+    return _texts(records, skipped)
+
+
+def _json_list_texts(path: str, text: str, skipped: dict, flag: str) -> list[str]:
+    """The ``text`` fields of a ``.json`` file holding a list of records."""
+    try:
+        return _texts(json.loads(text), skipped)
+    except json.JSONDecodeError as e:
+        raise TrainingInputError(f"{flag}: {path} is not valid JSON: {e.msg} (line {e.lineno})") from None
+
+
+def _texts(records: list, skipped: dict) -> list[str]:
+    docs = []
+    why = "JSON record(s) without a string 'text' field"
+    for record in records:
         value = record.get("text") if isinstance(record, dict) else None
-        if not isinstance(value, str):
-            skipped["JSON line(s) without a string 'text' field"] = (
-                skipped.get("JSON line(s) without a string 'text' field", 0) + 1
-            )
-            continue
-        docs.append(value)
+        if isinstance(value, str):
+            docs.append(value)
+        else:
+            skipped[why] = skipped.get(why, 0) + 1
     return docs
 
 

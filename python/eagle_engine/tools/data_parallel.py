@@ -8,11 +8,16 @@ every rank sees (one node, or a shared file system), since every rank reads a ch
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from ..errors import TrainingInputError
+
+TIMEOUT_MINUTES = 120  # the longest a rank waits in a collective (an evaluation, a checkpoint)
 
 
 @dataclass
@@ -21,6 +26,7 @@ class DataParallel:
 
     rank: int = 0
     world: int = 1
+    device: torch.device = torch.device("cpu")  # this rank's (collectives on NCCL need CUDA tensors)
 
     @property
     def is_main(self) -> bool:
@@ -29,6 +35,19 @@ class DataParallel:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def check_same(self, value: int, what: str) -> None:
+        """Raise :class:`TrainingInputError` unless every rank has the same ``value`` (e.g. a resumed step:
+        a rank that could not see the checkpoint would otherwise train from step 0)."""
+        if self.world == 1:
+            return
+        t = torch.tensor([value, -value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if int(t[0]) != -int(t[1]):
+            raise TrainingInputError(
+                f"the ranks disagree on {what} (from {-int(t[1])} to {int(t[0])}): every rank must see the "
+                "same --out directory (one node, or a shared file system)"
+            )
 
     def sum(self, value: float, device) -> float:
         """``value`` summed over the ranks (itself on one)."""
@@ -48,5 +67,7 @@ def join(device: torch.device) -> tuple[DataParallel, torch.device]:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DataParallel(dist.get_rank(), dist.get_world_size()), device
+        # Rank 0 evaluates while the others wait at a barrier: longer than the default timeouts allow.
+        timeout = datetime.timedelta(minutes=TIMEOUT_MINUTES)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    return DataParallel(dist.get_rank(), dist.get_world_size(), device), device

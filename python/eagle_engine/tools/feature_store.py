@@ -7,7 +7,8 @@ A feature directory holds ``features.json`` (what was cached, for which model) a
 ``[n, T, 3H]`` (the residual stream entering the head's three layers). The target's next-token
 distributions are recomputed from ``hidden`` with its output projection, exactly as online training does,
 so cached and online features train the same head. Only the target's embedding, final norm and output
-projection are loaded for training (:func:`load_output_layers`).
+projection are loaded for training (:func:`~eagle_engine.models.loading.load_output_layers`).
+``eagle prepare-features`` itself is :mod:`.prepare_features`.
 """
 
 from __future__ import annotations
@@ -20,20 +21,18 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import TrainingInputError
-from ..models.config import load_model_config
+from ..models.draft import eagle3_aux_layers
 from ..models.llama import LlamaModel
-from ..models.weights import iter_checkpoint, resolve_dtype
 from .train_losses import FeatureBatch, batch_from_features
-from .training_data import TrainingRows, read_rows
+from .training_data import TrainingRows
 
 MANIFEST = "features.json"
 FORMAT_VERSION = 1
-OUTPUT_LAYERS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
 
 
 def aux_layers_of(kind: str, num_layers: int) -> tuple[int, ...]:
-    """The target layers an EAGLE-3 head reads (``()`` for EAGLE-1/2 and Medusa): as ``Eagle3Head``."""
-    return (2, num_layers // 2, num_layers - 3) if kind == "eagle3" else ()
+    """The target layers a head of ``kind`` reads besides the top one (EAGLE-3's three; else none)."""
+    return eagle3_aux_layers(num_layers) if kind == "eagle3" else ()
 
 
 def bytes_per_row(seq_len: int, hidden: int, kind: str, dtype: torch.dtype) -> int:
@@ -119,11 +118,12 @@ def write_features(
     out: str,
     *,
     batch_size: int = 8,
+    shard_rows: int = 256,
     report: dict | None = None,
     show_progress: bool = True,
 ) -> dict:
-    """Run ``target`` over every row and write the features ``kind`` needs into ``out``; returns the
-    manifest. The disk size is printed before the first batch."""
+    """Run ``target`` over every row and write the features ``kind`` needs into ``out`` (``shard_rows`` rows
+    a shard, or the batch that reaches it); returns the manifest. The disk size is printed first."""
     from tqdm import tqdm
 
     cfg = target.config
@@ -137,7 +137,7 @@ def write_features(
             file=sys.stderr,
         )
     os.makedirs(out, exist_ok=True)
-    writer = FeatureWriter(out, kind)
+    writer = FeatureWriter(out, kind, shard_rows)
     device = target.lm_head_weight.device
     bar = tqdm(
         total=len(rows), desc="prepare-features", unit="row", file=sys.stderr, disable=not show_progress
@@ -152,40 +152,6 @@ def write_features(
         bar.update(b)
     bar.close()
     return writer.finish(cfg, rows.ids.shape[1], dtype, report or {})
-
-
-def load_output_layers(model_dir: str, *, device="cpu", dtype=torch.float32) -> LlamaModel:
-    """The target with only its embedding, final norm and output projection loaded (its decoder layers stay
-    on the meta device: no memory, and any use of them fails loudly). Enough to start, train and save a
-    head from cached features."""
-    config = load_model_config(model_dir)
-    dtype = resolve_dtype(dtype)
-    with torch.device("meta"):
-        model = LlamaModel(config)
-    own = dict(model.named_parameters())
-    wanted = [n for n in OUTPUT_LAYERS if n in own]
-    for name in wanted:
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        setattr(
-            module,
-            attr,
-            torch.nn.Parameter(torch.empty(own[name].shape, device=device, dtype=dtype), requires_grad=False),
-        )
-
-    def only_wanted(name, shape):
-        return None if name in wanted else tuple(slice(0, 0) for _ in shape)
-
-    found = set()
-    for name, tensor in iter_checkpoint(model_dir, shard=only_wanted):
-        if name in wanted:
-            with torch.no_grad():
-                model.get_parameter(name).copy_(tensor.to(dtype))
-            found.add(name)
-    missing = set(wanted) - found
-    if missing:
-        raise TrainingInputError(f"{model_dir}: the checkpoint lacks {', '.join(sorted(missing))}")
-    return model.eval()
 
 
 class FeatureStore:
@@ -212,6 +178,11 @@ class FeatureStore:
             raise TrainingInputError(
                 f"--features {directory} hold top-layer features only; an EAGLE-3 head needs "
                 "eagle prepare-features --kind eagle3"
+            )
+        layers = list(aux_layers_of(kind, target.config.num_hidden_layers))
+        if kind == "eagle3" and manifest["aux_layers"] != layers:
+            raise TrainingInputError(
+                f"--features {directory} hold layers {manifest['aux_layers']}; this head reads {layers}"
             )
         from safetensors import safe_open
 
@@ -247,38 +218,3 @@ class FeatureStore:
             self.with_logp,
             rows.loss_mask[pick].to(device),
         )
-
-
-def prepare_features(args) -> dict:
-    """``eagle prepare-features``: check everything, read the data as training would, run the target over
-    it and write the feature directory (refusing a non-empty ``--out``)."""
-    from ..engine.engine import resolve_device
-    from ..models import load_target
-    from .common import check_model_dir, load_tokenizer
-
-    config = check_model_dir(args.base)
-    if args.seq_len > config.max_length:
-        raise TrainingInputError(
-            f"--seq-len {args.seq_len} exceeds the model's maximum length {config.max_length}"
-        )
-    if os.path.isdir(args.out) and os.listdir(args.out):
-        raise TrainingInputError(f"--out {args.out} is not empty: give a new directory for the features")
-    if args.kind == "eagle3" and config.num_hidden_layers < 3:
-        raise TrainingInputError(
-            f"EAGLE-3 features need a target of >= 3 layers, got {config.num_hidden_layers}"
-        )
-    tokenizer = load_tokenizer(args.base)
-    rows = read_rows(
-        tokenizer,
-        args.data,
-        args.seq_len,
-        data_format=args.data_format,
-        doc_separator=args.doc_separator,
-        chat_template=args.chat_template,
-        model_dir=args.base,
-    )
-    print(f"prepare-features: data: {json.dumps(rows.report)}", file=sys.stderr)
-    device = resolve_device(args.device)
-    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    target = load_target(args.base, device=device, dtype=dtype)
-    return write_features(target, rows, args.kind, args.out, batch_size=args.batch_size, report=rows.report)

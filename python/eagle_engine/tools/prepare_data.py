@@ -1,32 +1,24 @@
 """``eagle prepare-data``: chat data for draft training, its assistant turns optionally rewritten by the
-target, and the frequencies of the tokens training will see.
+target, and the frequencies of the tokens training will see. Here: the job, its checks, the output file
+(append, resume, lock, the regeneration's settings), the token frequencies and the summary; the regeneration
+itself (the engine loop, prompts, stop ids, per-turn seeds) is :mod:`.regenerate`'s.
 
 A draft head learns to predict its target; trained on the target's own answers rather than on whatever wrote
 the dataset (often another model), it agrees with the target more often. With ``regenerate`` the engine
-rewrites every assistant turn of every conversation, turn by turn:
+rewrites every assistant turn of every conversation (:mod:`.regenerate`); without it the conversations are
+only rewritten as ``messages`` JSONL (format conversion: no engine, no tokenizer, no template).
 
-- The prompt of assistant turn ``k`` is the chat template's rendering of ``messages[:k]`` with the
-  generation prompt (``add_generation_prompt=True``), the earlier assistant turns already rewritten, tokenized
-  with ``add_special_tokens=False`` (the template writes its own BOS where it wants one). System and user
-  turns are copied unchanged; assistant turns before the first user turn have no question to answer and are
-  dropped (counted).
-- Generation stops at the engine's default stop ids (the model's eos ids), the tokenizer's ``eos_token_id``
-  and the template's end-of-turn token (:func:`end_of_turn_id`: the special token the template writes right
-  after an assistant message, e.g. ``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``; none when the template
-  ends a turn with plain text). The stop token itself is not part of the new content: the template writes it
-  again when the conversation is rendered for training.
-- The new content is the text the generated tokens add after the prompt
-  (:func:`~.detokenize.decode_new`, special tokens skipped).
-- The conversations of a batch generate their ``k``-th assistant turn together (one engine call). A turn whose
-  prompt leaves fewer than ``max_new_tokens`` below the engine's maximum length ends its conversation there:
-  it is kept up to its last rewritten assistant turn when it has one, else skipped; either way counted.
-- Sampling with a seed gives every turn its own seed, derived from the seed, the conversation's id and the
-  turn's index, so the output depends neither on the batch size nor on where a run was resumed.
+Ids: the output's records (:func:`~.conversations.conversation_record`) keep the input's ids; a record without
+one gets :func:`content_id` of its messages (the hash of their canonical JSON), the same whatever the spelling
+of its ``--data`` path or its place in the file.
 
-The output is ``messages`` JSONL (:func:`~.conversations.conversation_record`, the input's ids), appended
-after each batch, flushed and fsynced, so an interrupted run loses at most the batch in flight: a new run
-with the same ``out`` skips the ids already there (and drops an incomplete last line). Without
-``regenerate`` the conversations are only rewritten as ``messages`` JSONL (format conversion, no engine).
+Regeneration output: appended after each batch, flushed and fsynced, so an interrupted run loses at most the
+batch in flight; a new run with the same ``out`` skips the ids already there (and drops an incomplete last
+line). The settings that decide the regenerated text (:func:`regeneration_settings`: target, draft, method,
+tree, method settings, chat template, sampling, ``max_new_tokens``) are written to :func:`manifest_path`
+(``OUT.prepare.json``) before the first record; a run continues only an ``out`` that has one, with the same
+settings (:func:`check_resume`): an ``out`` without one (a conversion, another program's file) or one made
+with other settings is refused, naming the flags that differ.
 
 ``token_frequencies``: the counts of the tokens the training loss covers (:func:`~.training_data.read_rows`
 over the output, or over text data, then :func:`~.training_data.token_frequencies`), saved by
@@ -38,11 +30,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import sys
 import tempfile
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 from ..errors import EagleError, TrainingInputError
@@ -52,7 +42,10 @@ from .conversations import Conversation, conversation_record
 DEFAULT_MAX_NEW_TOKENS = 512
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_SEQ_LEN = 256  # train-draft's default: count the tokens of the rows it will train on
-PROBE = "PREPARE_DATA_PROBE"  # an assistant message no template rewrites, to find what follows one
+DEFAULT_DEVICE = "cpu"
+DEFAULT_DTYPE = "float32"
+MANIFEST_SUFFIX = ".prepare.json"
+MANIFEST_WRITER = "eagle prepare-data --regenerate"
 # Flags that only mean something with --regenerate (a None default in the parser tells "not given").
 REGENERATE_FLAGS = (
     "draft",
@@ -65,6 +58,9 @@ REGENERATE_FLAGS = (
     "top_k",
     "seed",
     "batch_size",
+    "device",
+    "dtype",
+    "threads",
 )
 
 
@@ -92,22 +88,29 @@ class PrepareDataJob:
     limit: int | None = None
     token_frequencies: str | None = None
     seq_len: int = DEFAULT_SEQ_LEN
-    device: str = "cpu"
-    dtype: str = "float32"
+    device: str = DEFAULT_DEVICE
+    dtype: str = DEFAULT_DTYPE
     show_progress: bool = True
 
 
 def job_from_args(args) -> PrepareDataJob:
-    """The job of the parsed ``eagle prepare-data`` flags; a regeneration flag without ``--regenerate`` and
-    ``--seq-len`` without ``--token-frequencies`` are errors (never silently ignored)."""
+    """The job of the parsed ``eagle prepare-data`` flags. A flag that would change nothing is an error
+    naming it (never silently ignored): an engine, sampling or batch flag without ``--regenerate``,
+    ``--chat-template`` with neither ``--regenerate`` nor ``--token-frequencies``, ``--seq-len`` without
+    ``--token-frequencies`` (and, in :func:`check_job`, ``--limit`` with text data)."""
     from .model_args import method_kwargs
 
     if args.base is None:
         raise TrainingInputError("eagle prepare-data needs --base: the target model directory")
     if not args.regenerate:
-        given = [name for name in REGENERATE_FLAGS if getattr(args, name) is not None]
+        given = [name for name in REGENERATE_FLAGS if getattr(args, name, None) is not None]
         if given:
             raise TrainingInputError(f"--{given[0].replace('_', '-')} is for --regenerate")
+        if args.chat_template is not None and args.token_frequencies is None:
+            raise TrainingInputError(
+                "--chat-template is for --regenerate or --token-frequencies: a conversion alone copies the "
+                "messages as they are, rendering nothing"
+            )
     if args.seq_len is not None and args.token_frequencies is None:
         raise TrainingInputError("--seq-len is for --token-frequencies (the rows whose tokens are counted)")
     defaults = {
@@ -117,6 +120,8 @@ def job_from_args(args) -> PrepareDataJob:
         "top_k": 0,
         "batch_size": DEFAULT_BATCH_SIZE,
         "seq_len": DEFAULT_SEQ_LEN,
+        "device": DEFAULT_DEVICE,
+        "dtype": DEFAULT_DTYPE,
     }
     value = {
         name: default if getattr(args, name) is None else getattr(args, name)
@@ -134,8 +139,6 @@ def job_from_args(args) -> PrepareDataJob:
         seed=args.seed,
         limit=args.limit,
         token_frequencies=args.token_frequencies,
-        device=args.device,
-        dtype=args.dtype,
         **value,
     )
 
@@ -180,6 +183,7 @@ def check_job(job: PrepareDataJob):
             ("--regenerate", job.regenerate),
             ("--out", job.out is not None),
             ("--chat-template", job.chat_template is not None),
+            ("--limit", job.limit is not None),
         ):
             if given:
                 raise TrainingInputError(
@@ -210,11 +214,21 @@ def check_job(job: PrepareDataJob):
     if job.out is not None and job.token_frequencies is not None:
         if os.path.realpath(job.out) == os.path.realpath(job.token_frequencies):
             raise TrainingInputError("--token-frequencies must be another file than --out")
+    if job.out is not None:
+        manifest = manifest_path(job.out)
+        if os.path.isdir(manifest):
+            raise TrainingInputError(f"--out {job.out}: {manifest} (its settings file) is a directory")
+        for flag, path in [("--data", f) for f in files] + [("--token-frequencies", job.token_frequencies)]:
+            if path is not None and os.path.realpath(path) == os.path.realpath(manifest):
+                raise TrainingInputError(
+                    f"{flag} {path} is where --regenerate keeps the settings of --out {job.out}; "
+                    "give another file"
+                )
     if job.out is not None and not job.regenerate and os.path.isfile(job.out) and os.path.getsize(job.out):
         # Converting is cheap, regenerating is not: never replace a file that may hold a regeneration.
         raise TrainingInputError(
             f"--out {job.out} exists; without --regenerate it would be replaced: remove it or give another "
-            "file (with --regenerate, an existing --out is resumed)"
+            "file (with --regenerate, an --out that --regenerate wrote is continued)"
         )
     if job.regenerate:
         check_number("max_new_tokens", job.max_new_tokens, "int", low=1)
@@ -233,51 +247,120 @@ def check_job(job: PrepareDataJob):
             raise TrainingInputError(f"--draft: directory not found: {job.draft}")
         resolve_device(job.device)
         resolve_dtype(job.dtype)
+        check_resume(job, regeneration_settings(job))  # again under the output's lock, before a write
     return fmt, config
 
 
-# --------------------------------------------------------------------------------------- the template
+# ------------------------------------------------------------------------------------------------ ids
 
 
-def end_of_turn_id(tokenizer) -> int | None:
-    """The id of the special token the chat template writes right after an assistant message (whitespace
-    between them allowed), or None: the template ends a turn with plain text, or cannot render the probe.
-    Of several special tokens the text could start with, the longest wins (``<|end|>`` vs ``<|end|>x``)."""
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": PROBE}]
+def content_id(messages: list[dict]) -> str:
+    """The id of a conversation without one: the sha1 of its messages' canonical JSON (keys sorted, no
+    spaces, UTF-8), 16 hex digits. The same messages give the same id, whatever file they were read from."""
+    canonical = json.dumps(messages, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def with_stable_ids(conversations: list[Conversation], files: list[str]) -> list[Conversation]:
+    """``conversations`` with the id :func:`~.conversations.read_conversations` made up for a record without
+    one (``"<path as typed>:<index>"``, ``path`` one of ``files``) replaced by :func:`content_id`: resuming
+    goes by id, and that one changes with the spelling of the path."""
+    paths = set(files)
+    stable = []
+    for c in conversations:
+        path, colon, index = c.id.rpartition(":")
+        made_up = colon and index.isdigit() and path in paths
+        stable.append(Conversation(c.messages, content_id(c.messages)) if made_up else c)
+    return stable
+
+
+# ---------------------------------------------------------------------------------------- the manifest
+
+
+def manifest_path(out: str) -> str:
+    """Where ``--regenerate`` keeps the settings of ``out``: ``OUT.prepare.json`` beside it."""
+    return out + MANIFEST_SUFFIX
+
+
+def _file_sha1(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
+def regeneration_settings(job: PrepareDataJob) -> dict:
+    """The settings that decide the regenerated text, by flag (JSON values): the target and draft directories
+    (real paths), the method, tree and method settings, the chat template (the sha1 of ``--chat-template``'s
+    file; None: the tokenizer's own), ``--max-new-tokens`` and the sampling settings. The batch size, the
+    device and the dtype are not among them: a run may continue on another machine."""
+    kwargs = dict(job.engine_kwargs)
+    method, tree = kwargs.pop("method", None), kwargs.pop("tree", None)
+    settings = {
+        "--base": os.path.realpath(job.base),
+        "--draft": None if job.draft is None else os.path.realpath(job.draft),
+        "--method": method,
+        "--tree": tree,
+        "--method-settings": kwargs or None,
+        "--chat-template": None if job.chat_template is None else _file_sha1(job.chat_template),
+        "--max-new-tokens": job.max_new_tokens,
+        "--temperature": float(job.temperature),
+        "--top-p": float(job.top_p),
+        "--top-k": int(job.top_k),
+        "--seed": job.seed,
+    }
+    return json.loads(json.dumps(settings, default=repr))  # as the manifest will read them back
+
+
+def _shown(flag: str, value) -> str:
+    if flag == "--chat-template":
+        return "the tokenizer's own" if value is None else f"the file of sha1 {value[:12]}"
+    return "none" if value is None else repr(value)
+
+
+def check_resume(job: PrepareDataJob, settings: dict) -> bool:
+    """Whether ``job.out`` holds records to continue (False: absent or empty, a run starts afresh). Records
+    are continued only when :func:`manifest_path` says that ``--regenerate`` wrote them, with ``settings``;
+    otherwise a :class:`TrainingInputError` says why, naming the flags that differ. Reads only."""
+    if not (os.path.isfile(job.out) and os.path.getsize(job.out) > 0):
+        return False
+    manifest = manifest_path(job.out)
+    if not os.path.isfile(manifest):
+        raise TrainingInputError(
+            f"--out {job.out} was not written by --regenerate (there is no {manifest} beside it): it may "
+            "hold the input's or another model's answers; give another --out, or remove it, to regenerate"
+        )
     try:
-        text = tokenizer.apply_chat_template(probe, tokenize=False)
-    except Exception:  # a template may reject anything (jinja's raise_exception): then there is no answer
-        return None
-    at = text.rfind(PROBE)
-    if at < 0:
-        return None
-    rest = text[at + len(PROBE) :].lstrip()
-    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    specials = {str(t): i for i, t in decoder.items() if getattr(t, "special", False)}
-    found = [t for t in specials if t and rest.startswith(t)]
-    return specials[max(found, key=len)] if found else None
+        with open(manifest, encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved.get("written_by") != MANIFEST_WRITER or not isinstance(saved.get("settings"), dict):
+            raise ValueError("not written by eagle prepare-data --regenerate")
+    except (OSError, ValueError, AttributeError) as e:
+        raise TrainingInputError(
+            f"--out {job.out}: {manifest} is not a settings file of --regenerate ({e}); give another --out"
+        ) from None
+    earlier = saved["settings"]
+    flags = [*settings, *(flag for flag in earlier if flag not in settings)]
+    differ = [flag for flag in flags if earlier.get(flag) != settings.get(flag)]
+    if differ:
+        changes = ", ".join(
+            f"{flag} ({_shown(flag, earlier.get(flag))} then, {_shown(flag, settings.get(flag))} now)"
+            for flag in differ
+        )
+        raise TrainingInputError(
+            f"--out {job.out} was regenerated with other settings (see {manifest}): {changes}; give the same "
+            "flags to continue it, or another --out"
+        )
+    return True
 
 
-def stop_ids(tokenizer, eos_token_ids, vocab_size: int) -> list[int]:
-    """The ids that end an assistant turn: the model's eos ids (the engine's default), the tokenizer's
-    ``eos_token_id`` and the template's end-of-turn token, those inside the model's vocabulary."""
-    ids = list(eos_token_ids)
-    for extra in (getattr(tokenizer, "eos_token_id", None), end_of_turn_id(tokenizer)):
-        if isinstance(extra, int) and extra not in ids:
-            ids.append(extra)
-    return [i for i in ids if 0 <= i < vocab_size]
-
-
-def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """The tokens of ``messages`` rendered with the generation prompt (the template writes any BOS)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def turn_seed(seed: int, conversation_id: str, turn: int) -> int:
-    """A seed in ``[0, 2**63)`` for one assistant turn: the same whatever batch or run the turn is in."""
-    digest = hashlib.sha256(f"{seed}\0{conversation_id}\0{turn}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+def write_manifest(path: str, settings: dict) -> None:
+    """Write the settings file atomically, flushed and fsynced (before the first record is)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"written_by": MANIFEST_WRITER, "settings": settings}, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------- output
@@ -347,144 +430,6 @@ class _Appender:
         self.file.close()
 
 
-# ---------------------------------------------------------------------------------------- regeneration
-
-
-@dataclass
-class _Rewrite:
-    """One conversation being rewritten: ``messages`` is the output so far; ``next`` indexes the original
-    message to take next; ``stopped``: why it ended early (None: it has not)."""
-
-    source: Conversation
-    messages: list[dict] = field(default_factory=list)
-    next: int = 0
-    turns: int = 0
-    stopped: str | None = None
-
-    def advance(self, counts: Counter) -> bool:
-        """Copy the system and user turns up to the next assistant turn; True when one is waiting."""
-        original = self.source.messages
-        while self.next < len(original):
-            message = original[self.next]
-            if message["role"] != "assistant":
-                self.messages.append(dict(message))
-            elif any(m["role"] == "user" for m in self.messages):
-                return True
-            else:
-                counts["assistant turns before any user turn, dropped"] += 1
-            self.next += 1
-        return False
-
-    def result(self) -> Conversation | None:
-        """The rewritten conversation (cut after its last rewritten turn if it stopped early), or None."""
-        if not self.turns:
-            return None
-        messages = self.messages
-        if self.stopped is not None:
-            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            messages = messages[: last + 1]
-        return Conversation(messages, self.source.id)
-
-
-class Regenerator:
-    """Rewrites the assistant turns of conversations with ``engine`` (see the module docstring)."""
-
-    def __init__(self, engine, tokenizer, job: PrepareDataJob):
-        self.engine = engine
-        self.tokenizer = tokenizer
-        self.job = job
-        cfg = engine.target.config
-        self.stop_ids = stop_ids(tokenizer, cfg.eos_token_ids, cfg.vocab_size)
-        self.generate = engine.generate if engine.method is not None else engine.generate_vanilla
-        self.seed = job.seed
-        if self.seed is None and job.temperature > 0:
-            # The engine gives a batch without seeds one shared seed: its turns would sample from the same
-            # random numbers. A base seed drawn here still gives every turn a seed of its own.
-            self.seed = random.SystemRandom().randrange(2**63)
-        self.counts = Counter()  # per conversation: how it ended; per turn: dropped, cut at the budget
-        self.tokens = 0
-        self.turns = 0
-        self.generation_seconds = 0.0
-
-    def _prompt(self, item: _Rewrite) -> list[int] | None:
-        """The prompt of ``item``'s waiting turn; None (and ``item.stopped`` says why) when it has none."""
-        from jinja2.exceptions import TemplateError
-
-        try:
-            ids = prompt_ids(self.tokenizer, item.messages)
-        except TemplateError as e:
-            item.stopped = f"the chat template refused it ({e})"
-            return None
-        room = self.engine.max_length - self.job.max_new_tokens
-        if not ids:
-            item.stopped = "the chat template rendered an empty prompt"
-        elif len(ids) > room:
-            item.stopped = (
-                f"a prompt longer than {room} tokens (the engine's maximum length "
-                f"{self.engine.max_length} - --max-new-tokens)"
-            )
-        return None if item.stopped else ids
-
-    def _seeds(self, items: list[_Rewrite]) -> list[int] | None:
-        if self.seed is None:
-            return None  # greedy
-        return [turn_seed(self.seed, item.source.id, item.turns) for item in items]
-
-    def batch(self, conversations: list[Conversation]) -> list[Conversation]:
-        """Rewrite ``conversations`` together, turn by turn; the conversations to write, in input order."""
-        from .detokenize import decode_new
-
-        items = [_Rewrite(c) for c in conversations]
-        waiting = [item for item in items if item.advance(self.counts)]
-        while waiting:
-            ready, prompts = [], []
-            for item in waiting:
-                ids = self._prompt(item)
-                if ids is not None:
-                    ready.append(item)
-                    prompts.append(ids)
-            if not ready:
-                break
-            job = self.job
-            start = time.perf_counter()
-            results = self.generate(
-                prompts,
-                job.max_new_tokens,
-                temperature=job.temperature,
-                top_p=job.top_p,
-                top_k=job.top_k,
-                seed=self._seeds(ready),
-                stop_token_ids=self.stop_ids,
-            )
-            self.generation_seconds += time.perf_counter() - start
-            for item, ids, result in zip(ready, prompts, results):
-                new = list(result.tokens)
-                self.tokens += len(new)
-                if result.stop_reason == "stop_token" and new and new[-1] in self.stop_ids:
-                    new = new[:-1]  # the template writes its own end of turn when rendering for training
-                elif result.stop_reason == "max_new_tokens":
-                    self.counts["assistant turns cut at --max-new-tokens"] += 1
-                if not new:
-                    self.counts["assistant turns left empty (the target ended the turn at once)"] += 1
-                item.messages.append({"role": "assistant", "content": decode_new(self.tokenizer, ids, new)})
-                item.turns += 1
-                item.next += 1
-            self.turns += len(ready)
-            waiting = [item for item in ready if item.advance(self.counts)]
-        written = []
-        for item in items:
-            out = item.result()
-            if item.stopped is not None:
-                self.counts[("cut before a turn: " if out else "skipped: ") + item.stopped] += 1
-            elif out is None:
-                self.counts["skipped: no assistant turn after a user turn"] += 1
-            else:
-                self.counts["regenerated whole"] += 1
-            if out is not None:
-                written.append(out)
-        return written
-
-
 def _say(job: PrepareDataJob, text: str) -> None:
     if job.show_progress:
         print(f"prepare-data: {text}", file=sys.stderr)
@@ -509,10 +454,11 @@ def regenerate_file(job: PrepareDataJob, tokenizer, conversations: list[Conversa
 
 
 def _regenerate_into(appender: _Appender, job: PrepareDataJob, tokenizer, conversations) -> dict:
-    from tqdm import tqdm
+    from .regenerate import regenerate
 
-    from ..engine.engine import EagleEngine
-
+    settings = regeneration_settings(job)
+    if not check_resume(job, settings):  # checked again now that no other run can write the file
+        write_manifest(manifest_path(job.out), settings)
     done, before, repaired = read_done(job.out)
     if repaired:
         _say(job, f"dropped an incomplete last line of {job.out} (a write cut short)")
@@ -524,51 +470,8 @@ def _regenerate_into(appender: _Appender, job: PrepareDataJob, tokenizer, conver
         )
     summary = {"already_in_out": len(conversations) - len(todo), "records_before": before, "written": 0}
     summary.update(turns=0, tokens=0, outcomes={}, generation_seconds=0.0)
-    if not todo:
-        return summary
-    engine = EagleEngine.from_pretrained(
-        job.base,
-        job.draft,
-        device=job.device,
-        dtype=job.dtype,
-        threads=0,  # the command set them (set_threads), as eagle generate does
-        max_batch_size=job.batch_size,
-        **job.engine_kwargs,
-    )
-    regen = Regenerator(engine, tokenizer, job)
-    _say(
-        job,
-        f"{len(todo)} conversation(s) to regenerate with {engine.method or 'vanilla decoding'}, "
-        f"stopping at token ids {regen.stop_ids}",
-    )
-    bar = tqdm(
-        total=len(todo),
-        desc="prepare-data",
-        unit="conv",
-        file=sys.stderr,
-        disable=not job.show_progress,
-        mininterval=2,
-    )
-    try:
-        for start in range(0, len(todo), job.batch_size):
-            chunk = todo[start : start + job.batch_size]
-            written = regen.batch(chunk)
-            appender.write(written)
-            summary["written"] += len(written)
-            bar.update(len(chunk))
-            rate = regen.tokens / regen.generation_seconds if regen.generation_seconds else 0.0
-            bar.set_postfix(tokens=regen.tokens, tok_s=f"{rate:.1f}", refresh=False)
-    finally:
-        bar.close()
-        engine.close()
-    summary.update(
-        turns=regen.turns,
-        tokens=regen.tokens,
-        outcomes=dict(regen.counts),
-        generation_seconds=regen.generation_seconds,
-        stop_token_ids=regen.stop_ids,
-        method=engine.method or "vanilla",
-    )
+    if todo:
+        summary.update(regenerate(job, tokenizer, todo, appender.write, lambda text: _say(job, text)))
     return summary
 
 
@@ -576,7 +479,8 @@ def _regenerate_into(appender: _Appender, job: PrepareDataJob, tokenizer, conver
 
 
 def _unique(conversations: list[Conversation]) -> tuple[list[Conversation], int]:
-    """The first conversation of each id (resuming goes by id, so an id must name one conversation)."""
+    """The first conversation of each id (resuming goes by id, so an id must name one conversation; without
+    an id of their own, conversations of the same messages have the same one)."""
     seen, kept = set(), []
     for c in conversations:
         if c.id not in seen:
@@ -618,34 +522,44 @@ def write_frequencies(job: PrepareDataJob, tokenizer, fmt: str, vocab_size: int)
 
 def run_prepare_data(job: PrepareDataJob) -> dict:
     """The ``eagle prepare-data`` workflow; returns the summary :func:`describe` prints. Everything that can
-    be checked is checked (:func:`check_job`) before the tokenizer, and the engine, load."""
+    be checked is checked (:func:`check_job`) before the tokenizer, and the engine, load; a conversion alone
+    loads neither."""
     from .chat_template import apply_template_file
     from .common import load_tokenizer
     from .conversations import read_conversations, write_conversations
+    from .corpus import corpus_files
 
     fmt, config = check_job(job)
     summary = {"format": fmt}
-    found = None
+    tokenizer = None
     if fmt != "text":
         found = read_conversations(job.data, fmt, "--data")
         summary["read"] = found.describe()
-    tokenizer = load_tokenizer(job.base)
-    if found is not None:
-        apply_template_file(tokenizer, job.chat_template, job.base)
-        conversations, duplicates = _unique(found.conversations)
+        conversations = with_stable_ids(found.conversations, corpus_files(job.data, "--data"))
+        conversations, duplicates = _unique(conversations)
         if duplicates:
             summary["duplicate_ids"] = duplicates
-            _say(job, f"{duplicates} conversation(s) repeat an earlier id and are left out")
+            _say(
+                job,
+                f"{duplicates} conversation(s) repeat an earlier id (without an id: an earlier "
+                "conversation's messages) and are left out",
+            )
         if job.limit is not None:
             conversations = conversations[: job.limit]
         summary["conversations"] = len(conversations)
+        if job.regenerate or job.token_frequencies is not None:
+            tokenizer = load_tokenizer(job.base)
+            apply_template_file(tokenizer, job.chat_template, job.base)  # before any output is written
         if job.regenerate:
             summary.update(regenerate_file(job, tokenizer, conversations))
         else:
+            if os.path.exists(manifest_path(job.out)):  # it described a regeneration that is gone
+                os.remove(manifest_path(job.out))
             write_conversations(job.out, conversations)
             summary["written"] = summary["records"] = len(conversations)
         summary["out"] = job.out
     if job.token_frequencies is not None:
+        tokenizer = tokenizer or load_tokenizer(job.base)
         summary["token_frequencies"] = write_frequencies(job, tokenizer, fmt, config.vocab_size)
     return summary
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from dataclasses import asdict, dataclass
 
@@ -21,7 +22,14 @@ from ..models.vocab import load_frequencies, most_frequent
 from .checks import check_number, check_output_dir, flag
 from .corpus import code_prompts, corpus_files, prompt_pool, read_documents
 from .data_parallel import DataParallel, join
-from .train_loop import TrainConfig, load_checkpoint, make_optimizer, save_checkpoint, train_head
+from .train_loop import (
+    TrainConfig,
+    find_checkpoint,
+    load_checkpoint,
+    make_optimizer,
+    save_checkpoint,
+    train_head,
+)
 from .training_data import TrainingRows, read_rows, token_frequencies
 
 __all__ = ["DraftTrainJob", "TrainConfig", "TrainingInputError", "train_draft", "train_head"]
@@ -53,7 +61,7 @@ class DraftTrainJob:
     steps: int = 1000
     seq_len: int = 256
     batch_size: int = 8
-    accumulation: int = 1
+    accumulation_steps: int = 1
     lr: float = 1e-3
     warmup_steps: int | None = None  # None: min(100, steps // 10)
     resume: bool = False
@@ -90,7 +98,7 @@ class DraftTrainJob:
             ("seed", None),
             ("medusa_heads", 1),
             ("medusa_layers", 0),
-            ("accumulation", 1),
+            ("accumulation_steps", 1),
             ("eval_every", 0),
         )
         for name, low in ints:
@@ -121,6 +129,14 @@ class DraftTrainJob:
                 )
         if self.token_frequencies is not None and self.draft_vocab_size is None:
             raise TrainingInputError("--token-frequencies is read for --draft-vocab-size only")
+        if self.eval_every and not self.eval_prompts:
+            raise TrainingInputError("--eval-every needs evaluation prompts (--eval-prompts is 0)")
+        if self.features is not None and not self.eval_corpus:
+            for name in ("data_format", "doc_separator"):
+                if getattr(self, name) is not None:
+                    raise TrainingInputError(
+                        f"{flag(name)} reads --data or --eval-data; --features holds its rows already"
+                    )
         if not self.out:
             raise TrainingInputError("no output directory given (--out)")
 
@@ -133,7 +149,7 @@ class DraftTrainJob:
             warmup_steps=warm,
             seed=self.seed,
             schedule="cosine",
-            accumulation=self.accumulation,
+            accumulation_steps=self.accumulation_steps,
         )
 
 
@@ -175,17 +191,32 @@ def _chat_prompts(tokenizer, paths, job: DraftTrainJob, fmt: str | None) -> list
     generation prompt (seeded choice of ``job.eval_prompts`` conversations)."""
     import random
 
+    from jinja2 import TemplateError
+
     from .conversations import read_conversations
 
-    found = read_conversations(paths, fmt, "--eval-data" if job.eval_corpus else "--data")
-    rng = random.Random(job.seed)
+    flag_name = "--eval-data" if job.eval_corpus else "--data"
+    found = read_conversations(paths, fmt, flag_name)
+    order = list(range(len(found.conversations)))
+    random.Random(job.seed).shuffle(order)
     prompts = []
-    for _ in range(job.eval_prompts):
-        messages = rng.choice(found.conversations).messages
+    for i in order:  # distinct conversations while there are enough
+        messages = found.conversations[i].messages
         first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        text = tokenizer.apply_chat_template(messages[:first], tokenize=False, add_generation_prompt=True)
-        prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return prompts
+        try:
+            text = tokenizer.apply_chat_template(messages[:first], tokenize=False, add_generation_prompt=True)
+        except TemplateError:
+            continue  # the template refuses this conversation (e.g. no system role): another one
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ids:
+            prompts.append(ids)
+        if len(prompts) == job.eval_prompts:
+            break
+    if not prompts:
+        raise TrainingInputError(
+            f"{flag_name}: no conversation gives an evaluation prompt (--eval-prompts 0 skips the evaluation)"
+        )
+    return [prompts[i % len(prompts)] for i in range(job.eval_prompts)]
 
 
 def _say(job: DraftTrainJob, dp: DataParallel, line: str) -> None:
@@ -239,6 +270,10 @@ def prepare_job(job: DraftTrainJob, dp: DataParallel | None = None) -> PreparedJ
         from .chat_template import apply_template_file
 
         apply_template_file(tokenizer, job.chat_template, job.base)
+    if job.draft_vocab_size is not None and job.draft_vocab_size > config.vocab_size:
+        raise TrainingInputError(
+            f"--draft-vocab-size {job.draft_vocab_size} exceeds the model's vocabulary of {config.vocab_size}"
+        )
     if job.token_frequencies is not None:
         load_frequencies(job.token_frequencies, config.vocab_size)  # readable, of this vocabulary
     prompts = []
@@ -258,8 +293,7 @@ def _evaluation_prompts(job: DraftTrainJob, tokenizer, report: dict, dp: DataPar
         raise TrainingInputError(
             "training from --features: give --eval-data to measure the acceptance on, or --eval-prompts 0"
         )
-    fmt = job.data_format if job.eval_corpus is None else None
-    fmt = fmt or detect_format(paths, "--eval-data" if job.eval_corpus else "--data")
+    fmt = job.data_format or detect_format(paths, "--eval-data" if job.eval_corpus else "--data")
     if fmt != "text":
         from .chat_template import apply_template_file
 
@@ -330,27 +364,24 @@ def _check_resumed(head, job: DraftTrainJob) -> None:
             f"--resume: the checkpoint in {job.out}/checkpoint holds a {found} head; this run asks for "
             f"{asked}"
         )
+    if job.draft_vocab_size is not None and head.lm_head.out_features != job.draft_vocab_size:
+        raise TrainingInputError(
+            f"--resume: the checkpoint's draft vocabulary has {head.lm_head.out_features} tokens; this run "
+            f"asks for --draft-vocab-size {job.draft_vocab_size}"
+        )
 
 
 class _Evaluator:
     """Held-out acceptance of the head as it trains: saved and loaded as the engine loads it, then decoded
-    greedily (rank 0 only). The full target is loaded on first use when training ran from cached features."""
+    greedily by ``target`` (the whole model; rank 0 only)."""
 
-    def __init__(self, job: DraftTrainJob, target: LlamaModel, prompts: list[list[int]], full_target: bool):
-        self.job, self.target, self.prompts, self.full = job, target, prompts, full_target
+    def __init__(self, job: DraftTrainJob, target: LlamaModel | None, prompts: list[list[int]]):
+        self.job, self.target, self.prompts = job, target, prompts
 
     def __call__(self, head) -> dict:
         from ..engine.engine import EagleEngine
-        from ..models import load_target
         from ..models.loading import load_draft, save_draft
 
-        if not self.full:
-            self.target = load_target(
-                self.job.base,
-                device=self.target.lm_head_weight.device,
-                dtype=self.target.lm_head_weight.dtype,
-            )
-            self.full = True
         where = os.path.join(self.job.out, "eval-head.tmp")
         save_draft(head, where)
         engine = EagleEngine(self.target, load_draft(where, self.target))
@@ -358,6 +389,17 @@ class _Evaluator:
             return evaluate_acceptance(engine, self.prompts, self.job.eval_new_tokens)
         finally:
             engine.close()
+            shutil.rmtree(where, ignore_errors=True)
+
+
+def _keep_log(path: str, step: int) -> None:
+    """Start ``train_log.jsonl`` afresh (``step`` 0) or keep its records up to a resumed ``step``."""
+    kept = []
+    if step and os.path.isfile(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path, "w") as f:
+        f.writelines(kept)
 
 
 def _log(path: str, record: dict) -> None:
@@ -374,40 +416,51 @@ def train_draft(job: DraftTrainJob) -> dict:
 
     from ..engine.engine import resolve_device
     from ..models import load_target
-    from ..models.loading import save_draft
-    from .feature_store import FeatureStore, load_output_layers
+    from ..models.loading import load_output_layers, save_draft
+    from .feature_store import FeatureStore
 
     dp, device = join(resolve_device(job.device))
     prep = prepare_job(job, dp)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    evaluated = None  # the whole target the evaluation runs (rank 0 only)
     if job.features is not None:
         target = load_output_layers(job.base, device=device, dtype=dtype)
         features = FeatureStore(job.features, target, job.kind if job.method == "eagle" else "medusa")
         rows = features.rows
         prep.report = {**features.rows.report, **prep.report}
         _say(job, dp, f"features: {len(rows)} cached rows from {job.features}")
+        if job.eval_prompts and dp.is_main:
+            evaluated = load_target(job.base, device=device, dtype=dtype)
+            evaluated.fuse()
     else:
         target = load_target(job.base, device=device, dtype=dtype)
-        features, rows = None, prep.rows
+        target.fuse()  # as the evaluation's engine runs it (and prepare-features): one matmul path throughout
+        features, rows, evaluated = None, prep.rows, target
     cfg = job.train_config()
     if rows.ids.shape[1] < 3 and job.method == "medusa":
         raise TrainingInputError("Medusa heads need rows of at least 3 tokens")
     ckpt = os.path.join(job.out, "checkpoint")
-    if job.resume and os.path.isfile(os.path.join(ckpt, "trainer_state.pt")):
-        head, optimizer, start, losses = load_checkpoint(ckpt, target, cfg)
+    found = find_checkpoint(ckpt) if job.resume else None
+    if found is not None:
+        head, optimizer, start, losses = load_checkpoint(found, target, cfg)
         _check_resumed(head, job)
     else:
+        if job.resume:
+            _say(job, dp, f"--resume: no checkpoint in {ckpt}; starting from step 0")
         head = _initial_head(job, target, rows)
         optimizer, start, losses = make_optimizer(head, cfg), 0, []
-    global_batch = cfg.batch_size * dp.world * cfg.accumulation
+    dp.check_same(start, "the step to resume from")
+    log_path = os.path.join(job.out, "train_log.jsonl")
+    if dp.is_main:
+        _keep_log(log_path, start)
+    global_batch = cfg.batch_size * dp.world * cfg.accumulation_steps
     _say(
         job,
         dp,
         f"{len(rows)} rows of {rows.ids.shape[1]} tokens; global batch {global_batch} = "
-        f"{cfg.batch_size} per rank x {dp.world} rank(s) x {cfg.accumulation} accumulation step(s)",
+        f"{cfg.batch_size} per rank x {dp.world} rank(s) x {cfg.accumulation_steps} accumulation step(s)",
     )
-    evaluate = _Evaluator(job, target, prep.eval_prompts, job.features is None)
-    log_path = os.path.join(job.out, "train_log.jsonl")
+    evaluate = _Evaluator(job, evaluated, prep.eval_prompts)
     bar = tqdm(
         total=job.steps,
         initial=start,

@@ -46,7 +46,7 @@ class TrainConfig:
     unroll: int = 3  # EAGLE-3 training-time-test steps
     seed: int = 0
     schedule: str = "constant"  # after warm-up: "constant" (published) or "cosine" (decay to 10% of lr)
-    accumulation: int = 1  # micro-batches per rank and step
+    accumulation_steps: int = 1  # micro-batches per rank and step
 
     def __post_init__(self):
         check_number("steps", self.steps, "int", low=0)
@@ -54,7 +54,7 @@ class TrainConfig:
         check_number("warmup_steps", self.warmup_steps, "int", low=0)
         check_number("unroll", self.unroll, "int", low=1)
         check_number("seed", self.seed, "int")
-        check_number("accumulation", self.accumulation, "int", low=1)
+        check_number("accumulation_steps", self.accumulation_steps, "int", low=1)
         check_number("lr", self.lr, "float", positive=True)
         for name in ("feature_weight", "ce_weight", "noise", "grad_clip"):
             check_number(name, getattr(self, name), "float", low=0)
@@ -97,13 +97,14 @@ def make_optimizer(head, cfg: TrainConfig) -> torch.optim.AdamW:
 def global_batch(cfg: TrainConfig, step: int, num_rows: int, world: int) -> list[int]:
     """The row indices of ``step``'s global batch (drawn with replacement; the same on every rank)."""
     rng = random.Random(cfg.seed * 1_000_003 + step)
-    return [rng.randrange(num_rows) for _ in range(cfg.batch_size * world * cfg.accumulation)]
+    return [rng.randrange(num_rows) for _ in range(cfg.batch_size * world * cfg.accumulation_steps)]
 
 
-def row_noise(cfg: TrainConfig, step: int, place: int, shape: tuple[int, int]) -> torch.Tensor:
-    """EAGLE-1/2's input-feature noise ``[T - 1, H]`` for the row at ``place`` of ``step``'s global batch."""
-    gen = torch.Generator().manual_seed(hash((cfg.seed, step, place)) & (2**63 - 1))
-    return (torch.rand(shape, generator=gen) - 0.5) * cfg.noise
+def row_noise(cfg: TrainConfig, step: int, place: int, shape: tuple[int, int], device) -> torch.Tensor:
+    """EAGLE-1/2's input-feature noise ``[T - 1, H]`` for the row at ``place`` of ``step``'s global batch,
+    drawn on ``device`` (the same numbers on every rank of one device type)."""
+    gen = torch.Generator(device).manual_seed(hash((cfg.seed, step, place)) & (2**63 - 1))
+    return (torch.rand(shape, generator=gen, device=device) - 0.5) * cfg.noise
 
 
 class _LossModule(torch.nn.Module):
@@ -151,8 +152,9 @@ def train_head(
     rows = rows if isinstance(rows, TrainingRows) else TrainingRows.unmasked(rows)
     dp = data_parallel or DataParallel()
     params = trainable_parameters(head)
-    for p in params:
-        p.requires_grad_(True)
+    trained = {id(p) for p in params}
+    for p in head.parameters():  # a borrowed embedding gets no gradient (nor DDP traffic)
+        p.requires_grad_(id(p) in trained)
     if optimizer is None:
         optimizer = make_optimizer(head, cfg)
     medusa = getattr(head, "kind", "") == "medusa"
@@ -170,51 +172,67 @@ def train_head(
     eagle1 = getattr(head, "kind", "") == "eagle1"
     head.train()
     losses = []
-    b, world, accum = cfg.batch_size, dp.world, cfg.accumulation
-    with ops.reference_backend():
-        for step in range(start_step, cfg.steps):
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr_at(step)
-            index = global_batch(cfg, step, len(rows), world)
-            denominators = loss_denominators(head, rows.loss_mask[torch.tensor(index)], cfg.unroll)
-            optimizer.zero_grad(set_to_none=True)
-            share = 0.0
-            for a in range(accum):
-                start = (a * world + dp.rank) * b
+    b, world, accum = cfg.batch_size, dp.world, cfg.accumulation_steps
+    for step in range(start_step, cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr_at(step)
+        index = global_batch(cfg, step, len(rows), world)
+        denominators = loss_denominators(head, rows.loss_mask[torch.tensor(index)], cfg.unroll)
+        optimizer.zero_grad(set_to_none=True)
+        share = 0.0
+        for a in range(accum):
+            start = (a * world + dp.rank) * b
+            with ops.reference_backend():  # autograd flows through the reference ops
                 batch = features.batch(rows, index[start : start + b])
                 if eagle1:
-                    t, h = batch.hidden.shape[1] - 1, batch.hidden.shape[2]
-                    batch.noise = torch.stack([row_noise(cfg, step, start + i, (t, h)) for i in range(b)])
+                    shape = (batch.hidden.shape[1] - 1, batch.hidden.shape[2])
+                    noise = [row_noise(cfg, step, start + i, shape, device) for i in range(b)]
+                    batch.noise = torch.stack(noise)
                 sync = module.no_sync() if world > 1 and a < accum - 1 else nullcontext()
                 with sync, autocast:
                     loss = module(batch, denominators)
                 (loss * world).backward()  # DDP averages over the ranks; the shares are to be summed
-                share += float(loss.detach())
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            losses.append(dp.sum(share, device))
-            if progress is not None:
-                progress(step, losses[-1])
+            share += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        losses.append(dp.sum(share, device))
+        if progress is not None:  # outside the reference backend: an evaluation runs the engine's kernels
+            progress(step, losses[-1])
     head.eval()
-    for p in params:
+    for p in head.parameters():
         p.requires_grad_(False)
     if not all(math.isfinite(x) for x in losses):
         raise FloatingPointError("training diverged: non-finite loss")
     return losses, optimizer
 
 
+STATE_FILE = "trainer_state.pt"
+
+
 def save_checkpoint(head, optimizer, step: int, losses: list[float], directory: str) -> None:
-    """Head (official format) + ``trainer_state.pt`` (step, optimizer state, losses), replaced atomically."""
+    """Head (official format) + ``trainer_state.pt`` (step, optimizer state, losses). Written beside the
+    last one, which is moved aside before the new one takes its name and deleted after: a run killed at
+    any moment leaves a complete checkpoint (:func:`find_checkpoint` finds it)."""
     from ..models.loading import save_draft
 
-    tmp = directory + ".tmp"
+    tmp, old = directory + ".tmp", directory + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     save_draft(head, tmp)
-    torch.save(
-        {"step": step, "optimizer": optimizer.state_dict(), "losses": losses}, f"{tmp}/trainer_state.pt"
-    )
-    shutil.rmtree(directory, ignore_errors=True)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "losses": losses}, f"{tmp}/{STATE_FILE}")
+    if os.path.isdir(directory):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
     os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(directory: str) -> str | None:
+    """The complete checkpoint of :func:`save_checkpoint` at ``directory`` (or the previous one, when a run
+    was killed while replacing it); None when there is none."""
+    for path in (directory, directory + ".old"):
+        if os.path.isfile(os.path.join(path, STATE_FILE)):
+            return path
+    return None
 
 
 def load_checkpoint(directory: str, target, cfg: TrainConfig):
@@ -222,7 +240,7 @@ def load_checkpoint(directory: str, target, cfg: TrainConfig):
     from ..models.loading import load_draft
 
     head = load_draft(directory, target, dtype=torch.float32)
-    state = torch.load(f"{directory}/trainer_state.pt", map_location=target.lm_head_weight.device)
+    state = torch.load(f"{directory}/{STATE_FILE}", map_location=target.lm_head_weight.device)
     optimizer = make_optimizer(head, cfg)
     optimizer.load_state_dict(state["optimizer"])
     return head, optimizer, int(state["step"]), list(state["losses"])

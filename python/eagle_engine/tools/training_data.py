@@ -87,11 +87,17 @@ def chat_rows(tokenizer, conversations, seq_len: int) -> TrainingRows:
     """One ``seq_len`` row per usable conversation (see the module docstring); ``report`` counts how many
     were used whole, cut (at a turn boundary, inside a turn) and skipped, and how many spans came from
     the content-search fallback of :mod:`.chat_template`."""
+    from jinja2 import TemplateError
+
     counts = Counter()
     pad = pad_token_id(tokenizer)
     ids, masks = [], []
     for conversation in conversations:
-        rendered = render(tokenizer, conversation.messages)
+        try:
+            rendered = render(tokenizer, conversation.messages)
+        except TemplateError:  # e.g. a template that allows no system role, or needs alternating roles
+            counts["skipped: the chat template refused it"] += 1
+            continue
         if not rendered.stable:
             counts["assistant spans found by content search"] += 1
         cut = _cut(rendered, seq_len)
