@@ -5,6 +5,9 @@ of 512, 2k, 8k and 32k tokens; T = 1 (decode), 16 and 64 tree queries with a ran
 
 - ``triton``: :func:`eagle_kernels.tree_attention.tree_attention` (split-KV chosen by its heuristic);
 - ``triton_nosplit``: the same kernel with split-KV off (only where the heuristic splits);
+- ``triton_paged`` (with ``--block-size N``): the same kernel over the same K/V laid out in a pool of
+  ``N``-row blocks in shuffled order, read through a block table (``[num_blocks, Hkv, N, D]``, the layout of
+  vLLM and FlashInfer's HND pools);
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` over the cache prefix + tree rows with a
   materialised boolean ``[B, 1, T, L + T]`` mask (``enable_gqa``, K/V not repeated);
 - ``reference``: :func:`eagle_kernels.reference.tree_attention` (fp32 math; skipped above ``--ref-max``);
@@ -14,7 +17,8 @@ Times: median (20th/80th percentiles) of ``triton.testing.do_bench`` in microsec
 read (prefix + tree) plus q and the output; ``%bw`` compares with a measured device copy. Results are appended
 to ``benchmarks/results/tree_attention.json`` with device, date and commit.
 
-Usage: ``python benchmarks/bench_tree_attention.py [--prefix 512 2048 8192 32768] [--tq 1 16 64] [--batch 1]``
+Usage: ``python benchmarks/bench_tree_attention.py [--prefix 512 2048 8192 32768] [--tq 1 16 64] [--batch 1]
+[--block-size 16]``
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--ref-max", type=int, default=8192, help="largest prefix timed with the reference")
+    parser.add_argument("--block-size", type=int, default=0,
+                        help="also time the kernel over a paged pool of this many rows per block (0: off)")
     parser.add_argument("--no-save", action="store_true", help="do not append results")
     return common.parse(parser, argv)
 
@@ -78,6 +84,25 @@ def make_case(args, batch: int, prefix: int, t: int):
     return q, k, v, lengths, packed, dense
 
 
+def paged_copy(k, v, block_size: int):
+    """``k``, ``v`` ``[B, Hkv, S, D]`` as pools ``[num_blocks, Hkv, block_size, D]`` of blocks in shuffled
+    order, and the int32 block table ``[B, ceil(S / block_size)]`` that reads the same logical rows."""
+    import torch
+
+    b, hkv, s, d = k.shape
+    max_blocks = -(-s // block_size)
+    perm = torch.randperm(b * max_blocks, generator=torch.Generator().manual_seed(0)).to(k.device)
+    pools = []
+    for x in (k, v):
+        padded = torch.nn.functional.pad(x, (0, 0, 0, max_blocks * block_size - s))
+        blocks = padded.view(b, hkv, max_blocks, block_size, d).transpose(1, 2)
+        blocks = blocks.reshape(-1, hkv, block_size, d)
+        pool = torch.empty_like(blocks)
+        pool[perm] = blocks  # logical block i of the flattened order lives at perm[i]
+        pools.append(pool)
+    return pools[0], pools[1], perm.view(b, max_blocks).to(torch.int32)
+
+
 def run_case(args, batch: int, prefix: int, t: int, copy_gbs: float) -> list[dict]:
     import torch.nn.functional as F
 
@@ -98,6 +123,10 @@ def run_case(args, batch: int, prefix: int, t: int, copy_gbs: float) -> list[dic
     splits = ta.launch_plan(batch, t, args.heads, args.kv_heads, k.shape[2], q.dtype, q.device)[-1]
     if splits > 1:
         impls["triton_nosplit"] = lambda: ta._tree_attention(q, k, v, lengths, packed, t, num_splits=1)
+    if args.block_size > 0:
+        k_pool, v_pool, table = paged_copy(k, v, args.block_size)
+        impls["triton_paged"] = lambda: ta.tree_attention(q, k_pool, v_pool, lengths, packed, t,
+                                                          block_table=table)
     impls["sdpa"] = sdpa
     if prefix <= args.ref_max:
         impls["reference"] = lambda: reference.tree_attention(q, k, v, lengths, packed, t)
@@ -112,6 +141,9 @@ def run_case(args, batch: int, prefix: int, t: int, copy_gbs: float) -> list[dic
 
     expected = reference.tree_attention(q, k, v, lengths, packed, t).float()
     err = (ta.tree_attention(q, k, v, lengths, packed, t).float() - expected).abs().max().item()
+    if args.block_size > 0:
+        paged = impls["triton_paged"]().float()
+        err = max(err, (paged - expected).abs().max().item())
     err_sdpa = (sdpa().transpose(1, 2).float() - expected).abs().max().item()
     records = []
     for name, fn in impls.items():

@@ -116,6 +116,25 @@ def append_results(name: str, records: list[dict], results_dir: str = RESULTS_DI
     return path
 
 
+def interleaved_decode(engines: dict, prompts: list[list[int]], new_tokens: int, repeats: int,
+                       reference: list[list[int]]) -> dict:
+    """Greedy decoding of ``prompts`` by each of ``engines`` (``{name: EagleEngine}``), each engine once per
+    repeat and prompt in turn (a load change hits all alike): ``{name: {"accept_lengths": [...],
+    "tokens_per_second": [...], "lossless": bool}}``, lossless meaning every output equals ``reference``'s."""
+    import time
+
+    out = {name: {"accept_lengths": [], "tokens_per_second": [], "lossless": True} for name in engines}
+    for _ in range(repeats):
+        for i, prompt in enumerate(prompts):
+            for name, engine in engines.items():
+                started = time.perf_counter()
+                r = engine.generate(prompt, new_tokens, stop_token_ids=[])
+                out[name]["tokens_per_second"].append(len(r.tokens) / (time.perf_counter() - started))
+                out[name]["accept_lengths"].extend(r.accept_lengths)
+                out[name]["lossless"] &= r.tokens == reference[i]
+    return out
+
+
 def format_table(rows: list[dict], columns: list[str]) -> str:
     """Plain-text table of ``rows`` restricted to ``columns`` (floats with 4 significant digits)."""
 

@@ -33,7 +33,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import append_results, format_table, parse  # noqa: E402
+from common import append_results, format_table, interleaved_decode, parse  # noqa: E402
 
 from eagle_engine import EagleEngine, demo_paths  # noqa: E402
 from eagle_engine.tools.cli import main as eagle  # noqa: E402
@@ -109,23 +109,15 @@ def measure(args, base, heads: dict, prompts: list[list[int]]) -> list[dict]:
     }
     first = next(iter(engines.values()))
     vanilla = [first.generate_vanilla(p, args.new_tokens, stop_token_ids=[]).tokens for p in prompts]
-    accepts, rates, same = ({n: [] for n in engines} for _ in range(3))
-    for _ in range(args.repeats):
-        for i, prompt in enumerate(prompts):
-            for name, engine in engines.items():
-                started = time.perf_counter()
-                r = engine.generate(prompt, args.new_tokens, stop_token_ids=[])
-                rates[name].append(len(r.tokens) / (time.perf_counter() - started))
-                accepts[name].extend(r.accept_lengths)
-                same[name].append(r.tokens == vanilla[i])
+    runs = interleaved_decode(engines, prompts, args.new_tokens, args.repeats, vanilla)
     for engine in engines.values():
         engine.close()
     return [
         {
             "head": name,
-            "mean_accept_length": statistics.mean(accepts[name]),
-            "tokens_per_second": statistics.median(rates[name]),
-            "lossless": all(same[name]),
+            "mean_accept_length": statistics.mean(runs[name]["accept_lengths"]),
+            "tokens_per_second": statistics.median(runs[name]["tokens_per_second"]),
+            "lossless": runs[name]["lossless"],
             "prompts": len(prompts),
             "repeats": args.repeats,
             "threads": args.threads,

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import append_results, format_table, parse  # noqa: E402
+from common import append_results, format_table, interleaved_decode, parse  # noqa: E402
 
 import eagle_kernels as ops  # noqa: E402
 from eagle_engine import EagleEngine, demo_paths  # noqa: E402
@@ -71,17 +71,7 @@ def demo_rows(args) -> list[dict]:
     vanilla = [
         engines[sizes[0]].generate_vanilla(p, args.new_tokens, stop_token_ids=[]).tokens for p in prompts
     ]
-    rates = {s: [] for s in sizes}
-    accepts = {s: [] for s in sizes}
-    same = {s: True for s in sizes}
-    for _ in range(args.repeats):
-        for i, prompt in enumerate(prompts):
-            for size, engine in engines.items():
-                started = time.perf_counter()
-                r = engine.generate(prompt, args.new_tokens, stop_token_ids=[])
-                rates[size].append(len(r.tokens) / (time.perf_counter() - started))
-                accepts[size].extend(r.accept_lengths)
-                same[size] &= r.tokens == vanilla[i]
+    runs = interleaved_decode(engines, prompts, args.new_tokens, args.repeats, vanilla)
     rows = []
     for size in sizes:
         covered = int(counts[most_frequent(counts, size)].sum()) / int(counts.sum())
@@ -90,9 +80,9 @@ def demo_rows(args) -> list[dict]:
                 "part": "demo",
                 "draft_vocab": size,
                 "trained_token_share": round(covered, 4),
-                "mean_accept_length": statistics.mean(accepts[size]),
-                "tokens_per_second": statistics.median(rates[size]),
-                "lossless": same[size],
+                "mean_accept_length": statistics.mean(runs[size]["accept_lengths"]),
+                "tokens_per_second": statistics.median(runs[size]["tokens_per_second"]),
+                "lossless": runs[size]["lossless"],
                 "prompts": len(prompts),
                 "repeats": args.repeats,
                 "threads": args.threads,

@@ -70,14 +70,16 @@ def _same_dtype(*tensors) -> tuple[bool, str]:
     return all(t.dtype == tensors[0].dtype for t in tensors), "inputs of different dtypes"
 
 
-def tree_attention(q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None, scale=None):
-    """Tree-masked attention over the KV cache. Contract: :func:`eagle_kernels.reference.tree_attention`."""
+def tree_attention(q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None, scale=None, block_table=None):
+    """Tree-masked attention over the KV cache: a paged pool ``[num_blocks, Hkv, block_size, D]`` read through
+    ``block_table`` int32 ``[B, max_blocks]``, or the contiguous ``[B, Hkv, S, D]`` (``block_table=None``).
+    Contract: :func:`eagle_kernels.reference.tree_attention`."""
     args = (q, k_cache, v_cache, lengths, tree_mask, tree_len, scale)
     unsupported = _triton(_tree_attention_triton, (q.shape[-1] <= 128, f"head_dim {q.shape[-1]} > 128"),
                           _same_dtype(q, k_cache, v_cache))
     if pick("tree_attention", q, triton=unsupported) == "triton":
-        return _tree_attention_triton.tree_attention(*args)
-    return reference.tree_attention(*args)
+        return _tree_attention_triton.tree_attention(*args, block_table=block_table)
+    return reference.tree_attention(*args, block_table=block_table)
 
 
 def rms_norm(x, weight, eps):
@@ -118,8 +120,9 @@ def store_kv(k_cache, v_cache, k, v, lengths):
 
 
 def rotary_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, rows,
-                    q_norm_weight=None, k_norm_weight=None, eps=1e-6):
-    """Optional q/k RMSNorm, rotary embedding and the K/V cache write, one launch.
+                    q_norm_weight=None, k_norm_weight=None, eps=1e-6, block_table=None):
+    """Optional q/k RMSNorm, rotary embedding and the K/V cache write (through ``block_table`` into a paged
+    pool, or into the contiguous cache), one launch.
     Contract: :func:`eagle_kernels.reference.rotary_store_kv`."""
     args = (q, k, v, positions, cos_sin, k_cache, v_cache, rows, q_norm_weight, k_norm_weight, eps)
 
@@ -134,8 +137,8 @@ def rotary_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, rows,
         )
 
     if pick("rotary_store_kv", q, triton=unsupported) == "triton":
-        return _rotary_store_kv_triton.rotary_store_kv(*args)
-    return reference.rotary_store_kv(*args)
+        return _rotary_store_kv_triton.rotary_store_kv(*args, block_table=block_table)
+    return reference.rotary_store_kv(*args, block_table=block_table)
 
 
 def counter_uniform(seeds, offsets, n):
@@ -171,16 +174,26 @@ def masked_softmax_(logits, threshold):
     return reference.masked_softmax_(logits, threshold)
 
 
-def kv_compact(cache, lengths, src, counts):
-    """Move accepted tree rows, all layers, in place. Contract: :func:`eagle_kernels.reference.kv_compact`."""
-    backend = pick("kv_compact", cache, cuda=_c_ops, triton=_triton(_kv_compact_triton))
+def kv_compact(cache, lengths, src, counts, block_table=None):
+    """Move accepted tree rows, all layers, in place: ``cache`` ``[L, 2, num_blocks, Hkv, block_size, D]``
+    through ``block_table`` int32 ``[B, max_blocks]``, or ``[L, 2, B, Hkv, S, D]`` (``block_table=None``).
+    Contract: :func:`eagle_kernels.reference.kv_compact`.
+
+    The CUDA op serves the contiguous buffer (no table); a paged or strided cache runs the Triton kernel (the
+    CUDA op is not offered for it, so that is no fallback; without Triton on a CUDA tensor it is, and
+    ``EAGLE_KERNELS_STRICT=1`` raises)."""
+    args = (cache, lengths, src, counts)
+    if block_table is None and cache.is_contiguous():
+        backend = pick("kv_compact", cache, cuda=_c_ops, triton=_triton(_kv_compact_triton))
+    else:
+        backend = pick("kv_compact", cache, triton=_triton(_kv_compact_triton))
     if backend == "cuda":
         from . import _C_loader
 
-        return _C_loader.kv_compact_cuda(cache, lengths, src, counts)
+        return _C_loader.kv_compact_cuda(*args)
     if backend == "triton":
-        return _kv_compact_triton.kv_compact(cache, lengths, src, counts)
-    return reference.kv_compact(cache, lengths, src, counts)
+        return _kv_compact_triton.kv_compact(*args, block_table=block_table)
+    return reference.kv_compact(*args, block_table=block_table)
 
 
 def draft_fc(token_ids, embed_weight, features, fc_weight, fc_bias=None):

@@ -1,9 +1,20 @@
 """Pure-PyTorch reference of every op: the specification, the CPU path and the test oracle.
 
 Conventions shared by all ops (see DESIGN.md):
-- KV cache of one layer: ``k_cache``/``v_cache`` ``[B, Hkv, S, D]`` (a slice ``cache[layer, 0|1]`` of the
-  engine's ``[num_layers, 2, B, Hkv, S, D]`` buffer); ``lengths[b]`` (int32) counts the committed prefix.
-- A round's new ("tree") tokens live at cache rows ``lengths[b] .. lengths[b] + tree_len - 1``.
+- KV cache, paged (the layout of vLLM, SGLang and FlashInfer): one pool per layer, ``k_cache``/``v_cache``
+  ``[num_blocks, Hkv, block_size, D]``, e.g. ``cache[layer, 0|1]`` of an engine buffer
+  ``[num_layers, 2, num_blocks, Hkv, block_size, D]``. The kernels take the pool's strides (block, head, row;
+  the last dim contiguous), so a ``[num_blocks, block_size, Hkv, D]`` ("NHD") pool is passed as the view
+  ``pool.permute(0, 2, 1, 3)``.
+- ``block_table`` int32 ``[B, max_blocks]``: logical row ``r`` of sequence ``b`` is row ``r % block_size`` of
+  block ``block_table[b, r // block_size]``. Entries past a sequence's last used block are ignored (``-1`` or
+  anything). Blocks holding a sequence's tree rows must be its own (not shared with another sequence). Writes
+  through a negative entry are skipped (padding, like vLLM's slot ``-1``); reads through one read block 0.
+- ``lengths[b]`` (int32 ``[B]``) counts the committed prefix; a round's new ("tree") tokens live at logical
+  rows ``lengths[b] .. lengths[b] + tree_len - 1``, through the table (they may cross block boundaries).
+- ``block_table=None``: the contiguous layout, ``k_cache``/``v_cache`` ``[B, Hkv, S, D]`` (a slice
+  ``cache[layer, 0|1]`` of ``[num_layers, 2, B, Hkv, S, D]``), which is exactly a pool of ``num_blocks = B``
+  blocks of ``block_size = S`` rows with the identity table ``[[0], [1], ..., [B - 1]]``.
 - Tree masks are packed bits: ``int32 [B, Tq, ceil(tree_len / 32)]``; bit ``j % 32`` of word ``j // 32`` in
   row ``i`` says query ``i`` sees tree key ``j``. ``None`` means causal (query ``i`` of the last ``Tq`` tree
   rows sees tree keys ``<= i + tree_len - Tq``).
@@ -59,6 +70,34 @@ def causal_tree_mask(num_queries: int, tree_len: int, device=None) -> torch.Tens
 # ------------------------------------------------------------------------------------------- attention
 
 
+def _physical_rows(
+    block_table: torch.Tensor | None, rows: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(block, row in block)`` (int64 ``[B, N]``) of the logical rows ``rows`` (int64 ``[B, N]``) through
+    ``block_table``; ``None`` is the identity table (block ``b``, row ``rows[b, i]``). Rows past the table
+    take its last column (callers mask them)."""
+    b = rows.shape[0]
+    if block_table is None:
+        return torch.arange(b, device=rows.device).view(b, 1).expand_as(rows), rows
+    table = block_table.to(torch.long)
+    column = (rows.clamp(min=0) // block_size).clamp(max=max(table.shape[1] - 1, 0))
+    return torch.gather(table, 1, column), rows % block_size
+
+
+def _logical_rows(cache: torch.Tensor, block_table: torch.Tensor | None, num_rows: int) -> torch.Tensor:
+    """Logical rows ``0 .. num_rows - 1`` of every sequence, ``[B, Hkv, num_rows, D]``: a view of the
+    contiguous cache, or the blocks gathered through the table (any entry is clamped into the pool: rows past
+    a sequence's used blocks are garbage the callers mask)."""
+    if block_table is None:
+        return cache[:, :, :num_rows]
+    block_size = cache.shape[2]
+    n_blocks = -(-num_rows // block_size)
+    blocks = block_table[:, :n_blocks].to(torch.long).clamp(0, cache.shape[0] - 1)  # [B, n_blocks]
+    gathered = cache[blocks]  # [B, n_blocks, Hkv, block_size, D]
+    b, _, hkv, _, d = gathered.shape
+    return gathered.transpose(1, 2).reshape(b, hkv, n_blocks * block_size, d)[:, :, :num_rows]
+
+
 def tree_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -67,21 +106,28 @@ def tree_attention(
     tree_mask: torch.Tensor | None = None,
     tree_len: int | None = None,
     scale: float | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of new queries over a committed prefix plus masked tree keys in the cache.
 
     Parameters
     ----------
     q : ``[B, Tq, Hq, D]``
-    k_cache, v_cache : ``[B, Hkv, S, D]``, ``Hq % Hkv == 0`` (GQA by head grouping)
-    lengths : int32 ``[B]``: prefix rows ``< lengths[b]`` are visible to every query
-    tree_mask : int32 ``[B, Tq, ceil(tree_len / 32)]`` packed bits, or ``None`` for causal
-    tree_len : number of tree rows after the prefix (default ``Tq``); ``lengths[b] + tree_len <= S``
+    k_cache, v_cache : the pool ``[num_blocks, Hkv, block_size, D]`` read through ``block_table``, or with
+        ``block_table=None`` the contiguous ``[B, Hkv, S, D]``; ``Hq % Hkv == 0`` (GQA by head grouping)
+    lengths : int32 ``[B]``: logical rows ``< lengths[b]`` are visible to every query
+    tree_mask : int32 ``[B, Tq, ceil(tree_len / 32)]`` packed bits, or ``None`` for causal (a prefill chunk
+        is ``Tq = tree_len`` queries, causal, over the committed prefix and the chunk)
+    tree_len : number of tree rows after the prefix (default ``Tq``), logical rows
+        ``lengths[b] .. lengths[b] + tree_len - 1``; ``lengths[b] + tree_len <= S`` (paged:
+        ``S = max_blocks * block_size``)
     scale : softmax scale (default ``D ** -0.5``)
+    block_table : int32 ``[B, max_blocks]`` or ``None`` (see the module's conventions)
 
     Returns
     -------
-    ``[B, Tq, Hq, D]`` in ``q.dtype`` (computed in fp32).
+    ``[B, Tq, Hq, D]`` in ``q.dtype`` (computed in fp32). Rows no query may see (past ``lengths[b] +
+    tree_len``, or another sequence's tree rows below the longest prefix) never reach the output, NaN or not.
     """
     b, tq, hq, d = q.shape
     hkv = k_cache.shape[1]
@@ -94,14 +140,19 @@ def tree_attention(
         tree_visible = unpack_tree_mask(tree_mask, tree_len)
     prefix_len = int(lengths.max()) if b else 0
     lengths_l = lengths.to(torch.long)
+    # The logical rows of every sequence up to the longest prefix + tree, gathered through the table.
+    k_log = _logical_rows(k_cache, block_table, prefix_len + tree_len)
+    v_log = _logical_rows(v_cache, block_table, prefix_len + tree_len)
     # Keys: the first prefix_len rows (masked per sequence) then each sequence's tree rows.
     tree_rows = lengths_l.view(b, 1) + torch.arange(tree_len, device=q.device).view(1, -1)  # [B, tree_len]
     gather_idx = tree_rows.view(b, 1, tree_len, 1).expand(b, hkv, tree_len, d)
-    k_tree = torch.gather(k_cache, 2, gather_idx)
-    v_tree = torch.gather(v_cache, 2, gather_idx)
-    k_all = torch.cat([k_cache[:, :, :prefix_len], k_tree], dim=2).float()  # [B, Hkv, P+tree_len, D]
-    v_all = torch.cat([v_cache[:, :, :prefix_len], v_tree], dim=2).float()
+    k_tree = torch.gather(k_log, 2, gather_idx)
+    v_tree = torch.gather(v_log, 2, gather_idx)
     prefix_visible = torch.arange(prefix_len, device=q.device).view(1, -1) < lengths_l.view(b, 1)
+    # Invisible prefix rows get zero weight; zeroing their values too keeps NaN garbage there out of 0 * NaN.
+    v_prefix = v_log[:, :, :prefix_len].masked_fill(~prefix_visible.view(b, 1, prefix_len, 1), 0)
+    k_all = torch.cat([k_log[:, :, :prefix_len], k_tree], dim=2).float()  # [B, Hkv, P+tree_len, D]
+    v_all = torch.cat([v_prefix, v_tree], dim=2).float()
     visible = torch.cat([prefix_visible.view(b, 1, prefix_len).expand(b, tq, prefix_len), tree_visible], -1)
     qg = q.float().view(b, tq, hkv, group, d).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, Tq, D]
     scores = torch.matmul(qg, k_all.unsqueeze(2).transpose(-1, -2)) * scale  # [B, Hkv, G, Tq, K]
@@ -187,30 +238,44 @@ def store_kv(
     v_cache.permute(0, 2, 1, 3)[batch_idx, rows] = v.to(v_cache.dtype)
 
 
-def kv_compact(cache: torch.Tensor, lengths: torch.Tensor, src: torch.Tensor, counts: torch.Tensor) -> None:
+def kv_compact(
+    cache: torch.Tensor,
+    lengths: torch.Tensor,
+    src: torch.Tensor,
+    counts: torch.Tensor,
+    block_table: torch.Tensor | None = None,
+) -> None:
     """Move each sequence's accepted tree rows to the front of its tree region, in place, for all layers.
 
     Parameters
     ----------
-    cache : ``[num_layers, 2, B, Hkv, S, D]``
-    lengths : int32 ``[B]``: committed prefix; tree rows start at ``lengths[b]`` (not modified here)
-    src : int ``[B, N]``: tree-relative rows; row ``lengths[b] + src[b, i]`` moves to ``lengths[b] + i``
-        for ``i < counts[b]`` (entries past ``counts[b]`` are ignored)
+    cache : ``[num_layers, 2, num_blocks, Hkv, block_size, D]`` (any strides) read through ``block_table``,
+        or with ``block_table=None`` ``[num_layers, 2, B, Hkv, S, D]``
+    lengths : int32 ``[B]``: committed prefix; tree rows start at logical row ``lengths[b]`` (not modified)
+    src : int ``[B, N]``: tree-relative rows; logical row ``lengths[b] + src[b, i]`` moves to logical row
+        ``lengths[b] + i`` for ``i < counts[b]`` (entries past ``counts[b]`` are ignored)
     counts : int32 ``[B]``, ``0 <= counts[b] <= N``
+    block_table : int32 ``[B, max_blocks]`` or ``None`` (the identity table): see the module's conventions
 
-    Sources and destinations may overlap: all accepted rows are read before any is written.
+    Sources and destinations may overlap: all accepted rows are read before any is written. Source rows are
+    clamped into ``[0, S)`` (``S = max_blocks * block_size`` paged); destinations at or past ``S``, or in a
+    block whose table entry is negative, are skipped.
     """
     b, n = src.shape
     if n == 0:
         return
+    block_size = cache.shape[4]
+    capacity = block_size if block_table is None else block_table.shape[1] * block_size
     base = lengths.to(torch.long).view(b, 1)
-    valid = torch.arange(n, device=src.device).view(1, n) < counts.to(torch.long).view(b, 1)
-    src_rows = (base + src.to(torch.long)).clamp(0, cache.shape[4] - 1)
-    dst_rows = base + torch.arange(n, device=src.device).view(1, n)
-    batch_idx = torch.arange(b, device=src.device).view(b, 1).expand(b, n)
-    view = cache.permute(2, 4, 0, 1, 3, 5)  # [B, S, L, 2, Hkv, D]
-    rows = view[batch_idx, src_rows].clone()  # read everything first: overlap-safe
-    view[batch_idx[valid], dst_rows[valid]] = rows[valid]
+    arange = torch.arange(n, device=src.device).view(1, n)
+    src_rows = (base + src.to(torch.long)).clamp(0, capacity - 1)
+    dst_rows = base + arange
+    src_blk, src_off = _physical_rows(block_table, src_rows, block_size)
+    dst_blk, dst_off = _physical_rows(block_table, dst_rows, block_size)
+    valid = (arange < counts.to(torch.long).view(b, 1)) & (dst_rows < capacity) & (dst_blk >= 0)
+    view = cache.permute(2, 4, 0, 1, 3, 5)  # [num_blocks, block_size, L, 2, Hkv, D]
+    rows = view[src_blk.clamp(0, cache.shape[2] - 1), src_off].clone()  # read everything first: overlap-safe
+    view[dst_blk[valid], dst_off[valid]] = rows[valid]
 
 
 def rotary_store_kv(
@@ -225,6 +290,7 @@ def rotary_store_kv(
     q_norm_weight: torch.Tensor | None = None,
     k_norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention input step: optional per-head RMSNorm of q and k (Qwen3), rotary embedding, K/V cache write.
 
@@ -232,22 +298,36 @@ def rotary_store_kv(
     ----------
     q : ``[B, T, Hq, D]``; k, v : ``[B, T, Hkv, D]`` (views of one fused qkv output are fine)
     positions : int ``[B, T]``; cos_sin : fp32 ``[P, D]`` as in :func:`rotary_embedding`
-    k_cache, v_cache : ``[B, Hkv, S, D]`` (may be strided views); rows : int ``[B]``: new row ``t`` of
-        sequence ``b`` goes to cache row ``rows[b] + t``
+    k_cache, v_cache : the pool ``[num_blocks, Hkv, block_size, D]`` written through ``block_table``, or with
+        ``block_table=None`` ``[B, Hkv, S, D]`` (strided views are fine)
+    rows : int ``[B]``: new row ``t`` of sequence ``b`` goes to logical row ``rows[b] + t`` (through the
+        table)
     q_norm_weight, k_norm_weight : ``[D]`` or ``None``: :func:`rms_norm` over head_dim before the rotation
     eps : the RMSNorm epsilon
+    block_table : int32 ``[B, max_blocks]`` or ``None`` (the identity table): see the module's conventions
 
     Returns
     -------
     the rotated q, a new contiguous ``[B, T, Hq, D]`` in ``q.dtype``; the rotated k and the raw v are written
-    into the caches in place.
+    into the caches in place. Logical rows outside ``[0, S)`` (``S = max_blocks * block_size`` paged), or in
+    a block whose table entry is negative, are not written.
     """
     if q_norm_weight is not None:
         q = rms_norm(q, q_norm_weight, eps)
     if k_norm_weight is not None:
         k = rms_norm(k, k_norm_weight, eps)
     q_rot, k_rot = rotary_embedding(q, k, positions, cos_sin)
-    store_kv(k_cache, v_cache, k_rot, v, rows)
+    if block_table is None:
+        store_kv(k_cache, v_cache, k_rot, v, rows)
+        return q_rot.contiguous()
+    b, t = k.shape[0], k.shape[1]
+    block_size = k_cache.shape[2]
+    logical = rows.to(torch.long).view(b, 1) + torch.arange(t, device=k.device).view(1, t)  # [B, T]
+    blk, off = _physical_rows(block_table, logical, block_size)
+    ok = (logical >= 0) & (logical < block_table.shape[1] * block_size) & (blk >= 0)
+    # advanced indexing [block, :, row] -> layout [n, Hkv, D]
+    k_cache.permute(0, 2, 1, 3)[blk[ok], off[ok]] = k_rot[ok].to(k_cache.dtype)
+    v_cache.permute(0, 2, 1, 3)[blk[ok], off[ok]] = v[ok].to(v_cache.dtype)
     return q_rot.contiguous()
 
 

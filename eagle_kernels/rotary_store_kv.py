@@ -2,9 +2,12 @@
 the K/V cache write, in one launch.
 
 One program per ``(token, head)`` over ``Hq + Hkv`` heads: a query head writes its rotated row to the new
-``q_rot``; a kv head writes its rotated key and raw value straight into the caches at row ``rows[b] + t``.
-Inputs are read in place from strided views (the slices of one fused qkv projection output; caches that are
-slices of the engine's ``[L, 2, B, Hkv, S, D]`` buffer). Contract:
+``q_rot``; a kv head writes its rotated key and raw value straight into the caches at logical row
+``rows[b] + t``: through the block table into a pool ``[num_blocks, Hkv, block_size, D]`` (any strides: a
+``[num_blocks, block_size, Hkv, D]`` pool as a permuted view), or, without a table, row ``rows[b] + t`` of
+``[B, Hkv, S, D]`` (the identity table; ``PAGED`` is a constexpr, so that variant loads no table). Inputs are
+read in place from strided views (the slices of one fused qkv projection output; caches that are slices of
+the engine's ``[L, 2, num_blocks, Hkv, block_size, D]`` buffer). Contract:
 :func:`eagle_kernels.reference.rotary_store_kv`.
 """
 
@@ -22,17 +25,17 @@ def _num_warps(block_half: int) -> int:
     return 1 if block_half <= 32 else (2 if block_half == 64 else 4)
 
 
-@triton.jit(do_not_specialize=["T", "Hq", "S", "stride_pb", "stride_pt"])
+@triton.jit(do_not_specialize=["T", "Hq", "S", "stride_pb", "stride_pt", "block_size", "stride_tab"])
 def _rotary_store_kv_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, rows_ptr, qw_ptr, kw_ptr, qo_ptr,
-    T, Hq, S, half, eps,
+    q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, rows_ptr, tab_ptr, qw_ptr, kw_ptr, qo_ptr,
+    T, Hq, S, half, eps, block_size, stride_tab,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_pb, stride_pt, stride_cs,
     stride_kcb, stride_kch, stride_kcs,
     stride_vcb, stride_vch, stride_vcs,
-    HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr, BLOCK_HALF: tl.constexpr, PAGED: tl.constexpr,
 ):
     bt = tl.program_id(0)
     head = tl.program_id(1)
@@ -68,20 +71,27 @@ def _rotary_store_kv_kernel(
         tl.store(dst + offs, y1.to(io_dtype), mask=ok)
         tl.store(dst + half + offs, y2.to(io_dtype), mask=ok)
     else:
-        row = tl.load(rows_ptr + b).to(tl.int64) + t
+        row = tl.load(rows_ptr + b).to(tl.int64) + t  # logical row; S: the capacity
         # A scalar branch, not a scalar folded into the lane mask: newer Triton interpreters (3.9) splat a
         # scalar bool to int64 lanes and refuses the result as a store mask.
         if (row >= 0) & (row < S):
-            kdst = kc_ptr + b * stride_kcb + hk * stride_kch + row * stride_kcs
-            kc_dtype = kc_ptr.dtype.element_ty
-            tl.store(kdst + offs, y1.to(io_dtype).to(kc_dtype), mask=ok)
-            tl.store(kdst + half + offs, y2.to(io_dtype).to(kc_dtype), mask=ok)
-            vsrc = v_ptr + b * stride_vb + t * stride_vt + hk * stride_vh
-            vdst = vc_ptr + b * stride_vcb + hk * stride_vch + row * stride_vcs
-            v1 = tl.load(vsrc + offs, mask=ok, other=0.0)
-            v2 = tl.load(vsrc + half + offs, mask=ok, other=0.0)
-            tl.store(vdst + offs, v1.to(vc_ptr.dtype.element_ty), mask=ok)
-            tl.store(vdst + half + offs, v2.to(vc_ptr.dtype.element_ty), mask=ok)
+            if PAGED:
+                blk = tl.load(tab_ptr + b * stride_tab + row // block_size).to(tl.int64)
+                slot = row % block_size
+            else:  # the identity table
+                blk = b
+                slot = row
+            if blk >= 0:  # a negative table entry: padding, nothing written
+                kdst = kc_ptr + blk * stride_kcb + hk * stride_kch + slot * stride_kcs
+                kc_dtype = kc_ptr.dtype.element_ty
+                tl.store(kdst + offs, y1.to(io_dtype).to(kc_dtype), mask=ok)
+                tl.store(kdst + half + offs, y2.to(io_dtype).to(kc_dtype), mask=ok)
+                vsrc = v_ptr + b * stride_vb + t * stride_vt + hk * stride_vh
+                vdst = vc_ptr + blk * stride_vcb + hk * stride_vch + slot * stride_vcs
+                v1 = tl.load(vsrc + offs, mask=ok, other=0.0)
+                v2 = tl.load(vsrc + half + offs, mask=ok, other=0.0)
+                tl.store(vdst + offs, v1.to(vc_ptr.dtype.element_ty), mask=ok)
+                tl.store(vdst + half + offs, v2.to(vc_ptr.dtype.element_ty), mask=ok)
 
 
 def block_half_for(head_dim: int) -> int:
@@ -93,7 +103,7 @@ def block_half_for(head_dim: int) -> int:
 
 
 def rotary_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, rows,
-                    q_norm_weight=None, k_norm_weight=None, eps=1e-6):
+                    q_norm_weight=None, k_norm_weight=None, eps=1e-6, block_table=None):
     """Optional per-head RMSNorm of q and k, rotary embedding (rotate-half), and the K/V cache write.
 
     Parameters
@@ -102,10 +112,16 @@ def rotary_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, rows,
         ``<= 256``; any strides with a contiguous last dim (views of a fused qkv output are read in place)
     positions : int32 or int64 ``[B, T]``
     cos_sin : fp32 ``[P, D]``: ``cos`` in the first ``D/2`` columns, ``sin`` in the last ``D/2``
-    k_cache, v_cache : ``[B, Hkv, S, D]``, any strides with a contiguous last dim (updated in place)
-    rows : int32 or int64 ``[B]``: new row ``t`` of sequence ``b`` goes to cache row ``rows[b] + t``
+    k_cache, v_cache : any strides with a contiguous last dim (updated in place): with ``block_table``, one
+        layer's pool ``[num_blocks, Hkv, block_size, D]`` (a ``[num_blocks, block_size, Hkv, D]`` pool as
+        ``pool.permute(0, 2, 1, 3)``); without, ``[B, Hkv, S, D]``
+    rows : int32 or int64 ``[B]``: new row ``t`` of sequence ``b`` goes to logical row ``rows[b] + t``; rows
+        outside ``[0, S)`` (``S = max_blocks * block_size`` paged) are not written
     q_norm_weight, k_norm_weight : ``[D]`` or ``None``: RMSNorm over head_dim before the rotation
     eps : RMSNorm epsilon
+    block_table : int32 ``[B, max_blocks]`` or ``None``: logical row ``r`` of sequence ``b`` is row
+        ``r % block_size`` of block ``block_table[b, r // block_size]`` (a negative entry: not written);
+        ``None``: the identity table (block ``b`` of ``S`` rows)
 
     Returns
     -------
@@ -115,9 +131,15 @@ def rotary_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, rows,
     hkv = k.shape[2]
     if k.shape != (bsz, seq, hkv, d) or v.shape != k.shape:
         raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if k_cache.shape[:2] != (bsz, hkv) or k_cache.shape[3] != d or v_cache.shape != k_cache.shape:
-        raise ValueError(f"caches must be [{bsz}, {hkv}, S, {d}], got {tuple(k_cache.shape)}, "
-                         f"{tuple(v_cache.shape)}")
+    paged = block_table is not None
+    if (k_cache.dim() != 4 or k_cache.shape[1] != hkv or k_cache.shape[3] != d
+            or v_cache.shape != k_cache.shape or (not paged and k_cache.shape[0] != bsz)):
+        want = f"[num_blocks, {hkv}, block_size, {d}]" if paged else f"[{bsz}, {hkv}, S, {d}]"
+        raise ValueError(f"caches must be {want}, got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    if paged and (block_table.dim() != 2 or block_table.shape[0] != bsz
+                  or block_table.dtype.is_floating_point):
+        raise ValueError(f"block_table must be int32 [{bsz}, max_blocks], got {block_table.dtype} "
+                         f"{tuple(block_table.shape)}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError("q, k and v must share one dtype")
     if d % 2 or tuple(cos_sin.shape[1:]) != (d,) or positions.shape != (bsz, seq) or rows.shape != (bsz,):
@@ -135,9 +157,16 @@ def rotary_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, rows,
         return q_out
     qw = q_norm_weight if q_norm_weight is not None else cos_sin  # unused pointers when absent
     kw = k_norm_weight if k_norm_weight is not None else cos_sin
+    block_size = k_cache.shape[2]
+    if paged:
+        table = block_table.to(torch.int32)
+        table = table if table.stride(-1) == 1 else table.contiguous()
+        capacity, stride_tab = table.shape[1] * block_size, table.stride(0)
+    else:
+        table, capacity, stride_tab = rows, block_size, 0  # unused pointer: the identity table
     _rotary_store_kv_kernel[(bsz * seq, hq + hkv)](
-        q, k, v, positions, cos_sin, k_cache, v_cache, rows, qw, kw, q_out,
-        seq, hq, k_cache.shape[2], d // 2, float(eps),
+        q, k, v, positions, cos_sin, k_cache, v_cache, rows, table, qw, kw, q_out,
+        seq, hq, capacity, d // 2, float(eps), block_size, stride_tab,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -145,7 +174,7 @@ def rotary_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, rows,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         HAS_Q_NORM=q_norm_weight is not None, HAS_K_NORM=k_norm_weight is not None, BLOCK_HALF=block_half,
-        num_warps=_num_warps(block_half), num_stages=1,
+        PAGED=paged, num_warps=_num_warps(block_half), num_stages=1,
     )
     return q_out
 

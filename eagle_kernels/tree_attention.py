@@ -1,7 +1,10 @@
 """Tree attention over the KV cache: one Triton flash-attention kernel for decode, trees and prefill.
 
 Queries ``[B, Tq, Hq, D]`` attend to every committed prefix row ``< lengths[b]`` of the cache and to the tree
-rows ``lengths[b] .. lengths[b] + tree_len - 1`` through a packed bit mask (or causally). Contract:
+rows ``lengths[b] .. lengths[b] + tree_len - 1`` through a packed bit mask (or causally). The cache is a pool
+of blocks read through a block table (``[num_blocks, Hkv, block_size, D]`` with any strides, so a
+``[num_blocks, block_size, Hkv, D]`` pool passes as a permuted view), or the contiguous ``[B, Hkv, S, D]``
+layout, the special case of ``B`` blocks of ``S`` rows with the identity table. Contract:
 :func:`eagle_kernels.reference.tree_attention`.
 
 Design
@@ -19,6 +22,11 @@ Design
   JIT never specialises (``do_not_specialize``, like every integer that can be 1), so each dtype compiles to
   3 block configs x 2 head-dim tiles (x partial outputs or not), plus the reduction.
 - Causal tiles (prefill) run the blocks below their diagonal unmasked: only the boundary blocks are masked.
+- Paged: a key tile is ``BLOCK_N`` logical rows; each row's physical address is computed from its own table
+  entry (a tile may span several blocks, or lie inside one). ``PAGED`` is a constexpr: ``False`` is the
+  identity table (block ``b``, row ``r``), compiled without any table load, so the contiguous variants are
+  what they were; ``True`` doubles the compiled variants (``tests/jit_sweep.py`` sweeps both). The number of
+  key tiles is still bounded on the host by shapes only (``max_blocks * block_size``, the table's capacity).
 """
 
 from __future__ import annotations
@@ -62,20 +70,36 @@ LOG2E = 1.4426950408889634
 REDUCE_NUM_WARPS = 1
 
 
+@triton.jit
+def _kv_offsets(tab_ptr, pos, key_ok, block_size, stride_kb, stride_ks, stride_vb, stride_vs,
+                PAGED: tl.constexpr):
+    """Element offsets of the K and V rows of logical keys ``pos`` from their (pool or sequence, kv head)
+    bases: through the sequence's block-table row ``tab_ptr`` when ``PAGED`` (one table load per key; a
+    negative entry reads block 0, never out of bounds), else row ``pos`` of the sequence's own slab (the
+    identity table, no load)."""
+    if PAGED:
+        blk = tl.maximum(tl.load(tab_ptr + pos // block_size, mask=key_ok, other=0), 0).to(tl.int64)
+        row = pos % block_size
+        return blk * stride_kb + row * stride_ks, blk * stride_vb + row * stride_vs
+    else:
+        return pos * stride_ks, pos * stride_vs
+
+
 # Integers that can be 1 are not specialised by the JIT: one compiled variant per block config (the value 1
 # would otherwise get code, and shared memory, of its own).
 @triton.jit(do_not_specialize=["Tq", "Hq", "Hkv", "group", "tree_len", "num_splits", "has_mask", "stride_mb",
-                               "stride_mt"])
+                               "stride_mt", "block_size", "stride_tab"])
 def _tree_attention_kernel(
-    q_ptr, k_ptr, v_ptr, len_ptr, mask_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+    q_ptr, k_ptr, v_ptr, len_ptr, mask_ptr, tab_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     qk_scale,  # softmax scale * log2(e)
-    Tq, Hq, Hkv, group, tree_len, D, num_splits, has_mask,
+    Tq, Hq, Hkv, group, tree_len, D, num_splits, has_mask, block_size,
     stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kh, stride_ks,
+    stride_kb, stride_kh, stride_ks,  # (block, head, row) of the pool; (sequence, head, row) unpaged
     stride_vb, stride_vh, stride_vs,
-    stride_mb, stride_mt,
+    stride_mb, stride_mt, stride_tab,
     stride_ob, stride_ot, stride_oh,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP32_DOT: tl.constexpr,
+    PAGED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -95,8 +119,13 @@ def _tree_attention_kernel(
     b64 = b.to(tl.int64)
     q_ptrs = q_ptr + b64 * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = k_ptr + b64 * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = v_ptr + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+    if PAGED:  # rows through the table: the block offset is per row
+        k_base = k_ptr + hk.to(tl.int64) * stride_kh
+        v_base = v_ptr + hk.to(tl.int64) * stride_vh
+        tab_ptr = tab_ptr + b64 * stride_tab
+    else:  # the identity table: block b, row r
+        k_base = k_ptr + b64 * stride_kb + hk.to(tl.int64) * stride_kh
+        v_base = v_ptr + b64 * stride_vb + hk.to(tl.int64) * stride_vh
 
     # Key range [0, kv_end): prefix, then tree rows (causally cut for this tile's last query). Keys before
     # full_end are visible to every query of the tile: the prefix, and causally also the tree rows up to the
@@ -125,8 +154,10 @@ def _tree_attention_kernel(
     # Phase 1: whole blocks every query of the tile sees.
     for start in range(lo, mid, BLOCK_N):
         pos = start + offs_n
-        k = tl.load(k_base + pos[:, None] * stride_ks + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-        v = tl.load(v_base + pos[:, None] * stride_vs + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        k_off, v_off = _kv_offsets(tab_ptr, pos, pos < kv_end, block_size, stride_kb, stride_ks, stride_vb,
+                                   stride_vs, PAGED)
+        k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
         s = _dot(q, tl.trans(k), FP32_DOT) * qk_scale
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -139,10 +170,11 @@ def _tree_attention_kernel(
     for start in range(mid, hi, BLOCK_N):
         pos = start + offs_n
         key_ok = pos < kv_end
-        k = tl.load(k_base + pos[:, None] * stride_ks + offs_d[None, :],
-                    mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + pos[:, None] * stride_vs + offs_d[None, :],
-                    mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        k_off, v_off = _kv_offsets(tab_ptr, pos, key_ok, block_size, stride_kb, stride_ks, stride_vb,
+                                   stride_vs, PAGED)
+        kv_ok = key_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
         s = _dot(q, tl.trans(k), FP32_DOT) * qk_scale
         j = pos - prefix  # tree-relative key index
         in_tree = (j >= 0) & (j < tree_len)
@@ -276,11 +308,31 @@ def launch_plan(bsz: int, tq: int, hq: int, hkv: int, cache_len: int, dtype: tor
     return block_m, block_n, num_warps, num_stages, m_blocks, num_splits
 
 
-def _tree_attention(q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None, scale=None, num_splits=None):
+def paged_geometry(k_cache, v_cache, block_table, batch: int) -> tuple[int, int, int]:
+    """``(Hkv, block_size, capacity)`` of a cache and its block table, checked: ``k_cache``/``v_cache`` a pool
+    ``[num_blocks, Hkv, block_size, D]`` read through ``block_table`` int ``[B, max_blocks]`` (capacity
+    ``max_blocks * block_size`` logical rows per sequence), or with ``block_table=None`` the contiguous
+    ``[B, Hkv, S, D]`` (``B`` blocks of ``S`` rows, the identity table: capacity ``S``)."""
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"k_cache and v_cache must be one 4-d shape, got {tuple(k_cache.shape)}, "
+                         f"{tuple(v_cache.shape)}")
+    _, hkv, block_size, _ = k_cache.shape
+    if block_table is None:
+        if k_cache.shape[0] != batch:
+            raise ValueError(f"contiguous caches must be [B={batch}, Hkv, S, D], got {tuple(k_cache.shape)}")
+        return hkv, block_size, block_size
+    if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.dtype.is_floating_point:
+        raise ValueError(f"block_table must be int32 [B={batch}, max_blocks], got {block_table.dtype} "
+                         f"{tuple(block_table.shape)}")
+    return hkv, block_size, block_table.shape[1] * block_size
+
+
+def _tree_attention(q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None, scale=None, num_splits=None,
+                    block_table=None):
     """:func:`tree_attention` with ``num_splits`` exposed (``None``: heuristic; 1: no split) for tests."""
     bsz, tq, hq, d = q.shape
-    _, hkv, cache_len, dk = k_cache.shape
-    if dk != d or v_cache.shape != k_cache.shape or k_cache.shape[0] != bsz:
+    hkv, block_size, cache_len = paged_geometry(k_cache, v_cache, block_table, bsz)
+    if k_cache.shape[-1] != d:
         raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k_cache.shape)}, "
                          f"v {tuple(v_cache.shape)}")
     if hq % hkv != 0:
@@ -301,6 +353,13 @@ def _tree_attention(q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None,
     if v_cache.stride(-1) != 1:
         v_cache = v_cache.contiguous()
     lengths = lengths.to(torch.int32)
+    paged = block_table is not None
+    if paged:
+        table = block_table.to(torch.int32)
+        table = table if table.stride(-1) == 1 else table.contiguous()
+        stride_tab = table.stride(0)
+    else:
+        table, stride_tab = lengths, 0  # unused pointer: the identity table is computed, not loaded
     out = torch.empty((bsz, tq, hq, d), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
@@ -326,16 +385,16 @@ def _tree_attention(q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None,
         part_o = part_lse = out  # unused pointers
 
     _tree_attention_kernel[(m_blocks, bsz * hkv, num_splits)](
-        q, k_cache, v_cache, lengths, mask, out, part_o, part_lse,
+        q, k_cache, v_cache, lengths, mask, table, out, part_o, part_lse,
         scale * LOG2E,
-        tq, hq, hkv, group, tree_len, d, num_splits, int(has_mask),
+        tq, hq, hkv, group, tree_len, d, num_splits, int(has_mask), block_size,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        stride_mb, stride_mt,
+        stride_mb, stride_mt, stride_tab,
         out.stride(0), out.stride(1), out.stride(2),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        FP32_DOT=interpreter_needs_fp32_dot(_tree_attention_kernel, q.dtype),
+        FP32_DOT=interpreter_needs_fp32_dot(_tree_attention_kernel, q.dtype), PAGED=paged,
         num_warps=num_warps, num_stages=num_stages,
     )
     if split:
@@ -347,24 +406,32 @@ def _tree_attention(q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None,
     return out
 
 
-def tree_attention(q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None, scale=None):
+def tree_attention(q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None, scale=None, block_table=None):
     """Attention of new queries over a committed prefix plus masked tree keys in the cache (Triton).
 
     Parameters
     ----------
     q : ``[B, Tq, Hq, D]`` fp16, bf16 or fp32, ``D <= 128`` (any stride; last dim made contiguous)
-    k_cache, v_cache : ``[B, Hkv, S, D]`` in ``q.dtype``, ``Hq % Hkv == 0``
-    lengths : int32 ``[B]`` on ``q.device``: prefix rows ``< lengths[b]`` are visible to every query
-    tree_mask : int32 ``[B, Tq, ceil(tree_len / 32)]`` packed bits, or ``None`` for causal
-    tree_len : number of tree rows after the prefix (default ``Tq``, must be ``>= Tq``);
-        ``lengths[b] + tree_len <= S``
+    k_cache, v_cache : in ``q.dtype``, ``Hq % Hkv == 0``, any strides with a contiguous last dim:
+        with ``block_table``, one layer's pool ``[num_blocks, Hkv, block_size, D]`` (a
+        ``[num_blocks, block_size, Hkv, D]`` pool passes as ``pool.permute(0, 2, 1, 3)``); without, the
+        contiguous cache ``[B, Hkv, S, D]``
+    lengths : int32 ``[B]`` on ``q.device``: logical rows ``< lengths[b]`` are visible to every query
+    tree_mask : int32 ``[B, Tq, ceil(tree_len / 32)]`` packed bits, or ``None`` for causal (a prefill chunk:
+        ``Tq = tree_len``)
+    tree_len : number of tree rows after the prefix (default ``Tq``, must be ``>= Tq``); the tree occupies
+        logical rows ``lengths[b] .. lengths[b] + tree_len - 1``, ``lengths[b] + tree_len <= S`` (or
+        ``<= max_blocks * block_size``)
     scale : softmax scale (default ``D ** -0.5``)
+    block_table : int32 ``[B, max_blocks]`` or ``None``: logical row ``r`` of sequence ``b`` is row
+        ``r % block_size`` of block ``block_table[b, r // block_size]``; entries past the blocks holding rows
+        ``< lengths[b] + tree_len`` are never read (``-1`` or anything). ``None``: the identity table.
 
     Returns
     -------
     ``[B, Tq, Hq, D]`` in ``q.dtype``; a query that sees no key gets zeros. Never synchronises with the host.
     """
-    return _tree_attention(q, k_cache, v_cache, lengths, tree_mask, tree_len, scale)
+    return _tree_attention(q, k_cache, v_cache, lengths, tree_mask, tree_len, scale, block_table=block_table)
 
 
 __all__ = ["tree_attention", "choose_num_splits", "shared_memory_budget", "ATTN_CONFIGS"]

@@ -82,6 +82,20 @@ HIDDEN = (4096, 5120, 8192)
 VOCABS = (32000, 128256, 151936)
 
 
+# Paged caches as other engines and ours lay them out: (block_size, layout); "HND" is a slice of the engine's
+# [L, 2, num_blocks, Hkv, block_size, D] buffer, "NHD" a permuted view of a [num_blocks, block_size, Hkv, D]
+# pool (vLLM, FlashInfer). 1: one row per block.
+PAGED_LAYOUTS = ((16, "HND"), (64, "NHD"), (1, "HND"))
+
+
+def paged_buffer(num_layers, num_blocks, hkv, block_size, d, dtype, layout):
+    """A paged KV buffer ``[num_layers, 2, num_blocks, Hkv, block_size, D]``: contiguous ("HND"), or the
+    permuted view of a ``[num_layers, 2, num_blocks, block_size, Hkv, D]`` one ("NHD")."""
+    if layout == "HND":
+        return empty(num_layers, 2, num_blocks, hkv, block_size, d, dtype=dtype)
+    return empty(num_layers, 2, num_blocks, block_size, hkv, d, dtype=dtype).transpose(3, 4)
+
+
 def sweep_tree_attention(m):
     for dtype in DTYPES:
         for tq in (1, 10, 16, 60, 64, 65, 200, 2048):  # decode, draft levels, trees, prefill
@@ -92,7 +106,13 @@ def sweep_tree_attention(m):
                             q = empty(batch, tq, 8 * group, d, dtype=dtype)
                             k = empty(batch, 8, cache_len, d, dtype=dtype)
                             mask = empty(batch, tq, (tq + 31) // 32, dtype=torch.int32) if masked else None
-                            m.tree_attention(q, k, k, empty(batch, dtype=torch.int32), mask)
+                            lengths = empty(batch, dtype=torch.int32)
+                            m.tree_attention(q, k, k, lengths, mask)
+                            for block_size, layout in PAGED_LAYOUTS:
+                                max_blocks = -(-cache_len // block_size)
+                                buf = paged_buffer(2, batch * max_blocks + 7, 8, block_size, d, dtype, layout)
+                                table = empty(batch, max_blocks, dtype=torch.int32)
+                                m.tree_attention(q, buf[1, 0], buf[1, 1], lengths, mask, block_table=table)
 
 
 def sweep_draft_fc(m):
@@ -137,6 +157,12 @@ def sweep_rotary_store_kv(m):
                     cos_sin = empty(8192, d)
                     for norms in ((None, None), (w, w)):
                         m.rotary_store_kv(q, k, v, pos, cos_sin, cache[1, 0], cache[1, 1], rows, *norms)
+                        for block_size, layout in PAGED_LAYOUTS:
+                            max_blocks = -(-(seq + 2048) // block_size)
+                            buf = paged_buffer(4, bsz * max_blocks + 7, hkv, block_size, d, dtype, layout)
+                            table = empty(bsz, max_blocks, dtype=torch.int32)
+                            m.rotary_store_kv(q, k, v, pos, cos_sin, buf[1, 0], buf[1, 1], rows, *norms,
+                                              block_table=table)
 
 
 def sweep_silu_mul(m):
@@ -159,8 +185,13 @@ def sweep_kv_compact(m):
             for width in (1, 4, 7, 8, 64):
                 for d in HEAD_DIMS:
                     cache = empty(32, 2, bsz, 8, 4096, d, dtype=dtype)
-                    m.kv_compact(cache, empty(bsz, dtype=torch.int32), empty(bsz, width, dtype=torch.int64),
-                                 empty(bsz, dtype=torch.int32))
+                    args = (empty(bsz, dtype=torch.int32), empty(bsz, width, dtype=torch.int64),
+                            empty(bsz, dtype=torch.int32))
+                    m.kv_compact(cache, *args)
+                    for block_size, layout in PAGED_LAYOUTS:
+                        max_blocks = 4096 // block_size
+                        buf = paged_buffer(32, bsz * max_blocks + 7, 8, block_size, d, dtype, layout)
+                        m.kv_compact(buf, *args, block_table=empty(bsz, max_blocks, dtype=torch.int32))
 
 
 def sweep_sampling(m):

@@ -169,14 +169,14 @@ def test_caches_equal_a_recompute_from_scratch_after_every_round(agreeing):
             fresh = target.allocate_cache(1, n)
             out = target(ids, torch.arange(n).view(1, -1), fresh, None, aux_layers)
             torch.testing.assert_close(
-                state.tcache.data[:, :, b, :, :n], fresh.data[:, :, 0], rtol=1e-4, atol=1e-4
+                state.tcache.rows(b, n), fresh.rows(0, n), rtol=1e-4, atol=1e-4
             )
             draft_ids = torch.tensor([committed[1:] + [s.tokens[-1]]])
             draft_cache = head.allocate_cache(1, n)
             hidden = head.step(draft_ids, head.target_features(out), torch.arange(n).view(1, -1), draft_cache)
             torch.testing.assert_close(drafter.root_hidden[b], hidden[0, -1], rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(
-                drafter.dcache.data[:, :, b, :, :n], draft_cache.data[:, :, 0], rtol=1e-4, atol=1e-4
+                drafter.dcache.rows(b, n), draft_cache.rows(0, n), rtol=1e-4, atol=1e-4
             )
         runner.step()
         longest_path = max([longest_path] + [s.accept_lengths[-1] for s in seqs])

@@ -1,11 +1,12 @@
 """kv_compact: the reference against a naive per-layer loop, the Triton kernel (interpreter) and the CUDA op
-against the reference."""
+against the reference, and moves through a block table in paged pools against the contiguous result."""
 
 import importlib
 import os
 
 import pytest
 import torch
+from paged import LAYOUTS, paginate, unpaginate, unused_rows
 
 import eagle_kernels
 from eagle_kernels import _C_loader, reference
@@ -130,6 +131,101 @@ def test_dispatch_under_interpreter_uses_triton_and_matches():
     eagle_kernels.kv_compact(cache, lengths, src, counts)
     torch.testing.assert_close(cache, expected, rtol=0, atol=0)
     assert callable(eagle_kernels.kv_compact) and not isinstance(eagle_kernels.kv_compact, type(os))
+
+
+# ---------------------------------------------------------------------------------------------- paged
+
+
+def used_rows(lengths, src, counts):
+    """Logical rows each sequence holds: its prefix and the tree rows the case reads or writes."""
+    used = []
+    for b in range(len(lengths)):
+        n = int(counts[b])
+        extent = max([int(x) + 1 for x in src[b, :n]] + [n])
+        used.append(int(lengths[b]) + extent)
+    return used
+
+
+def paged_case(name, block_size, layout, dtype=torch.float32):
+    """A case's contiguous cache and the same logical rows in a pool of shuffled blocks (NaN elsewhere), with
+    what the contiguous reference leaves in those rows."""
+    cache, lengths, src, counts = make_case(*CASES[name], dtype=dtype)
+    used = used_rows(lengths, src, counts)
+    expected = cache.clone()
+    reference.kv_compact(expected, lengths, src, counts)
+    pool, table = paginate(cache, used, block_size, layout, seed=block_size)
+    return pool, table, lengths, src, counts, used, expected
+
+
+def assert_paged_result(pool, table, used, expected, before):
+    max_len = expected.shape[4]
+    result = unpaginate(pool, table, used, max_len)
+    for b, n in enumerate(used):
+        torch.testing.assert_close(result[:, :, b, :, :n], expected[:, :, b, :, :n], rtol=0, atol=0)
+    free = unused_rows(pool, table, used)
+    torch.testing.assert_close(pool.cpu()[free], before[free], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("block_size", [1, 5, 64])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_paged_matches_contiguous(name, layout, block_size):
+    """Rows moved through a block table (blocks shuffled, 5-row blocks: moves across block boundaries; HND and
+    NHD pools) end where the contiguous move puts them; no other row of the pool changes (unused rows stay
+    NaN). Triton and the paged reference."""
+    pool, table, lengths, src, counts, used, expected = paged_case(name, block_size, layout)
+    before = pool.clone()
+    reference.kv_compact(pool, lengths, src, counts, block_table=table)
+    assert_paged_result(pool, table, used, expected, before)
+    pool = before.clone().to(TRITON_DEVICE)
+    triton_kv_compact()(pool, *on_triton_device((lengths, src, counts)), block_table=table.to(TRITON_DEVICE))
+    assert_paged_result(pool, table, used, expected, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_paged_16_bit_and_odd_head_dim(dtype):
+    kv_compact_triton = triton_kv_compact()
+    gen = torch.Generator().manual_seed(1)
+    lengths = [5, 0, 11]
+    src_rows = [torch.randperm(40, generator=gen)[:9].tolist() for _ in lengths]
+    cache, lengths_t, src, counts = make_case(lengths, src_rows, [9, 4, 7], num_layers=1, kv_heads=3,
+                                              max_len=64, head_dim=80, dtype=dtype)
+    used = used_rows(lengths_t, src, counts)
+    expected = cache.clone()
+    reference.kv_compact(expected, lengths_t, src, counts)
+    pool, table = paginate(cache, used, 16, "NHD", seed=2)
+    before = pool.clone()
+    pool, table_d = pool.to(TRITON_DEVICE), table.to(TRITON_DEVICE)
+    kv_compact_triton(pool, *on_triton_device((lengths_t, src, counts)), block_table=table_d)
+    assert_paged_result(pool, table, used, expected, before)
+
+
+def test_paged_negative_destination_entry_skips():
+    """A destination row in a block whose table entry is -1 is not written (kernel and reference)."""
+    pool, table, lengths, src, counts, used, _ = paged_case("batch3_mixed", 4, "HND")
+    table[1, 1] = -1  # sequence 1 (prefix 7): its destination row 7 lives in logical block 1
+    expected = pool.clone()
+    reference.kv_compact(expected, lengths, src, counts, block_table=table)
+    pool = pool.to(TRITON_DEVICE)
+    triton_kv_compact()(pool, *on_triton_device((lengths, src, counts, table)))
+    torch.testing.assert_close(pool.cpu(), expected, rtol=0, atol=0, equal_nan=True)
+
+
+def test_paged_dispatch_runs_triton_and_the_identity_table():
+    """``eagle_kernels.kv_compact`` with a table runs the Triton kernel (the CUDA op takes no table); the
+    identity table over the contiguous buffer is ``block_table=None``."""
+    pool, table, lengths, src, counts, used, expected = paged_case("overlap_forward", 4, "NHD")
+    before = pool.clone()
+    pool, table_d = pool.to(TRITON_DEVICE), table.to(TRITON_DEVICE)
+    eagle_kernels.kv_compact(pool, *on_triton_device((lengths, src, counts)), block_table=table_d)
+    assert eagle_kernels.backends()["kv_compact"]["backend"] == "triton"
+    assert_paged_result(pool, table, used, expected, before)
+    cache, lengths, src, counts = on_triton_device(make_case(*CASES["batch3_mixed"]))
+    identity = torch.arange(3, dtype=torch.int32, device=TRITON_DEVICE).view(3, 1)
+    plain = cache.clone()
+    eagle_kernels.kv_compact(plain, lengths, src, counts)
+    triton_kv_compact()(cache, lengths, src, counts, block_table=identity)
+    torch.testing.assert_close(cache, plain, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------ CUDA

@@ -303,8 +303,8 @@ def seed_pool_with_prompt(drafter: LookaheadDrafter) -> None:
     rounds' own :func:`pool_insert`), so that the first round already verifies real candidates."""
     prefill = drafter.prefill
 
-    def prefill_and_seed(s, sl, ids, prompt_lens, out, first):
-        prefill(s, sl, ids, prompt_lens, out, first)
+    def prefill_and_seed(s, sl, ids, prompt_lens, starts, out, first):
+        prefill(s, sl, ids, prompt_lens, starts, out, first)
         grams = ids.unfold(1, drafter.settings.ngram, 1)  # [k, P - N + 1, N] (equal prompts: no padding)
         enabled = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
         pool_insert(drafter.pool[sl], drafter.ptr[sl], grams, enabled)

@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 import importlib  # noqa: E402
 
 import pytest  # noqa: E402
+from paged import LAYOUTS, paginate, unpaginate, unused_rows  # noqa: E402
 from scipy.stats import chisquare  # noqa: E402
 
 import eagle_kernels  # noqa: E402
@@ -110,6 +111,63 @@ def test_rotary_store_kv_int32_positions_and_k_norm_only():
                                           rows, None, kw)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(buf, expected_buf, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 64])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rotary_store_kv_paged(block_size, layout, dtype):
+    """New rows through a block table into a pool of shuffled blocks (HND, or NHD as a permuted view): the
+    same logical rows as the contiguous write, rows crossing block boundaries, nothing else of the pool
+    touched (its unused rows stay NaN); the paged reference agrees."""
+    bsz, seq, hq, hkv, d = 3, 5, 4, 2, 32
+    q, k, v, positions, cos_sin, buf, _, (qw, kw) = rotary_case(bsz, seq, hq, hkv, d, dtype, True, 21,
+                                                                cache_rows=80, device=DEVICE)
+    rows = torch.tensor([14, 0, 61], dtype=torch.int32, device=DEVICE)  # 14..18 crosses row 16
+    used = [int(r) + seq for r in rows]
+    caches = torch.stack([buf[1, 0, :bsz], buf[1, 1, :bsz]]).cpu()  # [2, B, Hkv, S, D]
+    expected = caches.clone()
+    q_expected = reference.rotary_store_kv(q.cpu(), k.cpu(), v.cpu(), positions.cpu(), cos_sin.cpu(),
+                                           expected[0], expected[1], rows.cpu(), qw.cpu(), kw.cpu())
+    pool, table = paginate(caches, used, block_size, layout, seed=block_size)
+    pool_ref = pool.clone()
+    pool, table = pool.to(DEVICE), table.to(DEVICE)
+    out = rotary_store_kv.rotary_store_kv(q, k, v, positions, cos_sin, pool[0], pool[1], rows, qw, kw,
+                                          block_table=table)
+    tol = tolerance(dtype, ulps=4)
+    torch.testing.assert_close(out.cpu(), q_expected, **tol)
+    written = unpaginate(pool, table, used, caches.shape[3])
+    want = expected.clone()
+    for b, n in enumerate(used):
+        want[:, b, :, n:] = float("nan")  # rows the pool does not hold
+    torch.testing.assert_close(written, want, equal_nan=True, **tol)
+    torch.testing.assert_close(written[1], want[1], equal_nan=True, rtol=0, atol=0)  # raw v: exact
+    assert torch.isnan(pool.cpu()[unused_rows(pool, table, used)]).all()
+    # The reference through the same table.
+    q_ref = reference.rotary_store_kv(q.cpu(), k.cpu(), v.cpu(), positions.cpu(), cos_sin.cpu(), pool_ref[0],
+                                      pool_ref[1], rows.cpu(), qw.cpu(), kw.cpu(), block_table=table.cpu())
+    torch.testing.assert_close(q_ref, q_expected, rtol=0, atol=0)
+    torch.testing.assert_close(pool.cpu(), pool_ref, equal_nan=True, **tol)
+
+
+def test_rotary_store_kv_paged_skips_negative_entries_and_rows_past_the_table():
+    """A padded sequence (its table row all -1) writes nothing, nor do rows past the table's capacity."""
+    q, k, v, positions, cos_sin, buf, _, _ = rotary_case(3, 4, 2, 1, 16, torch.float32, False, 22,
+                                                         device=DEVICE)
+    rows = torch.tensor([3, 0, 78], dtype=torch.int32, device=DEVICE)  # sequence 2: rows 78..81 of 80
+    pool, table = paginate(torch.stack([buf[0, 0, :3], buf[0, 1, :3]]).cpu(), [7, 4, 80], 8, seed=3)
+    table[1] = -1
+    before = pool.clone()
+    pool, table = pool.to(DEVICE), table.to(DEVICE)
+    rotary_store_kv.rotary_store_kv(q, k, v, positions, cos_sin, pool[0], pool[1], rows, block_table=table)
+    t = table.cpu()
+    expected = {(int(t[0, r // 8]), r % 8) for r in range(3, 7)} | {(int(t[2, 9]), 6), (int(t[2, 9]), 7)}
+    changed = (pool.cpu() != before) & ~torch.isnan(before)  # [2, num_blocks, Hkv, 8, D]
+    assert {tuple(x) for x in changed.any(dim=(0, 2, 4)).nonzero().tolist()} == expected
+    reference_pool = before.clone()
+    reference.rotary_store_kv(q.cpu(), k.cpu(), v.cpu(), positions.cpu(), cos_sin.cpu(), reference_pool[0],
+                              reference_pool[1], rows.cpu(), block_table=t)
+    torch.testing.assert_close(pool.cpu(), reference_pool, equal_nan=True, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- silu_mul

@@ -8,6 +8,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernels on CPU tensors
 
 import pytest  # noqa: E402
+from paged import LAYOUTS, paginate  # noqa: E402
 
 from eagle_kernels import reference  # noqa: E402
 from eagle_kernels.tree_attention import (  # noqa: E402
@@ -184,3 +185,81 @@ def test_dispatch_runs_the_kernel(monkeypatch):
     out = eagle_kernels.tree_attention(q, k, v, lengths, mask, 3)
     assert calls == [1]
     torch.testing.assert_close(out, reference.tree_attention(q, k, v, lengths, mask, 3), atol=2e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- paged caches
+
+
+def paged_inputs(case, block_size, layout, dtype, masked, seed):
+    """A case's contiguous inputs and the same logical rows in a shuffled pool: rows past each sequence's
+    ``lengths[b] + tree_len`` (the rest of its last block, spare blocks) are NaN, table entries past its used
+    blocks -1 or garbage."""
+    batch, tq, tree_len, hq, hkv, d, lens = case
+    q, k, v, lengths, mask = make_inputs(batch, tq, hq, hkv, d, lens, tree_len, dtype, masked, seed)
+    used = [n + tree_len for n in lens]
+    k_pool, table = paginate(k.cpu(), used, block_size, layout, seed=seed)
+    v_pool, _ = paginate(v.cpu(), used, block_size, layout, seed=seed)  # the same table
+    return q, k, v, lengths, mask, k_pool.to(DEVICE), v_pool.to(DEVICE), table.to(DEVICE)
+
+
+# (batch, Tq, tree_len, Hq, Hkv, D, lengths)
+PAGED_CASES = [
+    (3, 3, 7, 8, 2, 64, [0, 13, 37]),  # draft step, GQA 4; with 16-row blocks sequence 1's tree crosses one
+    (3, 1, 1, 4, 1, 80, [17, 0, 130]),  # decode, D=80, a prefix over several 64-row blocks
+]
+
+
+@pytest.mark.parametrize("case", PAGED_CASES, ids=["draft", "decode"])
+@pytest.mark.parametrize("block_size", [1, 16, 64])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_paged_matches_contiguous(case, block_size, layout):
+    """Shuffled blocks, partial last blocks, NaN in every row no query may see: the paged kernel gives exactly
+    the contiguous kernel's output (tree mask and causal, split and not), and the paged reference the
+    contiguous reference's."""
+    tree_len = case[2]
+    for masked in (True, False):
+        q, k, v, lengths, mask, k_pool, v_pool, table = paged_inputs(case, block_size, layout, torch.float32,
+                                                                     masked, seed=block_size)
+        assert k_pool.stride(1 if layout == "NHD" else 2) == case[5]  # heads (NHD) or rows (HND) adjacent
+        for splits in (1, 3):
+            out = _tree_attention(q, k_pool, v_pool, lengths, mask, tree_len, num_splits=splits,
+                                  block_table=table)
+            expected = _tree_attention(q, k, v, lengths, mask, tree_len, num_splits=splits)
+            assert torch.equal(out, expected), (masked, splits, (out - expected).abs().max())
+        ref = reference.tree_attention(q, k_pool, v_pool, lengths, mask, tree_len, block_table=table)
+        assert torch.equal(ref, reference.tree_attention(q, k, v, lengths, mask, tree_len))
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_paged_prefill_chunk_and_bf16(layout):
+    """A causal prefill chunk (``Tq = tree_len = 40``, 80 rows per kv head: the large config) after prefixes
+    of 0 and 23 rows in 16-row blocks, fp32 and bf16."""
+    case = (2, 40, 40, 4, 2, 64, [0, 23])
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v, lengths, _, k_pool, v_pool, table = paged_inputs(case, 16, layout, dtype, False, seed=11)
+        out = tree_attention(q, k_pool, v_pool, lengths, None, 40, block_table=table)
+        assert torch.equal(out, tree_attention(q, k, v, lengths, None, 40))
+        check(q, k, v, lengths, None, 40, 1)  # the contiguous kernel itself against the fp32 reference
+
+
+def test_identity_table_is_the_contiguous_layout():
+    """``block_table=None`` is the pool of B blocks of S rows with the identity table ``[[0], [1], ...]``."""
+    q, k, v, lengths, mask = make_inputs(3, 3, 4, 1, 64, [0, 17, 40], 7, torch.float32, True, seed=12)
+    identity = torch.arange(3, dtype=torch.int32, device=DEVICE).view(3, 1)
+    for splits in (1, 2):
+        out = _tree_attention(q, k, v, lengths, mask, 7, num_splits=splits, block_table=identity)
+        assert torch.equal(out, _tree_attention(q, k, v, lengths, mask, 7, num_splits=splits))
+    assert torch.equal(reference.tree_attention(q, k, v, lengths, mask, 7, block_table=identity),
+                       reference.tree_attention(q, k, v, lengths, mask, 7))
+
+
+def test_paged_padding_row_reads_in_bounds():
+    """A padded sequence whose table row is all -1 reads block 0 (never out of bounds); the others are
+    unaffected."""
+    case = (3, 2, 2, 2, 1, 64, [5, 0, 30])
+    q, k, v, lengths, mask, k_pool, v_pool, table = paged_inputs(case, 16, "HND", torch.float32, True, 13)
+    table[1] = -1
+    out = tree_attention(q, k_pool, v_pool, lengths, mask, 2, block_table=table)
+    expected = tree_attention(q, k, v, lengths, mask, 2)
+    assert torch.equal(out[[0, 2]], expected[[0, 2]])

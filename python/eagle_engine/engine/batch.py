@@ -20,6 +20,7 @@ import torch
 
 import eagle_kernels as ops
 
+from ..kv_cache import PoolShape
 from ..models.llama import LlamaModel
 from ..speculative.drafter import Drafter, Verified, gather_rows
 from ..speculative.sampling import probs_per_row, sample_from_probs, uniforms
@@ -34,22 +35,42 @@ class Mode:
     top_p: bool = False  # some sampled sequence has top_p < 1
 
 
+def scratch_rows(drafter: Drafter | None) -> int:
+    """Rows a step may write past a sequence's committed length: its tree (or its one vanilla row), and
+    one more."""
+    return (max(drafter.rows, drafter.width, drafter.cache_rows) if drafter is not None else 1) + 1
+
+
 class BatchState:
     """Static device buffers for ``max_batch`` slots: the target cache, roots, per-slot sampling settings,
     outputs; the drafter's own buffers are allocated here too (:meth:`Drafter.bind`).
+
+    The caches are paged (:mod:`eagle_engine.kv_cache`): a pool of ``num_blocks`` blocks of ``block_size``
+    rows (default: enough for every slot's whole length) and one block table ``[max_batch, max_blocks]``
+    for the target's cache and the drafter's, filled by the runner.
+    ``scratch_rows``: rows a step may write past a sequence's committed length (its tree, and one more).
+    The table is wide enough for ``2 * (max_len + scratch_rows)`` rows: a batched prefill pads each prompt's
+    computed part to the longest, and those padding rows must stay inside the table (their entries are -1:
+    the writes are dropped).
 
     ``out`` long ``[max_batch, width + 1]``: after a step, row ``b`` holds the tokens the step produced for
     slot ``b`` in ``[:width]`` and how many of them count in ``[width]`` (0 for an inactive slot).
     """
 
-    def __init__(self, target: LlamaModel, drafter: Drafter | None, max_batch: int, max_len: int):
+    def __init__(self, target: LlamaModel, drafter: Drafter | None, max_batch: int, max_len: int,
+                 num_blocks: int | None = None, block_size: int = 16):
         dev = target.lm_head_weight.device
         self.max_batch, self.max_len = max_batch, max_len
         self.drafter = drafter
         # Path width: the root and the longest accepted path; vanilla emits one token.
         self.width = drafter.width if drafter is not None else 1
-        scratch = max(drafter.rows, self.width) if drafter is not None else 1
-        self.tcache = target.allocate_cache(max_batch, max_len + scratch + 1)
+        self.scratch_rows = scratch_rows(drafter)
+        rows = max_len + self.scratch_rows
+        if num_blocks is None:
+            num_blocks = max_batch * -(-rows // block_size)
+        table = torch.full((max_batch, -(-2 * rows // block_size)), -1, dtype=torch.int32, device=dev)
+        self.pool = PoolShape(num_blocks, block_size, table)
+        self.tcache = target.allocate_cache(max_batch, self.pool.capacity, self.pool)
 
         def zeros(*shape, dtype=torch.long):
             return torch.zeros(*shape, dtype=dtype, device=dev)
@@ -68,7 +89,7 @@ class BatchState:
         keeps_history = drafter is not None and drafter.needs_history
         self.history = zeros(max_batch, max_len + self.width + 1) if keeps_history else None
         if drafter is not None:
-            drafter.bind(target, max_batch, max_len)
+            drafter.bind(target, max_batch, max_len, self.pool)
 
     def per_slot(self) -> list[torch.Tensor]:
         """Every per-slot buffer (dimension 0 is the slot), for moving a sequence between slots."""
@@ -90,31 +111,64 @@ def _next_tokens(s: BatchState, sl: slice, logits: torch.Tensor, mode: Mode) -> 
     return sample_from_probs(probs, uniforms(s.seeds[sl], s.offsets[sl], 1)[:, 0])
 
 
+def _forward_rows(target: LlamaModel, s: BatchState, sl: slice, ids: torch.Tensor, starts: torch.Tensor,
+                  width: int):
+    """The target over rows ``starts[b] .. starts[b] + width - 1`` of slots ``sl`` (tokens: those columns of
+    ``ids``, clamped to its last): the rows before ``starts[b]`` are in the cache already. Padding rows past
+    a sequence's end land in its own blocks or are dropped (table entries -1), and are overwritten later."""
+    k, p = ids.shape
+    cols = starts.long().view(k, 1) + torch.arange(width, device=ids.device)
+    tcache = s.tcache.slots(sl.start, sl.stop)
+    tcache.lengths.copy_(starts)
+    aux_layers = s.drafter.aux_layers if s.drafter is not None else ()
+    out = target(torch.gather(ids, 1, cols.clamp(max=p - 1)), cols, tcache, None, aux_layers)
+    return out, cols
+
+
 def prefill(target: LlamaModel, s: BatchState, start: int, ids: torch.Tensor, prompt_lens: torch.Tensor,
-            mode: Mode) -> torch.Tensor:
+            mode: Mode, starts: torch.Tensor | None = None, width: int | None = None,
+            known_first: torch.Tensor | None = None) -> torch.Tensor:
     """Prefill slots ``start .. start + k - 1`` with right-padded prompts: long ``ids [k, P]``, int32
-    ``prompt_lens [k]`` (on the device). Sets their caches, roots, the drafter's state and the first token
-    (returned, long ``[k]``, also in ``out``)."""
+    ``prompt_lens [k]`` (on the device). Rows below int32 ``starts [k]`` (default 0) are in the cache
+    already (a cached prefix, or earlier chunks): only the next ``width`` rows (default: to the longest
+    prompt's end) are computed. Sets their caches, roots, the drafter's state and the first token (returned,
+    long ``[k]``, also in ``out``); ``known_first`` long ``[k]``: that token instead of a sampled one (a
+    preempted sequence resuming: its last emitted token)."""
     k, p = ids.shape
     sl = slice(start, start + k)
-    tcache = s.tcache.slots(start, start + k)
-    tcache.lengths.zero_()
-    drafter = s.drafter
-    aux_layers = drafter.aux_layers if drafter is not None else ()
-    # Padding rows land past each prompt and are overwritten later.
-    out = target(ids, torch.arange(p, device=ids.device).expand(k, p), tcache, None, aux_layers)
-    tcache.lengths.copy_(prompt_lens)
-    last = (prompt_lens.long() - 1).view(k, 1)
+    starts = torch.zeros_like(prompt_lens) if starts is None else starts
+    width = p if width is None else width
+    out, _ = _forward_rows(target, s, sl, ids, starts, width)
+    s.tcache.lengths[sl] = prompt_lens
+    last = (prompt_lens - starts - 1).long().view(k, 1)  # the prompt's last row, among the computed ones
     first = _next_tokens(s, sl, target.logits(gather_rows(out.hidden, last)[:, 0]), mode)
+    if known_first is not None:
+        first = known_first
     s.root_token[sl] = first
     if s.history is not None:
+        end = (prompt_lens.long() - 1).view(k, 1)
         s.history[sl, :p] = ids
-        s.history[sl].scatter_(1, last + 1, first.view(k, 1))
-    if drafter is not None:
-        drafter.prefill(s, sl, ids, prompt_lens, out, first)
+        s.history[sl].scatter_(1, end + 1, first.view(k, 1))
+    if s.drafter is not None:
+        s.drafter.prefill(s, sl, ids, prompt_lens, starts, out, first)
     s.out[sl, 0] = first
     s.out[sl, -1] = 1
     return first
+
+
+def prefill_chunk(target: LlamaModel, s: BatchState, slot: int, ids: torch.Tensor, start: int,
+                  end: int) -> None:
+    """One chunk of a long prompt's prefill: rows ``start .. end - 1`` of slot ``slot`` (``ids`` long
+    ``[1, P]``, the whole prompt, ``end < P``); the slot stays inactive until :func:`prefill` computes its
+    last chunk. Between chunks its lengths are 0 (the runner knows how far it got, and hides its table row
+    from the rounds it sits out): those rounds neither read its prefix nor write into it."""
+    sl = slice(slot, slot + 1)
+    starts = torch.full((1,), start, dtype=torch.int32, device=ids.device)
+    out, _ = _forward_rows(target, s, sl, ids, starts, end - start)
+    if s.drafter is not None:
+        s.drafter.prefill_chunk(s, sl, ids[:, start + 1 : end + 1], starts, out)
+    for cache in s.caches():
+        cache.lengths[sl] = 0
 
 
 def vanilla_step(target: LlamaModel, s: BatchState, n: int, mode: Mode) -> None:
@@ -165,7 +219,7 @@ def speculative_round(target: LlamaModel, s: BatchState, n: int, mode: Mode) -> 
     s.compact_src[sl] = path
     s.compact_counts[sl] = counts
     s.compact_counts[n:] = 0
-    ops.kv_compact(s.tcache.data, s.tcache.lengths, s.compact_src, s.compact_counts)
+    ops.kv_compact(s.tcache.data, s.tcache.lengths, s.compact_src, s.compact_counts, s.tcache.block_table)
     # The kept tokens: the accepted draft tokens after the root, then the bonus token (then padding).
     path_tokens = torch.gather(tree.tokens, 1, path)
     next_tokens = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], 1)

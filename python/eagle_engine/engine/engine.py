@@ -20,15 +20,19 @@ from ..speculative.methods import (
 )
 from ..speculative.sampling import SamplingParams
 from ..speculative.tree import TreeConfig
+from .batch import scratch_rows
 from .cpu_threads import set_threads
 from .handles import Request
 from .inputs import check_max_new_tokens, check_seeds, normalize_prompts, normalize_stop_ids
+from .kv_budget import parse_size, pool_blocks
 from .plan import PlanChannel
 from .runner import Runner
 from .scheduler import Scheduler
 
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_MAX_MODEL_LEN = 4096  # capped by the model's own maximum length
+DEFAULT_BLOCK_SIZE = 16
+DEFAULT_MAX_PREFILL_TOKENS = 2048
 NO_METHOD = (
     "{} needs a speculative method: a draft head (from_pretrained(base, draft_path)) or "
     "method='lookahead' / 'prompt_lookup'"
@@ -103,6 +107,10 @@ class EagleEngine:
         max_batch_size: int | None = None,
         max_model_len: int | None = None,
         cuda_graphs: bool | None = None,
+        kv_cache_memory=None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        enable_prefix_caching: bool = True,
+        max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
     ):
         given = {"tree": tree, "medusa": medusa, "lookahead": lookahead, "prompt_lookup": prompt_lookup}
         self.method = resolve_method(method, draft, given)
@@ -118,7 +126,13 @@ class EagleEngine:
             max_batch_size=DEFAULT_MAX_BATCH_SIZE if max_batch_size is None else max_batch_size,
             max_model_len=max_model_len,
             cuda_graphs=self.device.type == "cuda" if cuda_graphs is None else cuda_graphs,
+            block_size=block_size,
+            prefix_caching=bool(enable_prefix_caching),
+            max_prefill_tokens=max_prefill_tokens,
         )
+        if kv_cache_memory is not None:
+            parse_size(kv_cache_memory)  # a bad size fails here, before anything is allocated
+        self._kv_cache_memory = kv_cache_memory
         self._runners: dict[bool, Runner] = {}
         self.runner  # allocate the caches now: a size that does not fit fails here, not mid-request
         # The one driver of the runners, for this API and the server alike (one engine thread).
@@ -144,6 +158,10 @@ class EagleEngine:
         threads: int | None = None,
         draft_vocab_size: int | None = None,
         token_frequencies: str | None = None,
+        kv_cache_memory=None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        enable_prefix_caching: bool = True,
+        max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
     ) -> "EagleEngine":
         """Load a Hugging Face target directory and, if given, a draft head directory: an EAGLE-1/2 or
         EAGLE-3 head (official EAGLE format) or Medusa-1 heads (official Medusa format), told apart by their
@@ -176,6 +194,14 @@ class EagleEngine:
         ``draft_vocab_size`` with ``token_frequencies`` (a file of ``eagle prepare-data``): an EAGLE-1/2 head
         ranks its drafts over that many most frequent tokens only (:meth:`Eagle1Head.reduce_vocab`; lossless:
         the target verifies). EAGLE-3 heads carry their own draft vocabulary.
+        The KV cache is paged (:mod:`eagle_engine.kv_cache`): blocks of ``block_size`` tokens (16) in one
+        pool per runner, sized by ``kv_cache_memory`` (bytes, or a size like ``"8GiB"``; default: 90% of the
+        device memory free when the runner is built on CUDA, what ``max_batch_size`` sequences of
+        ``max_model_len`` need (at most 1 GiB) on a CPU); ``max_model_len`` limits each request and
+        reserves nothing. ``enable_prefix_caching``: prompts reuse the blocks of prefixes computed before.
+        ``max_prefill_tokens`` (2048): prompt tokens prefilled per step at most, so that a long prompt joins
+        in chunks while the others keep decoding. When the running sequences outgrow the pool, the newest
+        is preempted and resumes later with identical output (:class:`~eagle_engine.engine.runner.Runner`).
         """
         dev, dt = resolve_device(device), resolve_dtype(dtype)
         if threads != 0 and (threads is not None or dev.type == "cpu"):
@@ -193,7 +219,8 @@ class EagleEngine:
             reduce_draft_vocab(draft, draft_vocab_size, token_frequencies, target.config.vocab_size)
         return cls(target, draft, tree, method=method, medusa=medusa, lookahead=lookahead,
                    prompt_lookup=prompt_lookup, max_batch_size=max_batch_size, max_model_len=max_model_len,
-                   cuda_graphs=cuda_graphs)
+                   cuda_graphs=cuda_graphs, kv_cache_memory=kv_cache_memory, block_size=block_size,
+                   enable_prefix_caching=enable_prefix_caching, max_prefill_tokens=max_prefill_tokens)
 
     @property
     def runner(self) -> Runner:
@@ -230,11 +257,30 @@ class EagleEngine:
         if speculative not in self._runners:
             drafter = self._make_drafter() if speculative else None
             table = self.target.cos_sin.data_ptr()
-            self._runners[speculative] = Runner(self.target, drafter, **self._runner_args)
+            blocks = self._pool_blocks(drafter)
+            self._runners[speculative] = Runner(self.target, drafter, num_blocks=blocks, **self._runner_args)
             if self.target.cos_sin.data_ptr() != table:  # grown: graphs read the old table
                 for other in self._runners.values():
                     other.graphs.clear()
         return self._runners[speculative]
+
+    def _pool_blocks(self, drafter) -> int:
+        """Blocks of a runner's pool for ``drafter`` (see :mod:`.kv_budget`)."""
+        cfg, w = self.target.config, self.target.lm_head_weight
+        kv_heads = cfg.num_key_value_heads // (1 if self.target.tp is None else self.target.tp.size)
+        row = cfg.num_hidden_layers * 2 * kv_heads * cfg.head_dim * w.element_size()
+        row += drafter.kv_bytes_per_row() if drafter is not None else 0
+        args = self._runner_args
+        size = args["block_size"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise EagleError(f"block_size must be an integer >= 1, got {size!r}")
+        scratch = scratch_rows(drafter)
+        per_sequence = -(-(args["max_model_len"] + scratch) // size)
+        batch, least = args["max_batch_size"], -(-(2 + scratch) // size)  # a 1-token prompt, 1 new token
+        blocks = pool_blocks(row * size, per_sequence, batch, self.device, self._kv_cache_memory, least)
+        if self.target.tp is not None:  # every rank must make the same block decisions: the smallest pool
+            blocks = self.target.tp.min_int(blocks, self.device)
+        return blocks
 
     def _make_drafter(self):
         if self.method == "eagle" and self.tree.is_auto:

@@ -27,12 +27,12 @@ from collections.abc import Callable
 import torch
 
 from ..errors import EagleError, InvalidRequestError
+from .blocks import KVCacheTooSmallError
 from .handles import Handle, Output, Request
 from .plan import Admission, Plan, PlanChannel
 from .sequence import Sequence
 
 log = logging.getLogger(__name__)
-
 
 HEARTBEAT_SECONDS = 30.0  # an idle leader under tensor parallelism sends an empty plan this often
 
@@ -77,6 +77,19 @@ class Scheduler:
     @property
     def num_running(self) -> int:
         return len(self._running)
+
+    def cache_stats(self) -> dict:
+        """The runners' KV caches, summed: ``{"queries", "hits"}`` (prompt tokens looked up in and found in
+        the prefix cache), ``"preemptions"``, ``"used_blocks"``, ``"blocks"`` (any thread: plain reads)."""
+        stats = dict.fromkeys(("queries", "hits", "preemptions", "used_blocks", "blocks"), 0)
+        for runner in list(self._runners.values()):
+            blocks = runner.blocks
+            stats["queries"] += blocks.stats.queries
+            stats["hits"] += blocks.stats.hits
+            stats["preemptions"] += runner.num_preemptions
+            stats["used_blocks"] += blocks.num_used
+            stats["blocks"] += blocks.num_blocks
+        return stats
 
     @property
     def alive(self) -> bool:
@@ -195,9 +208,10 @@ class Scheduler:
                 ending.add(h.id)
         freed = {True: 0, False: 0}
         for h in self._running.values():  # slots the plan's ends free (the runner's own ends are free)
-            if h.id in ending and h.seq in self._runner(h.request.speculative).running:
+            if h.id in ending and self._runner(h.request.speculative).holds(h.seq):
                 freed[h.request.speculative] += 1
         free = {spec: None for spec in (True, False)}
+        room = {spec: 0 for spec in (True, False)}  # blocks admissions may take (see Runner.admission_room)
         with self._cond:
             waiting, self._waiting = sorted(self._waiting), []  # (the queue's depth is read under the lock)
             for order, h in waiting:
@@ -209,12 +223,19 @@ class Scheduler:
                         self._finished(h, Output([], "", "timeout", len(h.request.prompt), error=error))
                     else:
                         spec = h.request.speculative
-                        if free[spec] is None:  # (builds the runner on first use: memory may run out)
-                            free[spec] = self._runner(spec).free_slots() + freed[spec]
-                        if free[spec] > 0:
+                        runner = self._runner(spec)  # (built on first use: memory may run out)
+                        if free[spec] is None:
+                            free[spec] = runner.free_slots() + freed[spec]
+                            room[spec] = runner.admission_room()
+                        prompt = h.request.prompt
+                        runner.check_fits(len(prompt), h.request.max_tokens)
+                        cost = runner.admission_cost(prompt)
+                        if free[spec] > 0 and cost <= room[spec]:
                             plan.admit.append(self._admission(h))
                             free[spec] -= 1
-                        else:
+                            room[spec] -= cost
+                        else:  # first come, first served: nothing behind it jumps ahead on this runner
+                            free[spec] = 0
                             self._waiting.append((order, h))  # (sorted: still a heap)
                 except Exception as e:  # this request cannot start: it fails, the others go on
                     self._fail(h, e)
@@ -332,7 +353,7 @@ class Scheduler:
         self._deliver_all({h.seq: first.get(h.seq, []) for h in joining})
 
     def _step(self, runner) -> None:
-        batch = [h for h in self._running.values() if h.seq in runner.running]
+        batch = [h for h in self._running.values() if runner.holds(h.seq)]
         t0 = time.perf_counter()
         try:
             kept = runner.step()
@@ -396,7 +417,7 @@ class Scheduler:
         if self._running.pop(h.seq, None) is None:
             return
         runner = self._runner(h.request.speculative)
-        if h.seq in runner.running:
+        if runner.holds(h.seq):
             try:
                 runner.release(h.seq)
             except Exception:
@@ -439,4 +460,5 @@ class Scheduler:
             self._fail(h, error)
 
 
-__all__ = ["Scheduler", "QueueFullError", "QueueTimeoutError", "Request", "Output", "Handle"]
+__all__ = ["Scheduler", "QueueFullError", "QueueTimeoutError", "KVCacheTooSmallError", "Request", "Output",
+           "Handle"]

@@ -16,7 +16,7 @@ from torch import nn
 import eagle_kernels as ops
 
 from ..errors import DraftMismatchError
-from ..kv_cache import KVCache
+from ..kv_cache import KVCache, PoolShape
 from .config import ConfigReader, ModelConfig
 from .llama import MLP, Attention, LlamaModel, RMSNorm, rotary_table
 from .parallel import whole_vocab_weight
@@ -59,17 +59,11 @@ class _DraftHead(nn.Module):
         self.owns_embedding = True  # False when taken from the target: then it is not saved
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
 
-    def allocate_cache(self, batch: int, capacity: int) -> KVCache:
-        w = self.embed_tokens.weight
-        return KVCache.allocate(
-            1,
-            batch,
-            self.config.num_key_value_heads,
-            capacity,
-            self.config.head_dim,
-            dtype=w.dtype,
-            device=w.device,
-        )
+    def allocate_cache(self, batch: int, capacity: int, pool: PoolShape | None = None) -> KVCache:
+        """As :meth:`LlamaModel.allocate_cache`: the head's one layer (contiguous, or paged as ``pool``)."""
+        w, cfg = self.embed_tokens.weight, self.config
+        return KVCache.allocate(1, batch, cfg.num_key_value_heads, capacity, cfg.head_dim, dtype=w.dtype,
+                                device=w.device, **({} if pool is None else pool.kwargs()))
 
     def aux_layers(self, num_target_layers: int) -> tuple[int, ...]:
         return ()
@@ -87,7 +81,7 @@ class _DraftHead(nn.Module):
 
     def _attend(self, attn: Attention, x, positions, cache: KVCache, tree_mask, tree_len):
         return attn(
-            x, positions, self.cos_sin, cache.data[0, 0], cache.data[0, 1], cache.lengths, tree_mask, tree_len
+            x, positions, self.cos_sin, *cache.layer(0), cache.lengths, cache.block_table, tree_mask, tree_len
         )
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 import eagle_kernels as ops
 
-from ..kv_cache import KVCache
+from ..kv_cache import KVCache, PoolShape
 from .config import ModelConfig
 from .parallel import TensorParallel, row_parallel, vocab_embedding, vocab_logits
 
@@ -94,18 +94,22 @@ class Attention(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         lengths: torch.Tensor,
+        block_table: torch.Tensor,
         tree_mask: torch.Tensor | None,
         tree_len: int | None = None,
     ) -> torch.Tensor:
-        """``tree_len``: tree rows after the prefix (default ``T``); the ``T`` queries are the last ones."""
+        """``k_cache``/``v_cache``: this layer's pools, addressed through ``block_table`` (see
+        :mod:`eagle_engine.kv_cache`); ``tree_len``: tree rows after the prefix (default ``T``); the ``T``
+        queries are the last ones."""
         b, t, _ = x.shape
         q, k, v = self.project(x)
         tree_len = t if tree_len is None else tree_len
         # The new rows are the last T of the tree region: write them at lengths + tree_len - T.
         rows = lengths if tree_len == t else lengths + (tree_len - t)
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
-        q = ops.rotary_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, rows, *norms)
-        out = ops.tree_attention(q, k_cache, v_cache, lengths, tree_mask, tree_len)
+        q = ops.rotary_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, rows, *norms,
+                                block_table=block_table)
+        out = ops.tree_attention(q, k_cache, v_cache, lengths, tree_mask, tree_len, block_table=block_table)
         return row_parallel(self.o_proj, out.reshape(b, t, self.num_heads * self.head_dim), self.tp)
 
 
@@ -162,14 +166,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, residual, positions, cos_sin, k_cache, v_cache, lengths, tree_mask):
+    def forward(self, h, residual, positions, cos_sin, k_cache, v_cache, lengths, block_table, tree_mask):
         """``h + residual`` is the residual stream entering the layer (``residual`` is None at layer 0)."""
         norm = self.input_layernorm
         if residual is None:
             residual, x = h, norm(h)
         else:
             x, residual = ops.add_rms_norm(h, residual, norm.weight, norm.eps)
-        x = self.self_attn(x, positions, cos_sin, k_cache, v_cache, lengths, tree_mask)
+        x = self.self_attn(x, positions, cos_sin, k_cache, v_cache, lengths, block_table, tree_mask)
         norm = self.post_attention_layernorm
         x, residual = ops.add_rms_norm(x, residual, norm.weight, norm.eps)
         return self.mlp(x), residual
@@ -227,18 +231,13 @@ class LlamaModel(nn.Module):
             layer.self_attn.fuse()
             layer.mlp.fuse()
 
-    def allocate_cache(self, batch: int, capacity: int) -> KVCache:
-        """A zeroed cache for ``batch`` sequences of up to ``capacity`` rows, in the model's dtype/device."""
+    def allocate_cache(self, batch: int, capacity: int, pool: PoolShape | None = None) -> KVCache:
+        """A zeroed cache for ``batch`` sequences of up to ``capacity`` rows, in the model's dtype/device:
+        contiguous, or paged as ``pool`` says (then ``capacity`` is ``pool``'s)."""
         cfg, w = self.config, self.model.embed_tokens.weight
-        return KVCache.allocate(
-            cfg.num_hidden_layers,
-            batch,
-            cfg.num_key_value_heads // (1 if self.tp is None else self.tp.size),  # this rank's kv heads
-            capacity,
-            cfg.head_dim,
-            dtype=w.dtype,
-            device=w.device,
-        )
+        kv_heads = cfg.num_key_value_heads // (1 if self.tp is None else self.tp.size)  # this rank's
+        return KVCache.allocate(cfg.num_hidden_layers, batch, kv_heads, capacity, cfg.head_dim, dtype=w.dtype,
+                                device=w.device, **({} if pool is None else pool.kwargs()))
 
     def forward(
         self,
@@ -270,6 +269,7 @@ class LlamaModel(nn.Module):
                 cache.data[i, 0],
                 cache.data[i, 1],
                 cache.lengths,
+                cache.block_table,
                 tree_mask,
             )
         hidden, stream = ops.add_rms_norm(h, residual, self.model.norm.weight, self.model.norm.eps)

@@ -72,6 +72,12 @@ class TensorParallel:
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, 0)
 
+    def min_int(self, value: int, device: torch.device) -> int:
+        """The smallest of every rank's ``value``."""
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return int(t[0])
+
     def broadcast_ints(self, values: list[int], device: torch.device) -> list[int]:
         """Rank 0's ``values`` on every rank (int64)."""
         t = torch.tensor(values, dtype=torch.long, device=device)

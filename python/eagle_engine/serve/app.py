@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ..engine.handles import Output
 from ..engine.handles import Request as EngineRequest
 from ..engine.inputs import check_seeds
-from ..engine.scheduler import QueueFullError, QueueTimeoutError
+from ..engine.scheduler import KVCacheTooSmallError, QueueFullError, QueueTimeoutError
 from ..errors import InvalidRequestError
 from ..tools.detokenize import IncrementalDetokenizer
 from .errors import APIError, install_handlers, invalid
@@ -296,6 +296,8 @@ def _raise_for(error: BaseException):
         raise invalid(str(error)) from None
     if isinstance(error, QueueTimeoutError):
         raise APIError(str(error), 503, "timeout", "queue_timeout", "server_error") from None
+    if isinstance(error, KVCacheTooSmallError):
+        raise APIError(str(error), 503, None, "kv_cache_too_small", "server_error") from None
     raise APIError(
         f"generation failed: {type(error).__name__}: {error}", 500, None, "engine_error", "server_error"
     )

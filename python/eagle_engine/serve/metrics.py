@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 ROUND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5,
@@ -88,6 +89,7 @@ class Metrics:
         )
         self._lock = threading.Lock()
         self._accepted = self._rounds = 0
+        r.register(_CacheCollector(scheduler_state))
 
     def mean_acceptance_length(self) -> float:
         with self._lock:
@@ -134,3 +136,25 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _CacheCollector:
+    """The KV cache's state, read from the scheduler's runners at each scrape (a plain read of counters the
+    engine thread updates): prefix-cache queries and hits in prompt tokens, preemptions, blocks in use."""
+
+    def __init__(self, scheduler_state):
+        self.scheduler_state = scheduler_state
+
+    def collect(self):
+        stats = self.scheduler_state().cache_stats()
+        used = stats["used_blocks"] / stats["blocks"] if stats["blocks"] else 0.0
+        return [
+            CounterMetricFamily("eagle_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                value=stats["queries"]),
+            CounterMetricFamily("eagle_prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                                value=stats["hits"]),
+            CounterMetricFamily("eagle_num_preemptions", "Sequences preempted for want of KV cache blocks",
+                                value=stats["preemptions"]),
+            GaugeMetricFamily("eagle_kv_cache_usage", "Fraction of the KV cache blocks in use", value=used),
+            GaugeMetricFamily("eagle_kv_cache_blocks", "KV cache blocks in the pools", value=stats["blocks"]),
+        ]

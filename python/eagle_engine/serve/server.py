@@ -20,7 +20,7 @@ def load(args, max_batch_size: int = 8):
     the embedded demo pair (with its EAGLE head unless ``--draft`` names another or the method needs none)."""
     from ..engine.engine import EagleEngine
     from ..tools.common import load_tokenizer
-    from ..tools.model_args import method_kwargs, naming_the_demo_target, use_demo_target
+    from ..tools.model_args import cache_kwargs, method_kwargs, naming_the_demo_target, use_demo_target
 
     name = model_name_of(args.base)
     on_demo = use_demo_target(args)
@@ -28,6 +28,7 @@ def load(args, max_batch_size: int = 8):
         engine = EagleEngine.from_pretrained(
             args.base, args.draft, device=args.device, dtype=args.dtype, max_batch_size=max_batch_size,
             threads=0, tensor_parallel_size=args.tensor_parallel_size, **method_kwargs(args),
+            **cache_kwargs(args),
         )
     return engine, load_tokenizer(args.base), name
 

@@ -76,8 +76,19 @@ class Drafter:
         """Target rows one round writes past the committed length (tree plus extra rows)."""
         raise NotImplementedError
 
-    def bind(self, target, max_batch: int, max_len: int) -> None:
-        """Allocate per-slot state for ``max_batch`` slots of sequences up to ``max_len`` tokens."""
+    @property
+    def cache_rows(self) -> int:
+        """Rows one round writes past the committed length of the drafter's own KV cache (0: none)."""
+        return 0
+
+    def bind(self, target, max_batch: int, max_len: int, pool=None) -> None:
+        """Allocate per-slot state for ``max_batch`` slots of sequences up to ``max_len`` tokens; a drafter
+        with a KV cache pages it as ``pool`` (:class:`~eagle_engine.kv_cache.PoolShape`: the target cache's
+        block table and block ids) says."""
+
+    def kv_bytes_per_row(self) -> int:
+        """Bytes one cache row of the drafter's own KV cache takes (0: it has none)."""
+        return 0
 
     def per_slot(self) -> list[torch.Tensor]:
         """Per-slot buffers (dimension 0 is the slot), moved whole when a sequence changes slot."""
@@ -87,10 +98,17 @@ class Drafter:
         """Per-slot KV caches whose committed rows move with a sequence."""
         return []
 
-    def prefill(self, s, sl: slice, ids: torch.Tensor, prompt_lens: torch.Tensor, out, first) -> None:
+    def prefill(self, s, sl: slice, ids: torch.Tensor, prompt_lens: torch.Tensor, starts: torch.Tensor, out,
+                first) -> None:
         """Initialise slots ``sl`` after the target's prefill: ``ids`` long ``[k, P]`` right-padded prompts,
-        ``prompt_lens`` int32 ``[k]``, ``out`` the target's :class:`ForwardOutput` over them, ``first`` long
-        ``[k]`` the first emitted token (already in ``s.root_token`` and, with history, ``s.history``)."""
+        ``prompt_lens`` int32 ``[k]``, ``out`` the target's :class:`ForwardOutput` over the rows it computed:
+        row ``j`` of sequence ``b`` is position ``starts[b] + j`` (int32 ``starts [k]``: the rows before were
+        in the cache already), ``first`` long ``[k]`` the first emitted token (already in ``s.root_token``
+        and, with history, ``s.history``)."""
+
+    def prefill_chunk(self, s, sl: slice, next_ids: torch.Tensor, starts: torch.Tensor, out) -> None:
+        """After the target's prefill of a chunk that is not a prompt's last: ``out`` covers positions
+        ``starts[b] + j``, and ``next_ids`` long ``[k, c]`` are the tokens after each of them."""
 
     def propose(self, s, n: int) -> Proposal:
         """Candidates for the first ``n`` slots, rooted at ``s.root_token``."""

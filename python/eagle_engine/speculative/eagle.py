@@ -35,12 +35,24 @@ class EagleDrafter(Drafter):
     def rows(self) -> int:
         return max(self.tree.num_nodes, self.width)
 
-    def bind(self, target, max_batch: int, max_len: int) -> None:
-        scratch = max(self.tree.num_nodes, self.tree.draft_rows, self.width)
-        self.dcache = self.head.allocate_cache(max_batch, max_len + scratch + 1)
+    @property
+    def cache_rows(self) -> int:
+        # Draft levels write up to draft_rows rows (depth x top_k for a dynamic tree); the path after a round.
+        return max(self.tree.num_nodes, self.tree.draft_rows, self.width)
+
+    def bind(self, target, max_batch: int, max_len: int, pool=None) -> None:
+        scratch = self.cache_rows
+        if pool is None:
+            self.dcache = self.head.allocate_cache(max_batch, max_len + scratch + 1)
+        else:  # the target's block ids: a block's draft rows sit in the same block of the head's pool
+            self.dcache = self.head.allocate_cache(max_batch, pool.capacity, pool)
         w = target.lm_head_weight
         hidden = self.head.config.hidden_size
         self.root_hidden = torch.zeros(max_batch, hidden, dtype=w.dtype, device=w.device)
+
+    def kv_bytes_per_row(self) -> int:
+        cfg, w = self.head.config, self.head.embed_tokens.weight
+        return 2 * cfg.num_key_value_heads * cfg.head_dim * w.element_size()
 
     def per_slot(self) -> list[torch.Tensor]:
         return [self.root_hidden, self.dcache.lengths]
@@ -54,17 +66,27 @@ class EagleDrafter(Drafter):
     def ensure_positions(self, num_positions: int) -> None:
         self.head.ensure_positions(num_positions)
 
-    def prefill(self, s, sl, ids, prompt_lens, out, first) -> None:
-        # Draft row i pairs feature i with token i + 1; the last real row takes the new token.
+    def prefill(self, s, sl, ids, prompt_lens, starts, out, first) -> None:
+        # Draft row i pairs feature i with token i + 1; the prompt's last row takes the new token.
         k, p = ids.shape
-        last = (prompt_lens.long() - 1).view(k, 1)
-        draft_tokens = torch.cat([ids[:, 1:], ids[:, :1]], 1).scatter(1, last, first.view(k, 1))
-        dcache = self.dcache.slots(sl.start, sl.stop)
-        dcache.lengths.zero_()
-        positions = torch.arange(p, device=ids.device).expand(k, p)
-        hidden = self.head.step(draft_tokens, self.head.target_features(out), positions, dcache)
-        dcache.lengths.copy_(prompt_lens)
+        c = out.hidden.shape[1]
+        after = starts.long().view(k, 1) + torch.arange(1, c + 1, device=ids.device)
+        last = (prompt_lens - starts - 1).long().view(k, 1)
+        draft_tokens = torch.gather(ids, 1, after.clamp(max=p - 1)).scatter(1, last, first.view(k, 1))
+        hidden = self._draft_rows(sl, draft_tokens, starts, out)
+        self.dcache.lengths[sl] = prompt_lens
         self.root_hidden[sl] = gather_rows(hidden, last)[:, 0]
+
+    def prefill_chunk(self, s, sl, next_ids, starts, out) -> None:
+        self._draft_rows(sl, next_ids, starts, out)
+
+    def _draft_rows(self, sl, tokens, starts, out) -> torch.Tensor:
+        """The head over the rows the target just computed (positions ``starts[b] + j``)."""
+        k, c = tokens.shape
+        dcache = self.dcache.slots(sl.start, sl.stop)
+        dcache.lengths.copy_(starts)
+        positions = starts.long().view(k, 1) + torch.arange(c, device=tokens.device)
+        return self.head.step(tokens, self.head.target_features(out), positions, dcache)
 
     def propose(self, s, n: int) -> Proposal:
         dcache = self.dcache.slots(0, n)

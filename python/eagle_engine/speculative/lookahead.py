@@ -147,7 +147,7 @@ class LookaheadDrafter(Drafter):
     def rows(self) -> int:
         return self.tree_rows + self.settings.window * self.levels
 
-    def bind(self, target, max_batch: int, max_len: int) -> None:
+    def bind(self, target, max_batch: int, max_len: int, pool=None) -> None:
         cfg, dev = self.settings, target.lm_head_weight.device
         self.window = torch.zeros(max_batch, self.levels, cfg.window, dtype=torch.long, device=dev)
         self.pool = torch.full((max_batch, cfg.pool_buckets + 1, cfg.guesses, cfg.ngram), -1,
@@ -163,7 +163,7 @@ class LookaheadDrafter(Drafter):
     def per_slot(self) -> list[torch.Tensor]:
         return [self.window, self.pool, self.ptr, self.rounds]
 
-    def prefill(self, s, sl, ids, prompt_lens, out, first) -> None:
+    def prefill(self, s, sl, ids, prompt_lens, starts, out, first) -> None:
         # The window starts from the prompt's tokens, in order and cycling (the reference implementation
         # picks prompt tokens at random).
         k = ids.shape[0]

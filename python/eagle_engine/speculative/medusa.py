@@ -55,7 +55,7 @@ class MedusaDrafter(Drafter):
     def rows(self) -> int:
         return self.tree.num_nodes
 
-    def bind(self, target, max_batch: int, max_len: int) -> None:
+    def bind(self, target, max_batch: int, max_len: int, pool=None) -> None:
         w = target.lm_head_weight
         self.root_hidden = torch.zeros(max_batch, self.heads.hidden_size, dtype=w.dtype, device=w.device)
         self.layout = medusa_layout(self.tree.choices, w.device)
@@ -66,8 +66,8 @@ class MedusaDrafter(Drafter):
     def fuse(self) -> None:
         self.heads.fuse()
 
-    def prefill(self, s, sl, ids, prompt_lens, out, first) -> None:
-        last = (prompt_lens.long() - 1).view(-1, 1)
+    def prefill(self, s, sl, ids, prompt_lens, starts, out, first) -> None:
+        last = (prompt_lens - starts - 1).long().view(-1, 1)
         self.root_hidden[sl] = gather_rows(out.hidden, last)[:, 0]
 
     def propose(self, s, n: int) -> Proposal:

@@ -67,6 +67,21 @@ def _add_draft_vocab_args(p: argparse.ArgumentParser) -> None:
                    help="token counts choosing the draft vocabulary (eagle prepare-data --token-frequencies)")
 
 
+def _add_cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-model-len", type=positive_int, default=None,
+                   help="longest prompt + output of a request (default: the model's maximum, at most 4096); "
+                   "a limit per request: nothing is reserved for it")
+    p.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
+                   help="bytes of the paged KV cache, e.g. 8GiB or 512MiB (default: 90%% of the free memory "
+                   "on CUDA; on a CPU what --max-batch-size sequences of --max-model-len need, at most 1GiB)")
+    p.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV cache block (16)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV blocks of prompt prefixes seen before (default: on)")
+    p.add_argument("--max-prefill-tokens", type=positive_int, default=2048,
+                   help="prompt tokens prefilled per step at most: a long prompt joins in chunks while the "
+                   "running requests keep decoding (2048)")
+
+
 def _add_tensor_parallel_arg(p: argparse.ArgumentParser, usage: str) -> None:
     p.add_argument(
         "--tensor-parallel-size",
@@ -393,6 +408,7 @@ def _add_serve_parser(sub) -> None:
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     _add_model_args(sv)
     _add_draft_vocab_args(sv)
+    _add_cache_args(sv)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=port_int, default=8000)
     sv.add_argument("--max-batch-size", type=positive_int, default=8, help="sequences decoded together")

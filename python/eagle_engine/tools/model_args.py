@@ -59,6 +59,13 @@ def method_kwargs(args) -> dict:
     return kwargs | draft_vocab_kwargs(args)
 
 
+def cache_kwargs(args) -> dict:
+    """``from_pretrained`` keywords of the KV cache flags (``--max-model-len``, ``--kv-cache-memory``,
+    ``--block-size``, ``--enable-prefix-caching``, ``--max-prefill-tokens``) where a command has them."""
+    names = ("max_model_len", "kv_cache_memory", "block_size", "enable_prefix_caching", "max_prefill_tokens")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
 def draft_vocab_kwargs(args) -> dict:
     """``from_pretrained`` keywords for ``--draft-vocab-size`` and ``--draft-vocab-frequencies`` (commands
     without them: none)."""

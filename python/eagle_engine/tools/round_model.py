@@ -97,10 +97,11 @@ def nbytes(t: torch.Tensor) -> int:
 # ----------------------------------------------------------------------------------- eagle_kernels ops
 
 
-def _tree_attention(ctx, q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None, scale=None):
+def _tree_attention(ctx, q, k_cache, v_cache, lengths, tree_mask=None, tree_len=None, scale=None,
+                    block_table=None):
     ta = importlib.import_module("eagle_kernels.tree_attention")  # the module (the package's is the op)
     b, tq, hq, d = q.shape
-    hkv, capacity = k_cache.shape[1], k_cache.shape[2]
+    hkv, capacity = ta.paged_geometry(k_cache, v_cache, block_table, b)[0::2]
     tree = tq if tree_len is None else int(tree_len)
     plan = ta.launch_plan(b, tq, hq, hkv, capacity, q.dtype, "meta")
     m_blocks, splits = plan[4], plan[5]
@@ -108,6 +109,8 @@ def _tree_attention(ctx, q, k_cache, v_cache, lengths, tree_mask=None, tree_len=
     keys = min(ctx.context + (tree / 2 if causal else tree), capacity)  # a causal tile reads to its diagonal
     kv = b * hkv * keys * d * 2 * k_cache.element_size() * m_blocks  # K and V, once per query tile
     rest = 2 * nbytes(q) + (nbytes(tree_mask) if tree_mask is not None else 0)
+    if block_table is not None:  # each key tile's block ids
+        rest += b * hkv * m_blocks * -(-int(keys) // k_cache.shape[2]) * 4
     return torch.empty_like(q), kv + rest, 4.0 * b * tq * hq * keys * d, 1 + (splits > 1)
 
 
@@ -141,14 +144,15 @@ def _elementwise(reads, writes, make):
     return cost
 
 
-def _rotary_store_kv(ctx, q, k, v, positions, cos_sin, k_cache, v_cache, rows, *norms_eps):
+def _rotary_store_kv(ctx, q, k, v, positions, cos_sin, k_cache, v_cache, rows, *norms_eps, block_table=None):
     out = torch.empty(q.shape, dtype=q.dtype, device=META)
     cost = 2 * nbytes(q) + 2 * (nbytes(k) + nbytes(v)) + positions.numel() * cos_sin.shape[1] * 4
     return out, cost, 0.0, 1
 
 
-def _kv_compact(ctx, cache, lengths, src, counts):
-    layers, _, b, hkv, _, d = cache.shape
+def _kv_compact(ctx, cache, lengths, src, counts, block_table=None):
+    layers, _, _, hkv, _, d = cache.shape
+    b = lengths.shape[0]
     rows = b * src.shape[1]  # every accepted row at most: the model counts the full width
     return None, 2 * layers * 2 * hkv * rows * d * cache.element_size(), 0.0, 1
 
