@@ -54,7 +54,7 @@ plan() {
 $build
 gpu_only_tests|30|\${PY} -m pytest -q -m 'gpu and kernels' $KERNEL_TESTS|\${PY} -m pytest -q --collect-only -m 'gpu and kernels' $KERNEL_TESTS
 kernel_tests|70|\${PY} -m pytest -q \${XDIST} -m 'kernels and not gpu' $KERNEL_TESTS|\${PY} -m pytest -q --collect-only -m 'kernels and not gpu' $KERNEL_TESTS
-bench_lm_head_topk|15|\${PY} benchmarks/bench_lm_head_topk.py --vocab 128256 --rows 1 10 80 640|
+bench_lm_head_topk|15|\${PY} benchmarks/bench_lm_head_topk.py --vocab 128256 32000 --rows 1 10 80 640|
 bench_tree_attention|15|\${PY} benchmarks/bench_tree_attention.py --prefix 1024 8192 --tq 1 10 60 --batch 1 --ref-max 0|
 bench_kv_compact|10|\${PY} benchmarks/bench_kv_compact.py --layers 32 --batch 1 8|
 bench_tree_verify|10|\${PY} benchmarks/bench_tree_verify.py --batch 1 8|
@@ -65,7 +65,7 @@ EOF
 $build
 engine_tests|50|\${PY} -m pytest -q \${XDIST} tests/test_cuda_graphs.py tests/test_engine_with_kernels.py|\${PY} -m pytest -q --collect-only tests/test_cuda_graphs.py tests/test_engine_with_kernels.py
 bench_round|75|\${PY} benchmarks/bench_round.py --model llama3.1-8b --batches 1,8,32 --steps-timed 10|
-bench_round_draft_vocab|15|\${PY} benchmarks/bench_round.py --model llama3.1-8b --steps eagle2_dynamic --batches 1 --steps-timed 10 --draft-vocab 32000|
+bench_prefix|15|\${PY} benchmarks/bench_prefix.py --model llama3.1-8b --requests 6 --long-prompt 16384 --chunk 2048|
 bench_e2e|25|\${PY} benchmarks/bench_e2e.py --repeats 2 --new-tokens 96|
 EOF
     ;;
