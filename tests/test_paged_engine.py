@@ -281,3 +281,16 @@ def test_block_manager_counts_shares_and_evicts_least_recently_used_first():
     m.register_prefix("d", d)
     rows, copy = m.match_prefix("e", d[:6] + [5, 6])
     assert rows == 4 + 1 and copy == (m.blocks("d")[1], m.blocks("e")[1])  # row 4's next token (35) matched
+
+
+def test_bad_cache_flags_are_named_before_anything_loads(monkeypatch, capsys):
+    from eagle_engine.tools.cli import main
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded before the flags were checked")
+
+    monkeypatch.setattr(EagleEngine, "from_pretrained", refuse)
+    assert main(["serve", "--kv-cache-memory", "lots"]) == 2
+    assert "kv_cache_memory must be a number of bytes or a size like '8GiB'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--block-size", "0"])

@@ -62,8 +62,13 @@ def method_kwargs(args) -> dict:
 def cache_kwargs(args) -> dict:
     """``from_pretrained`` keywords of the KV cache flags (``--max-model-len``, ``--kv-cache-memory``,
     ``--block-size``, ``--enable-prefix-caching``, ``--max-prefill-tokens``) where a command has them."""
+    from ..engine.kv_budget import parse_size
+
     names = ("max_model_len", "kv_cache_memory", "block_size", "enable_prefix_caching", "max_prefill_tokens")
-    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    kwargs = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    if "kv_cache_memory" in kwargs:
+        parse_size(kwargs["kv_cache_memory"])  # a bad size is named before anything loads
+    return kwargs
 
 
 def draft_vocab_kwargs(args) -> dict:
