@@ -24,7 +24,7 @@ from .batch import scratch_rows
 from .cpu_threads import set_threads
 from .handles import Request
 from .inputs import check_max_new_tokens, check_seeds, normalize_prompts, normalize_stop_ids
-from .kv_budget import parse_size, pool_blocks
+from .kv_budget import kv_budget, pool_blocks
 from .plan import PlanChannel
 from .runner import Runner
 from .scheduler import Scheduler
@@ -130,9 +130,11 @@ class EagleEngine:
             prefix_caching=bool(enable_prefix_caching),
             max_prefill_tokens=max_prefill_tokens,
         )
-        if kv_cache_memory is not None:
-            parse_size(kv_cache_memory)  # a bad size fails here, before anything is allocated
-        self._kv_cache_memory = kv_cache_memory
+        # The pools' budget, decided once, here, where every tensor-parallel rank is at the same point: the
+        # ranks must make the same block decisions, so they agree on the smallest.
+        self._kv_left = kv_budget(self.device, kv_cache_memory)
+        if target.tp is not None:
+            self._kv_left = target.tp.min_int(self._kv_left, self.device)
         self._runners: dict[bool, Runner] = {}
         self.runner  # allocate the caches now: a size that does not fit fails here, not mid-request
         # The one driver of the runners, for this API and the server alike (one engine thread).
@@ -195,10 +197,11 @@ class EagleEngine:
         ranks its drafts over that many most frequent tokens only (:meth:`Eagle1Head.reduce_vocab`; lossless:
         the target verifies). EAGLE-3 heads carry their own draft vocabulary.
         The KV cache is paged (:mod:`eagle_engine.kv_cache`): blocks of ``block_size`` tokens (16) in one
-        pool per runner, sized by ``kv_cache_memory`` (bytes, or a size like ``"8GiB"``; default: 90% of the
-        device memory free when the runner is built on CUDA, what ``max_batch_size`` sequences of
-        ``max_model_len`` need (at most 1 GiB) on a CPU); ``max_model_len`` limits each request and
-        reserves nothing. ``enable_prefix_caching``: prompts reuse the blocks of prefixes computed before.
+        pool per runner, from a budget of ``kv_cache_memory`` bytes (or a size like ``"8GiB"``; default: 90%
+        of the device memory free now on CUDA, 1 GiB on a CPU) that each runner, when built, takes what its
+        ``max_batch_size`` sequences of ``max_model_len`` need of, at most what is left (see
+        :mod:`.kv_budget`); ``max_model_len`` limits each request and reserves nothing.
+        ``enable_prefix_caching``: prompts reuse the blocks of prefixes computed before.
         ``max_prefill_tokens`` (2048): prompt tokens prefilled per step at most, so that a long prompt joins
         in chunks while the others keep decoding. When the running sequences outgrow the pool, the newest
         is preempted and resumes later with identical output (:class:`~eagle_engine.engine.runner.Runner`).
@@ -243,7 +246,11 @@ class EagleEngine:
         self.method = head_method(head)
         self.settings = self._method_settings({})
         self._draft = head
-        self._runners.pop(True, None)
+        old = self._runners.pop(True, None)
+        if old is not None:  # its pool's bytes go back to the budget
+            self._kv_left += old.state.tcache.data.numel() * old.state.tcache.data.element_size()
+            for cache in old.drafter.caches() if old.drafter is not None else ():
+                self._kv_left += cache.data.numel() * cache.data.element_size()
         self.scheduler = Scheduler(self._runner, self.max_length, self.scheduler.channel)
 
     def _method_settings(self, given: dict):
@@ -257,15 +264,17 @@ class EagleEngine:
         if speculative not in self._runners:
             drafter = self._make_drafter() if speculative else None
             table = self.target.cos_sin.data_ptr()
-            blocks = self._pool_blocks(drafter)
+            blocks, nbytes = self._pool_blocks(drafter)
             self._runners[speculative] = Runner(self.target, drafter, num_blocks=blocks, **self._runner_args)
+            self._kv_left -= nbytes
             if self.target.cos_sin.data_ptr() != table:  # grown: graphs read the old table
                 for other in self._runners.values():
                     other.graphs.clear()
         return self._runners[speculative]
 
-    def _pool_blocks(self, drafter) -> int:
-        """Blocks of a runner's pool for ``drafter`` (see :mod:`.kv_budget`)."""
+    def _pool_blocks(self, drafter) -> tuple[int, int]:
+        """``(blocks, bytes)`` of a runner's pool for ``drafter``, from what is left of the budget (see
+        :mod:`.kv_budget`)."""
         cfg, w = self.target.config, self.target.lm_head_weight
         kv_heads = cfg.num_key_value_heads // (1 if self.target.tp is None else self.target.tp.size)
         row = cfg.num_hidden_layers * 2 * kv_heads * cfg.head_dim * w.element_size()
@@ -277,10 +286,8 @@ class EagleEngine:
         scratch = scratch_rows(drafter)
         per_sequence = -(-(args["max_model_len"] + scratch) // size)
         batch, least = args["max_batch_size"], -(-(2 + scratch) // size)  # a 1-token prompt, 1 new token
-        blocks = pool_blocks(row * size, per_sequence, batch, self.device, self._kv_cache_memory, least)
-        if self.target.tp is not None:  # every rank must make the same block decisions: the smallest pool
-            blocks = self.target.tp.min_int(blocks, self.device)
-        return blocks
+        blocks = pool_blocks(row * size, per_sequence, batch, self._kv_left, least)
+        return blocks, blocks * row * size
 
     def _make_drafter(self):
         if self.method == "eagle" and self.tree.is_auto:

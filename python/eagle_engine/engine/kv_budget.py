@@ -1,6 +1,8 @@
-"""How many KV blocks a runner's pool gets: from a memory budget (``kv_cache_memory``), or by default from
-the device (a fraction of the free memory on CUDA; on a CPU what ``max_batch_size`` sequences of
-``max_model_len`` need, at most 1 GiB)."""
+"""How many KV blocks a runner's pool gets. An engine has one budget of bytes for its runners' pools
+(``kv_cache_memory``; by default 90% of the memory free on CUDA when the engine is built, 1 GiB on a CPU);
+each runner, when it is built, takes what its ``max_batch_size`` sequences of ``max_model_len`` need, at
+most what is left (the first runner is the engine's method's; a vanilla one for ``generate_vanilla`` comes
+second)."""
 
 from __future__ import annotations
 
@@ -37,27 +39,29 @@ def parse_size(value) -> int:
     return size
 
 
-def pool_blocks(bytes_per_block: int, blocks_per_sequence: int, max_batch_size: int, device: torch.device,
-                kv_cache_memory=None, min_blocks: int = 1) -> int:
-    """The number of blocks of ``bytes_per_block`` (every layer's K and V, the target's and a draft head's)
-    a pool gets. ``blocks_per_sequence``: what one ``max_model_len`` sequence holds (a pool smaller than
-    that is allowed, and logged: a request that could never fit is refused when it arrives). Raises
-    :class:`EagleError` below ``min_blocks`` (what the shortest request needs)."""
+def kv_budget(device: torch.device, kv_cache_memory=None) -> int:
+    """The bytes an engine's KV pools may take, all runners together: ``kv_cache_memory``; by default
+    :data:`CUDA_MEMORY_FRACTION` of the memory free now on CUDA, :data:`CPU_DEFAULT_CAP` on a CPU."""
     if kv_cache_memory is not None:
-        budget = parse_size(kv_cache_memory)
-        blocks = budget // bytes_per_block
-        where = f"kv_cache_memory {kv_cache_memory!r} ({budget} bytes)"
-    elif device.type == "cuda":
+        return parse_size(kv_cache_memory)
+    if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        blocks = int(CUDA_MEMORY_FRACTION * free) // bytes_per_block
-        where = f"{CUDA_MEMORY_FRACTION:.0%} of the {free} bytes free on {device}"
-    else:
-        blocks = min(max_batch_size * blocks_per_sequence, CPU_DEFAULT_CAP // bytes_per_block)
-        where = f"the CPU default (at most {CPU_DEFAULT_CAP} bytes)"
+        return int(CUDA_MEMORY_FRACTION * free)
+    return CPU_DEFAULT_CAP
+
+
+def pool_blocks(bytes_per_block: int, blocks_per_sequence: int, max_batch_size: int, budget: int,
+                min_blocks: int = 1) -> int:
+    """The blocks of ``bytes_per_block`` (every layer's K and V, the target's and a draft head's) a runner's
+    pool gets from ``budget`` bytes: what ``max_batch_size`` sequences of ``max_model_len``
+    (``blocks_per_sequence`` each) need, at most the budget. Less than one such sequence is allowed (and
+    logged: a request that could never fit is refused when it arrives); less than ``min_blocks`` (what
+    the shortest request needs) raises :class:`EagleError`."""
+    blocks = min(max_batch_size * blocks_per_sequence, budget // bytes_per_block)
     if blocks < min_blocks:
         raise EagleError(
-            f"{where} holds {blocks} KV block(s) of {bytes_per_block} bytes; the shortest request needs "
-            f"{min_blocks}: give more kv_cache_memory (--kv-cache-memory)"
+            f"{budget} bytes of KV cache left hold {blocks} block(s) of {bytes_per_block} bytes; the "
+            f"shortest request needs {min_blocks}: give more kv_cache_memory (--kv-cache-memory)"
         )
     if blocks < blocks_per_sequence:
         log.info("the KV cache pool (%d blocks) holds less than one sequence of max_model_len (%d blocks): "

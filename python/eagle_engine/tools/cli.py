@@ -73,7 +73,8 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
                    "a limit per request: nothing is reserved for it")
     p.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
                    help="bytes of the paged KV cache, e.g. 8GiB or 512MiB (default: 90%% of the free memory "
-                   "on CUDA; on a CPU what --max-batch-size sequences of --max-model-len need, at most 1GiB)")
+                   "on CUDA, 1GiB on a CPU; a pool takes what --max-batch-size sequences of --max-model-len "
+                   "need, at most that)")
     p.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV cache block (16)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV blocks of prompt prefixes seen before (default: on)")
