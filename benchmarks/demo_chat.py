@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import random
-import statistics
 import sys
 import time
 
@@ -115,9 +114,7 @@ def measure(args, base, heads: dict, prompts: list[list[int]]) -> list[dict]:
     return [
         {
             "head": name,
-            "mean_accept_length": statistics.mean(runs[name]["accept_lengths"]),
-            "tokens_per_second": statistics.median(runs[name]["tokens_per_second"]),
-            "lossless": runs[name]["lossless"],
+            **runs[name],
             "prompts": len(prompts),
             "repeats": args.repeats,
             "threads": args.threads,

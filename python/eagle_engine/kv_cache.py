@@ -105,7 +105,3 @@ class KVCache:
     @property
     def batch_size(self) -> int:
         return self.lengths.shape[0]
-
-    def bytes_per_block(self) -> int:
-        """Device bytes one block holds across layers, K and V."""
-        return self.data[:, :, 0].numel() * self.data.element_size()

@@ -121,8 +121,7 @@ def _forward_rows(target: LlamaModel, s: BatchState, sl: slice, ids: torch.Tenso
     tcache = s.tcache.slots(sl.start, sl.stop)
     tcache.lengths.copy_(starts)
     aux_layers = s.drafter.aux_layers if s.drafter is not None else ()
-    out = target(torch.gather(ids, 1, cols.clamp(max=p - 1)), cols, tcache, None, aux_layers)
-    return out, cols
+    return target(torch.gather(ids, 1, cols.clamp(max=p - 1)), cols, tcache, None, aux_layers)
 
 
 def prefill(target: LlamaModel, s: BatchState, start: int, ids: torch.Tensor, prompt_lens: torch.Tensor,
@@ -138,7 +137,7 @@ def prefill(target: LlamaModel, s: BatchState, start: int, ids: torch.Tensor, pr
     sl = slice(start, start + k)
     starts = torch.zeros_like(prompt_lens) if starts is None else starts
     width = p if width is None else width
-    out, _ = _forward_rows(target, s, sl, ids, starts, width)
+    out = _forward_rows(target, s, sl, ids, starts, width)
     s.tcache.lengths[sl] = prompt_lens
     last = (prompt_lens - starts - 1).long().view(k, 1)  # the prompt's last row, among the computed ones
     first = _next_tokens(s, sl, target.logits(gather_rows(out.hidden, last)[:, 0]), mode)
@@ -164,7 +163,7 @@ def prefill_chunk(target: LlamaModel, s: BatchState, slot: int, ids: torch.Tenso
     from the rounds it sits out): those rounds neither read its prefix nor write into it."""
     sl = slice(slot, slot + 1)
     starts = torch.full((1,), start, dtype=torch.int32, device=ids.device)
-    out, _ = _forward_rows(target, s, sl, ids, starts, end - start)
+    out = _forward_rows(target, s, sl, ids, starts, end - start)
     if s.drafter is not None:
         s.drafter.prefill_chunk(s, sl, ids[:, start + 1 : end + 1], starts, out)
     for cache in s.caches():

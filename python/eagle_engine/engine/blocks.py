@@ -92,13 +92,6 @@ class BlockManager:
         """The blocks ``key`` owns, in logical order."""
         return self._owned.get(key, [])
 
-    def holds(self, key) -> bool:
-        return key in self._owned
-
-    def _cached(self, tokens: list[int]) -> list[int]:
-        """The cached full blocks of ``tokens``' longest cached prefix."""
-        return self._lookup(tokens)[0]
-
     def _lookup(self, tokens: list[int]) -> tuple[list[int], tuple[int, int] | None]:
         """``(full blocks, (partly filled block, rows of it to copy) or None)`` of ``tokens``' longest
         cached prefix; at least the last token's row is left to compute."""
@@ -128,7 +121,7 @@ class BlockManager:
         """Free blocks that starting a sequence on ``tokens`` with ``rows`` rows in all would take: its
         blocks less its cached prefix's, plus those of the prefix nobody references (they stop being
         free)."""
-        cached = self._cached(tokens)
+        cached = self._lookup(tokens)[0]
         return self.blocks_for(rows) - len(cached) + sum(1 for b in cached if self._refs[b] == 0)
 
     # ----------------------------------------------------------------------------------------- changes

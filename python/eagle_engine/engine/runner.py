@@ -172,18 +172,7 @@ class Runner:
         if not seqs:
             return {}
         starts = self._take_blocks(seqs)
-        start = len(self.running)
-        self.running.extend(seqs)
-        self._write_tables(seqs, start)
-        s, sl = self.state, slice(start, start + len(seqs))
-        s.temperature[sl] = torch.tensor([float(q.params.temperature) for q in seqs])
-        s.top_p[sl] = torch.tensor([float(q.params.top_p) for q in seqs])
-        s.top_k[sl] = torch.tensor([q.params.top_k for q in seqs])
-        s.seeds[sl] = torch.tensor([q.seed for q in seqs])
-        s.offsets[sl] = 0
-        s.active[sl] = False
-        for q, rows in zip(seqs, starts):
-            self.prefilling[q] = rows
+        start = self._join(seqs, starts)
         # The leading run that fits this step's budget is prefilled together; the rest in later steps.
         whole = 0
         for q, rows in zip(seqs, starts):
@@ -199,6 +188,24 @@ class Runner:
             raise
         self._release_done()
         return kept
+
+    def _join(self, seqs: list[Sequence], cached: list[int]) -> int:
+        """``seqs`` (holding their blocks) take the next slots, inactive, as prompts part-way in with
+        ``cached`` rows computed: their table rows and sampling settings are written. Returns the first
+        slot."""
+        start = len(self.running)
+        self.running.extend(seqs)
+        self._write_tables(seqs, start)
+        s, sl = self.state, slice(start, start + len(seqs))
+        s.temperature[sl] = torch.tensor([float(q.params.temperature) for q in seqs])
+        s.top_p[sl] = torch.tensor([float(q.params.top_p) for q in seqs])
+        s.top_k[sl] = torch.tensor([q.params.top_k for q in seqs])
+        s.seeds[sl] = torch.tensor([q.seed for q in seqs])
+        s.offsets[sl] = torch.tensor([self._resume_offsets.get(q, 0) for q in seqs])
+        s.active[sl] = False
+        for q, rows in zip(seqs, cached):
+            self.prefilling[q] = rows
+        return start
 
     def _take_blocks(self, seqs: list[Sequence]) -> list[int]:
         """Blocks for ``seqs``' contexts (their cached prefixes shared); returns the rows already cached."""
@@ -360,18 +367,7 @@ class Runner:
             if self.blocks.cost(context, len(context) + self.scratch_rows) > self.blocks.num_free:
                 return
             self.preempted.pop(0)
-            start = len(self.running)
-            rows = self._take_blocks([q])[0]
-            self.running.append(q)
-            self._write_tables([q], start)
-            s, sl = self.state, slice(start, start + 1)
-            s.temperature[sl] = float(q.params.temperature)
-            s.top_p[sl] = float(q.params.top_p)
-            s.top_k[sl] = q.params.top_k
-            s.seeds[sl] = q.seed
-            s.offsets[sl] = self._resume_offsets.get(q, 0)
-            s.active[sl] = False
-            self.prefilling[q] = rows
+            self._join([q], self._take_blocks([q]))
 
     def _ensure_blocks(self) -> None:
         """Blocks for every decoding sequence's rows this step (committed + scratch); when the pool runs

@@ -10,14 +10,11 @@ import torch
 from ..errors import CheckpointMismatchError, DraftMismatchError, ModelLoadError
 from .config import load_model_config
 from .draft import Eagle1Head, Eagle3Head, _DraftHead, build_head, check_head_config, head_lm_head
-from .head_formats import OFFICIAL_WEIGHT_FILES, check_aux_layers, read_head
+from .head_formats import check_aux_layers, read_head
 from .llama import LlamaModel, rotary_table
 from .medusa import MedusaHeads, is_medusa_dir, load_medusa, save_medusa
 from .parallel import TensorParallel, whole_vocab_weight
 from .weights import iter_checkpoint, load_into, resolve_dtype
-
-# The official loader tries pytorch_model.bin first.
-HEAD_WEIGHT_FILES = OFFICIAL_WEIGHT_FILES
 
 
 def load_target(

@@ -41,11 +41,8 @@ class EagleDrafter(Drafter):
         return max(self.tree.num_nodes, self.tree.draft_rows, self.width)
 
     def bind(self, target, max_batch: int, max_len: int, pool=None) -> None:
-        scratch = self.cache_rows
-        if pool is None:
-            self.dcache = self.head.allocate_cache(max_batch, max_len + scratch + 1)
-        else:  # the target's block ids: a block's draft rows sit in the same block of the head's pool
-            self.dcache = self.head.allocate_cache(max_batch, pool.capacity, pool)
+        # The target's block ids and table (BatchState's pool): a block's draft rows sit in the same block.
+        self.dcache = self.head.allocate_cache(max_batch, pool.capacity, pool)
         w = target.lm_head_weight
         hidden = self.head.config.hidden_size
         self.root_hidden = torch.zeros(max_batch, hidden, dtype=w.dtype, device=w.device)

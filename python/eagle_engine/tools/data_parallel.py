@@ -49,11 +49,11 @@ class DataParallel:
                 "same --out directory (one node, or a shared file system)"
             )
 
-    def sum(self, value: float, device) -> float:
+    def sum(self, value: float) -> float:
         """``value`` summed over the ranks (itself on one)."""
         if self.world == 1:
             return value
-        t = torch.tensor([value], dtype=torch.float64, device=device)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return float(t[0])
 

@@ -195,7 +195,7 @@ def train_head(
             share += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
-        losses.append(dp.sum(share, device))
+        losses.append(dp.sum(share))
         if progress is not None:  # outside the reference backend: an evaluation runs the engine's kernels
             progress(step, losses[-1])
     head.eval()

@@ -44,9 +44,6 @@ class TrainingRows:
     def __len__(self) -> int:
         return self.ids.shape[0]
 
-    def to(self, device) -> TrainingRows:
-        return TrainingRows(self.ids.to(device), self.loss_mask.to(device), self.report)
-
 
 def text_rows(tokenizer, texts: list[str], seq_len: int) -> TrainingRows:
     """Tokenize ``texts`` into one stream (:func:`~.corpus.token_stream`) cut into non-overlapping rows."""
